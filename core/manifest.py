@@ -1,0 +1,150 @@
+"""The manifest: the dataset folder's index, and the only thing the trainer reads.
+
+A dataset folder holds the images, same-stem ``.txt`` captions, masks under ``masks/`` and
+``manifest.json``. The schema is versioned (``MANIFEST_VERSION``) and documented in
+``docs/manifest.md``; all paths in it are relative to the manifest's folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorakit.plugin_sdk import LorakitError, Subset, atomic_write_text
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+SCHEMA_ID = "lorakit.manifest"
+
+
+@dataclass
+class ImageRecord:
+    """One image of the dataset as the trainer sees it."""
+
+    path: str
+    caption: str
+    subset: str
+    width: int
+    height: int
+    sha256: str
+    caption_path: str | None = None
+    tags: list[dict[str, Any]] = field(default_factory=list)  # [{"name": str, "score": float | None}]
+    sentence: str | None = None
+    repeats: int = 1
+    is_reg: bool = False
+    mask: str | None = None
+    source: str | None = None
+    steps: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ImageRecord":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class SetAsideRecord:
+    """An image removed from the dataset, with the step and reason (kept under ``set_aside/``)."""
+
+    name: str
+    step: str
+    reason: str
+    source: str | None = None
+    path: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SetAsideRecord":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Manifest:
+    """The dataset: subsets, images and provenance. ``root`` is the folder the paths are relative to."""
+
+    root: Path
+    subsets: dict[str, Subset] = field(default_factory=dict)
+    images: list[ImageRecord] = field(default_factory=list)
+    set_aside: list[SetAsideRecord] = field(default_factory=list)
+    pipeline: dict[str, Any] | None = None
+    lorakit_version: str = ""
+    created: str = ""
+    resolution: int | None = None
+
+    # ----- reading and writing -------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> "Manifest":
+        """Load ``manifest.json`` (or the folder that holds it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / MANIFEST_NAME
+        if not path.is_file():
+            raise LorakitError(f"{path}: no manifest here (run a pipeline, or import a kohya dataset first)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise LorakitError(f"{path}: manifest is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        if data.get("schema") != SCHEMA_ID:
+            raise LorakitError(f"{path}: not a lorakit manifest (schema is {data.get('schema')!r})")
+        version = data.get("version")
+        if not isinstance(version, int) or version > MANIFEST_VERSION:
+            raise LorakitError(
+                f"{path}: manifest version {version} is newer than this lorakit understands "
+                f"({MANIFEST_VERSION}); upgrade lorakit"
+            )
+        return cls(
+            root=path.parent,
+            subsets={name: Subset.from_dict({"name": name, **s}) for name, s in data.get("subsets", {}).items()},
+            images=[ImageRecord.from_dict(r) for r in data.get("images", [])],
+            set_aside=[SetAsideRecord.from_dict(r) for r in data.get("set_aside", [])],
+            pipeline=data.get("pipeline"),
+            lorakit_version=data.get("lorakit_version", ""),
+            created=data.get("created", ""),
+            resolution=data.get("resolution"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        from lorakit import __version__
+
+        return {
+            "schema": SCHEMA_ID,
+            "version": MANIFEST_VERSION,
+            "lorakit_version": self.lorakit_version or __version__,
+            "created": self.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "resolution": self.resolution,
+            "pipeline": self.pipeline,
+            "subsets": {name: {k: v for k, v in s.to_dict().items() if k != "name"} for name, s in self.subsets.items()},
+            "images": [dataclasses.asdict(r) for r in self.images],
+            "set_aside": [dataclasses.asdict(r) for r in self.set_aside],
+        }
+
+    def save(self, path: str | Path | None = None) -> Path:
+        target = Path(path) if path else self.root / MANIFEST_NAME
+        atomic_write_text(target, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        return target
+
+    # ----- what the trainer asks -----------------------------------------------------------
+    def abspath(self, relative: str) -> Path:
+        return (self.root / relative).resolve()
+
+    def images_in(self, subset: str) -> list[ImageRecord]:
+        return [r for r in self.images if r.subset == subset]
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        """``{subset folder: {tag: count}}``, the shape of kohya's ``ss_tag_frequency``."""
+        freq: dict[str, dict[str, int]] = {}
+        for r in self.images:
+            folder = f"{r.repeats}_{r.subset}"
+            counts = freq.setdefault(folder, {})
+            for tag in split_caption(r.caption):
+                counts[tag] = counts.get(tag, 0) + 1
+        return freq
+
+
+def split_caption(caption: str) -> list[str]:
+    """Tags of a comma-separated caption, stripped, empty parts dropped (``|||`` is a separator too)."""
+    return [t.strip() for t in caption.replace("|||", ",").split(",") if t.strip()]

@@ -1,0 +1,305 @@
+"""``pipeline.yaml``: loading, validation (before any work starts) and the exported JSON Schema.
+
+    output: dataset/            # where the dataset folder is written (required)
+    resolution: 512             # training resolution: 512 for SD1.5, 1024 for SDXL
+    sources:                    # where images come from (at least one)
+      - folder: {path: raw/outfit1, subset: outfit1}
+      - kohya: {path: old_dataset/}
+    subsets:                    # concept folders: repeats, triggers, keep tokens, reg flag
+      outfit1: {repeats: 3, triggers: [mychar], keep_tokens: 1}
+    steps:                      # applied in order; a bare name uses the defaults
+      - convert
+      - trim: {fuzz: 20%}
+    train: {...}                # optional: the trainer's settings (see `lorakit train --help`)
+
+Every entry of ``sources`` and ``steps`` is a step name, or a one-key mapping from the step name to
+its parameters. ``subset`` in a source's mapping puts all its images in that subset.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorakit.plugin_sdk import LorakitError, ParamError, SourceStep, Step, Subset
+from lorakit.plugin_sdk.subset import SUBSET_FIELDS
+
+from .host import Host
+
+TOP_LEVEL_KEYS = {"output", "resolution", "workers", "sources", "subsets", "steps", "train", "cache_dir"}
+
+
+@dataclass
+class ConfiguredStep:
+    step: Step
+    where: str
+    subset: str | None = None  # sources only: put every image in this subset
+
+
+@dataclass
+class Pipeline:
+    path: Path | None
+    output: Path
+    sources: list[ConfiguredStep]
+    steps: list[ConfiguredStep]
+    subsets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    resolution: int = 512
+    workers: int | None = None
+    train: dict[str, Any] | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+    cache_dir: Path | None = None
+
+    def subset_objects(self) -> dict[str, Subset]:
+        return {name: Subset.from_dict({"name": name, **cfg}) for name, cfg in self.subsets.items()}
+
+
+class _Lines:
+    """Line numbers of the YAML nodes, so errors can say where in the file a mistake is."""
+
+    def __init__(self, node, filename: str):
+        self.filename = filename
+        self.lines: dict[tuple, int] = {}
+        self._walk(node, ())
+
+    def _walk(self, node, path):
+        if node is None:
+            return
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                k = key.value
+                self.lines[path + (k,)] = key.start_mark.line + 1
+                self._walk(value, path + (k,))
+                self.lines[path + (k,)] = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, value in enumerate(node.value):
+                self._walk(value, path + (i,))
+
+    def at(self, *path) -> str:
+        for n in range(len(path), -1, -1):
+            if path[:n] in self.lines:
+                return f"{self.filename}:{self.lines[path[:n]]}"
+        return self.filename
+
+
+def read_yaml(path: Path) -> tuple[Any, _Lines]:
+    if not path.is_file():
+        raise LorakitError(f"{path}: pipeline file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise LorakitError(f"{path}{line}: malformed YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise LorakitError(f"{path}: malformed YAML: {exc}") from None
+    return data, _Lines(node, str(path))
+
+
+def _entry(entry: Any, where: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``{name: {params}}`` -> (name, params)."""
+    if isinstance(entry, str):
+        return entry, {}
+    if isinstance(entry, dict) and len(entry) == 1:
+        (name, params), = entry.items()
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise LorakitError(f"{where}: the parameters of '{name}' must be a mapping (key: value), not {params!r}")
+        return str(name), dict(params)
+    raise LorakitError(f"{where}: expected a step name or a one-key mapping 'name: {{params}}', got {entry!r}")
+
+
+def _resolve_paths(step_cls: type[Step], params: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative Path parameters are relative to the pipeline file's folder."""
+    out = dict(params)
+    for p in step_cls.params:
+        if p.type is Path and isinstance(out.get(p.name), str) and not os.path.isabs(os.path.expanduser(out[p.name])):
+            out[p.name] = str(base / out[p.name])
+    return out
+
+
+def parse_pipeline(data: Any, host: Host, base: Path, lines: _Lines | None = None, path: Path | None = None) -> Pipeline:
+    """Validate a pipeline mapping completely: every step known, every parameter valid."""
+    lines = lines or _Lines(None, str(path or "pipeline"))
+    if not isinstance(data, dict):
+        raise LorakitError(f"{lines.at()}: a pipeline is a mapping with output, sources and steps")
+    unknown = set(data) - TOP_LEVEL_KEYS
+    if unknown:
+        key = sorted(unknown)[0]
+        raise LorakitError(f"{lines.at(key)}: unknown key '{key}' (known: {', '.join(sorted(TOP_LEVEL_KEYS))})")
+    if not data.get("output"):
+        raise LorakitError(f"{lines.at()}: 'output' is required (the folder the dataset is written to)")
+    output = Path(os.path.expanduser(str(data["output"])))
+    if not output.is_absolute():
+        output = base / output
+    resolution = data.get("resolution", 512)
+    if not isinstance(resolution, int) or isinstance(resolution, bool) or not 64 <= resolution <= 4096 or resolution % 8:
+        raise LorakitError(f"{lines.at('resolution')}: resolution must be a multiple of 8 between 64 and 4096, not {resolution!r}")
+    workers = data.get("workers")
+    if workers in (None, "auto"):
+        workers = None
+    elif not isinstance(workers, int) or workers < 1:
+        raise LorakitError(f"{lines.at('workers')}: workers must be a positive integer or auto, not {workers!r}")
+
+    sources_raw = data.get("sources")
+    if not sources_raw or not isinstance(sources_raw, list):
+        raise LorakitError(f"{lines.at('sources')}: 'sources' must be a non-empty list (e.g. - folder: {{path: images/}})")
+    sources = []
+    for i, entry in enumerate(sources_raw):
+        where = lines.at("sources", i)
+        name, params = _entry(entry, where)
+        cls = _known(host, name, where)
+        if cls.kind != "source":
+            raise LorakitError(f"{where}: '{name}' is a {cls.kind} step, not a source; put it under 'steps'")
+        subset = params.pop("subset", None)
+        step = cls.configure(_resolve_paths(cls, params, base), where=where)
+        sources.append(ConfiguredStep(step, where, str(subset) if subset is not None else None))
+
+    steps_raw = data.get("steps") or []
+    if not isinstance(steps_raw, list):
+        raise LorakitError(f"{lines.at('steps')}: 'steps' must be a list")
+    steps = []
+    for i, entry in enumerate(steps_raw):
+        where = lines.at("steps", i)
+        name, params = _entry(entry, where)
+        cls = _known(host, name, where)
+        if cls.kind == "source":
+            raise LorakitError(f"{where}: '{name}' is a source; put it under 'sources'")
+        steps.append(ConfiguredStep(cls.configure(_resolve_paths(cls, params, base), where=where), where))
+
+    subsets_raw = data.get("subsets") or {}
+    if not isinstance(subsets_raw, dict):
+        raise LorakitError(f"{lines.at('subsets')}: 'subsets' must be a mapping of subset name to settings")
+    subsets = {}
+    for name, cfg in subsets_raw.items():
+        cfg = cfg or {}
+        where = lines.at("subsets", name)
+        if not isinstance(cfg, dict):
+            raise LorakitError(f"{where}: settings of subset '{name}' must be a mapping")
+        bad = set(cfg) - (set(SUBSET_FIELDS) - {"name"})
+        if bad:
+            raise LorakitError(f"{where}: subset '{name}': unknown setting '{sorted(bad)[0]}' (known: {', '.join(f for f in SUBSET_FIELDS if f != 'name')})")
+        _check_subset(str(name), cfg, where)
+        subsets[str(name)] = dict(cfg)
+
+    train = data.get("train")
+    if train is not None and not isinstance(train, dict):
+        raise LorakitError(f"{lines.at('train')}: 'train' must be a mapping of trainer settings")
+    cache_dir = data.get("cache_dir")
+    pipeline = Pipeline(path=path, output=output, sources=sources, steps=steps, subsets=subsets,
+                        resolution=resolution, workers=workers, train=train, raw=data,
+                        cache_dir=(base / cache_dir) if cache_dir else None)
+    _check_folders(pipeline)
+    return pipeline
+
+
+def _check_subset(name: str, cfg: dict[str, Any], where: str) -> None:
+    def bad(key, expected):
+        raise LorakitError(f"{where}: subset '{name}': {key} = {cfg[key]!r} is invalid: expected {expected}")
+
+    if "repeats" in cfg and (not isinstance(cfg["repeats"], int) or isinstance(cfg["repeats"], bool) or cfg["repeats"] < 1):
+        bad("repeats", "a positive integer")
+    if "keep_tokens" in cfg and (not isinstance(cfg["keep_tokens"], int) or cfg["keep_tokens"] < 0):
+        bad("keep_tokens", "a non-negative integer")
+    if "triggers" in cfg:
+        if isinstance(cfg["triggers"], str):
+            cfg["triggers"] = [cfg["triggers"]]
+        if not isinstance(cfg["triggers"], list) or not all(isinstance(t, str) for t in cfg["triggers"]):
+            bad("triggers", "a list of strings")
+    for key in ("is_reg", "shuffle_caption", "flip_aug"):
+        if key in cfg and not isinstance(cfg[key], bool):
+            bad(key, "true or false")
+    for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        if key in cfg and (not isinstance(cfg[key], (int, float)) or not 0 <= cfg[key] <= 1):
+            bad(key, "a number from 0 to 1")
+
+
+def _known(host: Host, name: str, where: str) -> type[Step]:
+    if name not in host.steps:
+        raise LorakitError(f"{where}: unknown step '{name}'. Installed steps: {', '.join(sorted(host.steps))}")
+    return host.steps[name]
+
+
+def _check_folders(pipeline: Pipeline) -> None:
+    """Refuse an output folder that is, contains or sits inside a source folder: sources are never written."""
+    out = pipeline.output.resolve()
+    for src in pipeline.sources:
+        if not isinstance(src.step, SourceStep):
+            continue
+        for folder in src.step.inputs():
+            folder = Path(folder).resolve()
+            if out == folder or folder in out.parents or out in folder.parents:
+                raise LorakitError(
+                    f"{src.where}: the output folder {out} overlaps the source folder {folder}; "
+                    "choose an output outside the sources (source images are never written to)"
+                )
+
+
+def load_pipeline(path: str | Path, host: Host) -> Pipeline:
+    path = Path(path)
+    data, lines = read_yaml(path)
+    return parse_pipeline(data, host, path.parent.resolve(), lines, path)
+
+
+def pipeline_schema(host: Host) -> dict[str, Any]:
+    """The JSON Schema of pipeline.yaml for the installed steps (for editor completion)."""
+
+    def entry_schema(kind_filter):
+        variants = []
+        names = []
+        for name, cls in sorted(host.steps.items()):
+            if not kind_filter(cls):
+                continue
+            props = {p.name: p.to_json_schema() for p in cls.params if not p.cli_only}
+            if cls.kind == "source":
+                props["subset"] = {"type": "string", "description": "put every image of this source in this subset"}
+            required = [p.name for p in cls.params if p.required and not p.cli_only]
+            body = {"type": ["object", "null"], "properties": props, "additionalProperties": False}
+            if required:
+                body = {"type": "object", "properties": props, "additionalProperties": False, "required": required}
+            variants.append({
+                "type": "object", "description": cls.summary,
+                "properties": {name: body}, "required": [name], "additionalProperties": False,
+            })
+            if not required:
+                names.append(name)
+        if names:
+            variants.append({"enum": names})
+        return {"anyOf": variants}
+
+    subset_props = {
+        "folder": {"type": "string", "description": "folder of this subset inside the output"},
+        "repeats": {"type": "integer", "minimum": 1, "description": "kohya num_repeats (the N of N_name)"},
+        "triggers": {"type": "array", "items": {"type": "string"}, "description": "trigger tags prepended to captions"},
+        "class_tokens": {"type": "string", "description": "class word, e.g. 1girl (DreamBooth)"},
+        "keep_tokens": {"type": "integer", "minimum": 0, "description": "leading tags caption shuffle keeps in place"},
+        "keep_tokens_separator": {"type": "string", "description": "e.g. '|||': tags before it are kept in place"},
+        "is_reg": {"type": "boolean", "description": "regularisation images"},
+        "shuffle_caption": {"type": "boolean"},
+        "caption_dropout_rate": {"type": "number", "minimum": 0, "maximum": 1},
+        "caption_tag_dropout_rate": {"type": "number", "minimum": 0, "maximum": 1},
+        "flip_aug": {"type": "boolean"},
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "lorakit pipeline",
+        "type": "object",
+        "required": ["output", "sources"],
+        "additionalProperties": False,
+        "properties": {
+            "output": {"type": "string", "description": "dataset folder to write"},
+            "resolution": {"type": "integer", "default": 512, "description": "training resolution (512 SD1.5, 1024 SDXL)"},
+            "workers": {"type": ["integer", "string"], "default": "auto", "description": "processes for per-image steps"},
+            "cache_dir": {"type": "string", "description": "where results are cached (default OUTPUT/.lorakit)"},
+            "sources": {"type": "array", "minItems": 1, "items": entry_schema(lambda c: c.kind == "source")},
+            "steps": {"type": "array", "items": entry_schema(lambda c: c.kind != "source")},
+            "subsets": {"type": "object", "additionalProperties": {"type": ["object", "null"], "properties": subset_props, "additionalProperties": False}},
+            "train": {"type": "object", "description": "trainer settings: see `lorakit train --show-config`"},
+        },
+    }

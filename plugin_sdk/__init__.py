@@ -1,0 +1,49 @@
+"""The lorakit plugin SDK: everything a plugin author imports comes from this one module.
+
+    from lorakit.plugin_sdk import hookimpl, ImageStep, Param, SkipImage
+
+    class Sepia(ImageStep):
+        name = "sepia"
+        summary = "Tint images sepia."
+        params = [Param("strength", float, 1.0, "0 = unchanged, 1 = full sepia", min=0, max=1)]
+        reads = writes = frozenset({"image"})
+
+        def process(self, item, ctx):
+            ...
+            return item.with_image(tinted)
+
+    @hookimpl
+    def register_steps(register):
+        register(Sepia)
+"""
+from .devices import onnx_providers, pick_device
+from .errors import LorakitError, ModelNotFound, ParamError, SkipImage
+from .hookspecs import hookimpl, hookspec
+from .images import (
+    IMAGE_EXTENSIONS,
+    MAX_PIXELS,
+    PNG_COMPRESS_LEVEL,
+    ImageError,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    image_size,
+    open_image,
+    save_image,
+)
+from .item import Item
+from .models import resolve_model_files
+from .params import REQUIRED, Color, Param, Params, Percent, validate_params
+from .steps import DatasetStep, ImageStep, SourceStep, Step, StepContext, reason_of
+from .subset import Subset
+
+__all__ = [
+    "hookimpl", "hookspec",
+    "Step", "ImageStep", "DatasetStep", "SourceStep", "StepContext", "reason_of",
+    "Item", "Subset",
+    "Param", "Params", "Percent", "Color", "REQUIRED", "validate_params",
+    "LorakitError", "ParamError", "SkipImage", "ModelNotFound", "ImageError",
+    "open_image", "save_image", "image_size", "atomic_path", "atomic_write_bytes", "atomic_write_text",
+    "IMAGE_EXTENSIONS", "MAX_PIXELS", "PNG_COMPRESS_LEVEL",
+    "pick_device", "onnx_providers", "resolve_model_files",
+]

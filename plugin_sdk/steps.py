@@ -1,0 +1,172 @@
+"""Step base classes: the three kinds of work a plugin can add to a pipeline.
+
+* ``ImageStep``: transforms one image at a time (trim, alpha, tagging). The host runs it over all
+  images in parallel processes, caches each result by content, and sets aside images that fail.
+* ``DatasetStep``: sees the whole dataset at once (dedupe, tag statistics, trigger pruning).
+* ``SourceStep``: produces images (a local folder, a booru search, a kohya dataset).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Sequence
+
+from .errors import SkipImage
+from .item import Item
+from .params import Param, Params, validate_params
+from .subset import Subset
+
+FIELDS = frozenset({"image", "caption", "tags", "mask", "meta", "subset"})
+
+
+@dataclass
+class StepContext:
+    """What a step may know about the run. Picklable: it travels to worker processes.
+
+    * ``work_dir``: a persistent folder of this step's own (downloads, model caches); it survives
+      re-runs, so a source can resume.
+    * ``tmp_dir``: scratch space for files a step writes before returning them in an Item.
+    * ``output_dir``: the dataset folder being built (read-only for steps; the host writes it).
+    * ``resolution``: the training resolution of the pipeline (512 for SD1.5, 1024 for SDXL).
+    * ``subsets``: the dataset's subsets by name; a source or dataset step may add or change them.
+    """
+
+    step_name: str
+    work_dir: Path
+    tmp_dir: Path
+    output_dir: Path
+    resolution: int = 512
+    subsets: dict[str, Subset] = field(default_factory=dict)
+    device: str = "auto"
+    messages: list[str] = field(default_factory=list)
+    set_aside_items: list[tuple[Item, str]] = field(default_factory=list)
+    reports: dict[str, Any] = field(default_factory=dict)
+
+    def log(self, message: str) -> None:
+        """A line for the user, printed in the run's summary under this step."""
+        self.messages.append(message)
+
+    def set_aside(self, item: Item, reason: str) -> None:
+        """Dataset steps: remove ``item`` from the dataset, recording why (it is kept in set_aside/)."""
+        self.set_aside_items.append((item, reason))
+
+    def report(self, name: str, data: Any) -> Path:
+        """Write a JSON report ``reports/<step>-<name>.json`` in the output folder and return its path."""
+        from .images import atomic_write_text
+
+        self.reports[name] = data
+        target = self.output_dir / "reports" / f"{self.step_name}-{name}.json"
+        atomic_write_text(target, json.dumps(data, indent=2, ensure_ascii=False, default=str))
+        return target
+
+    def subset(self, name: str) -> Subset:
+        """The subset called ``name``, created with defaults if it is new."""
+        if name not in self.subsets:
+            self.subsets[name] = Subset(name)
+        return self.subsets[name]
+
+
+class Step:
+    """Common declarations of every step. Subclass ImageStep, DatasetStep or SourceStep."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    kind: ClassVar[str] = ""
+    params: ClassVar[Sequence[Param]] = ()
+    reads: ClassVar[frozenset[str]] = frozenset()
+    writes: ClassVar[frozenset[str]] = frozenset()
+    example: ClassVar[str] = ""
+
+    def __init__(self, params: Params | dict[str, Any] | None = None):
+        if not isinstance(params, Params):
+            params = validate_params(self.name, self.params, params or {})
+        self.options = params
+
+    @classmethod
+    def configure(cls, given: dict[str, Any] | None = None, where: str | None = None) -> "Step":
+        """Validate ``given`` against the declared params and build the step (raises ParamError)."""
+        return cls(validate_params(cls.name, cls.params, given or {}, where))
+
+    def setup(self, ctx: StepContext) -> None:
+        """Called once per process before the first image: load models here, not in ``__init__``."""
+
+    def cache_token(self) -> str:
+        """Extra text mixed into the cache key, e.g. a hash of a model file the step reads."""
+        return ""
+
+    @classmethod
+    def describe(cls) -> str:
+        return (cls.__doc__ or cls.summary or "").strip()
+
+    def __getstate__(self):
+        # Models loaded in setup() stay in their process; only the options travel.
+        return {"options": self.options}
+
+    def __setstate__(self, state):
+        self.options = state["options"]
+
+
+class ImageStep(Step):
+    """A step applied to each image on its own.
+
+    Override ``process(item, ctx)`` and return the item (changed with ``item.replace`` or
+    ``item.with_image``), or a list of items (one image becomes several, e.g. GIF frames). Raise
+    ``SkipImage(reason)`` to set the image aside. ``workers = 1`` keeps the step in the main process
+    (GPU models); override ``process_batch`` for batched inference with ``batch_size`` items.
+    """
+
+    kind = "image"
+    workers: ClassVar[int | None] = None
+    batch_size: ClassVar[int] = 1
+
+    def process(self, item: Item, ctx: StepContext) -> Item | list[Item]:
+        raise NotImplementedError
+
+    def process_batch(self, items: list[Item], ctx: StepContext) -> list[Item | list[Item] | BaseException]:
+        """Process several items; an exception in the list sets that one item aside."""
+        out: list[Item | list[Item] | BaseException] = []
+        for item in items:
+            try:
+                out.append(self.process(item, ctx))
+            except Exception as exc:  # one bad image never stops the others
+                out.append(exc)
+        return out
+
+
+class DatasetStep(Step):
+    """A step that sees every item at once. Override ``run(items, ctx)`` and return the new list.
+
+    Remove an item with ``ctx.set_aside(item, reason)`` (and leave it out of the returned list).
+    """
+
+    kind = "dataset"
+
+    def run(self, items: list[Item], ctx: StepContext) -> list[Item]:
+        raise NotImplementedError
+
+
+class SourceStep(Step):
+    """A step that produces images. Override ``produce(ctx)`` and yield Items whose ``path`` is a file.
+
+    The host copies each file into its store (the original is never touched). Set the item's
+    ``subset``; declare subset settings with ``ctx.subset(name)``.
+    """
+
+    kind = "source"
+
+    def produce(self, ctx: StepContext) -> Iterable[Item]:
+        raise NotImplementedError
+
+    def inputs(self) -> list[Path]:
+        """Local folders this source reads; the host refuses an output folder that overlaps them."""
+        return []
+
+
+def reason_of(exc: BaseException) -> str:
+    """The one-line reason recorded when an exception sets an image aside."""
+    if isinstance(exc, SkipImage):
+        return exc.reason
+    text = str(exc).strip() or "no message"
+    return f"{type(exc).__name__}: {text}"

@@ -1,0 +1,7 @@
+"""Built-in step module 'dedupe' (registered through lorakit's own entry points). Steps land in their issue."""
+from lorakit.plugin_sdk import hookimpl
+
+
+@hookimpl
+def register_steps(register):
+    pass

@@ -1,0 +1,1 @@
+"""The built-in LoRA trainer. It reads a lorakit manifest (``lorakit.manifest``) and nothing else."""
