@@ -148,3 +148,19 @@ class Manifest:
 def split_caption(caption: str) -> list[str]:
     """Tags of a comma-separated caption, stripped, empty parts dropped (``|||`` is a separator too)."""
     return [t.strip() for t in caption.replace("|||", ",").split(",") if t.strip()]
+
+
+def load_dataset(path: str | Path) -> Manifest:
+    """What the trainer reads: a dataset folder with manifest.json, a manifest file, or a kohya dataset
+    (``N_name`` folders or ``dataset_config.toml``), imported in memory without copying."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".json":
+        return Manifest.load(path)
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        return Manifest.load(path)
+    if path.exists():
+        from .kohya import manifest_from_kohya
+
+        return manifest_from_kohya(path)
+    raise LorakitError(f"{path}: no dataset here (expected a lorakit dataset folder, a manifest.json, "
+                       "a kohya folder of N_name folders, or a dataset_config.toml)")

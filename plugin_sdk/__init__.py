@@ -30,6 +30,7 @@ from .images import (
     image_size,
     open_image,
     save_image,
+    verify_image,
 )
 from .item import Item
 from .models import resolve_model_files
@@ -43,7 +44,7 @@ __all__ = [
     "Item", "Subset",
     "Param", "Params", "Percent", "Color", "REQUIRED", "validate_params",
     "LorakitError", "ParamError", "SkipImage", "ModelNotFound", "ImageError",
-    "open_image", "save_image", "image_size", "atomic_path", "atomic_write_bytes", "atomic_write_text",
+    "open_image", "verify_image", "save_image", "image_size", "atomic_path", "atomic_write_bytes", "atomic_write_text",
     "IMAGE_EXTENSIONS", "MAX_PIXELS", "PNG_COMPRESS_LEVEL",
     "pick_device", "onnx_providers", "resolve_model_files",
 ]

@@ -11,6 +11,7 @@ import io
 import os
 import tempfile
 import warnings
+from struct import error as struct_error
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -128,3 +129,39 @@ def save_image(image: Image.Image, target: str | os.PathLike, format: str | None
     buf = io.BytesIO()
     image.save(buf, format=fmt, **options)
     return atomic_write_bytes(target, buf.getvalue())
+
+
+def verify_image(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[int, int]:
+    """Cheap check that a file is a usable image (header, size cap, structure) without decoding it.
+
+    Returns (width, height); raises ImageError naming the file and the problem.
+    """
+    path = Path(path)
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(f"{path}: empty file (0 bytes)")
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read file ({exc.strerror})") from None
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > limit:
+                    raise ImageError(f"{path}: {w}x{h} = {w * h} pixels is over the decode limit of {limit} "
+                                     "(possible decompression bomb; raise LORAKIT_MAX_PIXELS if it is genuine)")
+                im.verify()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{path}: refused as a possible decompression bomb ({exc})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image (unrecognised content, whatever the extension says)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct_error) as exc:
+        raise ImageError(f"{path}: broken or truncated image ({exc})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+    return w, h

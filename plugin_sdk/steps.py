@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,7 @@ class Step:
 
     @classmethod
     def describe(cls) -> str:
-        return (cls.__doc__ or cls.summary or "").strip()
+        return inspect.cleandoc(cls.__doc__ or cls.summary or "")
 
     def __getstate__(self):
         # Models loaded in setup() stay in their process; only the options travel.

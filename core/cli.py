@@ -1,0 +1,280 @@
+"""The ``lorakit`` command: run/validate pipelines, list plugins and steps, export datasets, and one
+generated command per step (``lorakit <step> INPUT_DIR OUTPUT_DIR [--option value ...]``)."""
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from lorakit import __version__
+from lorakit.plugin_sdk import LorakitError, Step
+
+from .host import Host, get_host, warn_failed
+
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _fail(message: str, code: int = 1):
+    console.print(f"[bold red]Error:[/] {message}", highlight=False)
+    sys.exit(code)
+
+
+class StepGroup(click.Group):
+    """A click group whose extra commands come from the installed steps (built lazily)."""
+
+    def _host(self) -> Host:
+        host = get_host()
+        if not getattr(self, "_extra_loaded", False):
+            self._extra_loaded = True
+            host.pm.hook.register_commands(cli=self)
+        return host
+
+    def list_commands(self, ctx):
+        host = self._host()
+        return sorted(set(super().list_commands(ctx)) | set(host.steps))
+
+    def get_command(self, ctx, name):
+        host = self._host()
+        cmd = super().get_command(ctx, name)
+        if cmd is None and name in host.steps:
+            return step_command(host.steps[name])
+        return cmd
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LorakitError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            console.print("\n[yellow]Interrupted.[/] Finished results are cached: run the same command again to resume.")
+            sys.exit(130)
+
+
+@click.group(cls=StepGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="lorakit")
+def cli():
+    """lorakit: from a folder of pictures (or a booru search) to a trained LoRA.
+
+    \b
+    Quick start:
+      lorakit steps                     what each step does, with its options
+      lorakit run pipeline.yaml         run a whole pipeline into a dataset folder
+      lorakit trim raw/ trimmed/ --fuzz 20%     any step on its own
+      lorakit train dataset/ --base-model model.safetensors --output my_lora.safetensors
+
+    Results are cached by content: re-running redoes only what changed.
+    """
+
+
+# ----- running pipelines ------------------------------------------------------------------------
+def _load(path: str):
+    from .pipeline import load_pipeline
+
+    host = get_host()
+    warn_failed(host, sys.stderr)
+    pipeline = load_pipeline(Path(path), host)
+    train_config = None
+    if pipeline.train is not None:
+        from lorakit.trainer.api import validate_settings
+
+        train_config = validate_settings(pipeline.train, f"{path}: train")
+    return pipeline, train_config
+
+
+@cli.command()
+@click.argument("pipeline_file", type=click.Path(dir_okay=False))
+@click.option("--workers", type=click.IntRange(1), default=None, help="processes for per-image steps [default: all cores]")
+@click.option("--no-train", is_flag=True, help="prepare the dataset but skip the pipeline's train: section")
+def run(pipeline_file, workers, no_train):
+    """Run PIPELINE_FILE (pipeline.yaml): sources -> steps -> dataset folder with manifest.json.
+
+    Everything is validated before any work starts. Unchanged work is taken from the cache, an
+    interrupted run resumes, and images a step cannot handle are set aside with the reason.
+    """
+    from .runner import Runner
+
+    pipeline, train_config = _load(pipeline_file)
+    result = Runner(pipeline, console=console, workers=workers).run()
+    print_summary(result)
+    if train_config is not None and not no_train:
+        from lorakit.trainer.api import train
+
+        train(result.output_dir, train_config, console=console)
+
+
+@cli.command()
+@click.argument("pipeline_file", type=click.Path(dir_okay=False))
+def validate(pipeline_file):
+    """Check PIPELINE_FILE without running it: YAML, step names, every parameter, folders."""
+    pipeline, train_config = _load(pipeline_file)
+    out_console.print(f"[green]OK[/] {pipeline_file}: {len(pipeline.sources)} source(s), {len(pipeline.steps)} step(s)"
+                      + (", training configured" if train_config is not None else "")
+                      + f"; output -> {pipeline.output}")
+
+
+def print_summary(result) -> None:
+    table = Table(title="lorakit run", show_lines=False)
+    for col in ("step", "kind", "in", "out", "set aside", "cached", "seconds"):
+        table.add_column(col, justify="right" if col not in ("step", "kind") else "left")
+    for s in result.stats:
+        table.add_row(s.name, s.kind, str(s.inputs), str(s.outputs), str(s.set_aside) if s.set_aside else "",
+                      f"{s.cached}/{s.inputs}" if s.inputs else "", f"{s.seconds:.1f}")
+    console.print(table)
+    for s in result.stats:
+        for m in s.messages:
+            console.print(f"  [cyan]{s.name}[/]: {m}", highlight=False)
+    if result.set_aside:
+        reasons = Counter((r.step, r.reason) for r in result.set_aside)
+        console.print(f"[yellow]{len(result.set_aside)} image(s) set aside[/] (copies in {result.output_dir / 'set_aside'}):")
+        for (step, reason), n in reasons.most_common(15):
+            console.print(f"  {n} x [cyan]{step}[/]: {reason}", highlight=False)
+        if len(reasons) > 15:
+            console.print(f"  ... and {len(reasons) - 15} more reasons: see the manifest's set_aside list")
+    n = len(result.manifest.images)
+    subsets = Counter(r.subset for r in result.manifest.images)
+    console.print(f"[green]{n} image(s)[/] in {len(subsets)} subset(s) -> {result.output_dir}  (manifest: {result.manifest_path})",
+                  highlight=False)
+    if result.nothing_changed:
+        console.print("Nothing changed since the last run: every result came from the cache.")
+
+
+# ----- plugins and steps ------------------------------------------------------------------------
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def plugins(as_json):
+    """List installed plugins, the steps and hooks each provides, and any that failed to load.
+
+    LORAKIT_LOAD_PLUGINS limits third-party plugins (empty: built-ins only; 'a,b': only a and b).
+    """
+    host = get_host()
+    data = [{"name": p.name, "distribution": p.distribution, "version": p.version, "module": p.module,
+             "builtin": p.builtin, "steps": p.steps, "hooks": p.hooks, "error": p.error} for p in host.plugins]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = Table(title="lorakit plugins")
+    for col in ("plugin", "distribution", "version", "steps", "hooks", "status"):
+        table.add_column(col)
+    for p in data:
+        table.add_row(p["name"], p["distribution"], p["version"], ", ".join(p["steps"]), ", ".join(p["hooks"]),
+                      "[red]failed: " + p["error"] + "[/]" if p["error"] else "[green]ok[/]")
+    out_console.print(table)
+
+
+def _step_info(cls: type[Step]) -> dict:
+    return {"name": cls.name, "kind": cls.kind, "summary": cls.summary, "version": cls.version,
+            "reads": sorted(cls.reads), "writes": sorted(cls.writes), "description": cls.describe(),
+            "example": cls.example,
+            "params": [{"name": p.name, "type": p.expected, "default": None if p.required else p.to_json_schema().get("default"),
+                        "required": p.required, "help": p.help} for p in cls.params]}
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def steps(name, as_json):
+    """List every installed step with its summary and parameters (or one step in detail)."""
+    host = get_host()
+    classes = [host.step(name)] if name else [host.steps[n] for n in sorted(host.steps)]
+    if as_json:
+        click.echo(json.dumps([_step_info(c) for c in classes], indent=2))
+        return
+    for cls in classes:
+        info = _step_info(cls)
+        out_console.print(f"[bold cyan]{cls.name}[/] ({cls.kind}) - {cls.summary}", highlight=False)
+        if name:
+            out_console.print(info["description"], highlight=False)
+        for p in cls.params:
+            out_console.print(f"    --{p.name.replace('_', '-'):<24} {p.help}  [dim][{p.expected}; default {p.default_text()}][/]",
+                              highlight=False)
+        if name and cls.example:
+            out_console.print("\nExample:\n" + cls.example, highlight=False)
+
+
+@cli.command()
+def schema():
+    """Print the JSON Schema of pipeline.yaml for the installed steps (for editor completion)."""
+    from .pipeline import pipeline_schema
+
+    click.echo(json.dumps(pipeline_schema(get_host()), indent=2))
+
+
+@cli.command("export")
+@click.argument("format", type=click.Choice(["kohya", "diffusers"]))
+@click.argument("dataset", type=click.Path(exists=True))
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--repeat-lines", is_flag=True, help="diffusers: write each image's line 'repeats' times")
+def export(format, dataset, output, repeat_lines):
+    """Export DATASET (a lorakit dataset folder) to OUTPUT in another trainer's layout.
+
+    \b
+    kohya:     img/N_name/*.png + .txt, reg/N_name/, mask/N_name/, dataset_config.toml
+    diffusers: images + metadata.jsonl (file_name, text)
+    """
+    from .export import export_diffusers
+    from .kohya import export_kohya
+    from .manifest import load_dataset
+
+    manifest = load_dataset(Path(dataset))
+    if format == "kohya":
+        target = export_kohya(manifest, Path(output))
+    else:
+        target = export_diffusers(manifest, Path(output), repeat_lines=repeat_lines)
+    console.print(f"[green]Exported[/] {len(manifest.images)} image(s) -> {target}", highlight=False)
+
+
+# ----- one command per step ---------------------------------------------------------------------
+def step_command(cls: type[Step]) -> click.Command:
+    """``lorakit <step> INPUT_DIR OUTPUT_DIR [--param value ...]`` built from the step's declared params."""
+    positional_path = cls.kind == "source" and cls.params and cls.params[0].name == "path" and cls.params[0].required
+    params: list[click.Parameter] = []
+    if cls.kind != "source":
+        params.append(click.Argument(["input_dir"], type=click.Path(exists=True, file_okay=False)))
+    elif positional_path:
+        params.append(click.Argument(["input_path"], type=click.Path(exists=True)))
+    params.append(click.Argument(["output_dir"], type=click.Path(file_okay=False)))
+    for p in cls.params:
+        if positional_path and p.name == "path":
+            continue
+        flag = "--" + p.name.replace("_", "-")
+        help_text = f"{p.help}  [{p.expected}; default: {p.default_text()}]"
+        if p.type is bool:
+            params.append(click.Option([f"{flag}/--no-{p.name.replace('_', '-')}"], default=None, help=help_text))
+        else:
+            params.append(click.Option([flag, p.name], default=None, help=help_text, metavar="VALUE"))
+    if cls.kind != "source":
+        params.append(click.Option(["--workers"], type=click.IntRange(1), default=None, help="processes [default: all cores]"))
+    params.append(click.Option(["--resolution"], type=int, default=512, show_default=True,
+                               help="training resolution the step may use (512 SD1.5, 1024 SDXL)"))
+
+    def callback(output_dir, input_dir=None, input_path=None, workers=None, resolution=512, **values):
+        from .pipeline import parse_pipeline
+        from .runner import Runner
+
+        host = get_host()
+        given = {k: v for k, v in values.items() if v is not None}
+        if input_path is not None:
+            given["path"] = input_path
+        if cls.kind == "source":
+            data = {"output": output_dir, "resolution": resolution, "sources": [{cls.name: given}]}
+        else:
+            src = Path(input_dir)
+            source = "dataset" if (src / "manifest.json").is_file() else "folder"
+            data = {"output": output_dir, "resolution": resolution, "sources": [{source: {"path": str(src)}}],
+                    "steps": [{cls.name: given}]}
+        pipeline = parse_pipeline(data, host, Path.cwd(), path=None)
+        result = Runner(pipeline, console=console, workers=workers).run()
+        print_summary(result)
+
+    help_text = (cls.describe() + ("\n\nExample:\n\n\b\n" + cls.example if cls.example else "")).replace("\n\n\b\n", "\n\n\b\n")
+    return click.Command(cls.name, params=params, callback=callback, help=help_text, short_help=cls.summary)
+
+
+def main():
+    cli(prog_name="lorakit")

@@ -1,0 +1,34 @@
+"""Exporting a dataset folder to the layouts other trainers read (kohya, diffusers ``metadata.jsonl``)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from lorakit.plugin_sdk import atomic_path, atomic_write_text
+
+from .kohya import export_kohya
+from .manifest import Manifest
+
+
+def export_diffusers(manifest: Manifest, out: Path, repeat_lines: bool = False) -> Path:
+    """Images plus ``metadata.jsonl`` (``file_name``, ``text``) as diffusers' training scripts read.
+
+    Regularisation images are left out (diffusers' DreamBooth scripts take them as a class folder).
+    ``repeat_lines`` writes each image's line ``repeats`` times, since those scripts have no repeats.
+    """
+    out = Path(out)
+    lines = []
+    for r in manifest.images:
+        if r.is_reg:
+            continue
+        src = manifest.abspath(r.path)
+        rel = f"{r.subset}/{src.name}"
+        with atomic_path(out / rel) as tmp:
+            shutil.copyfile(src, tmp)
+        line = json.dumps({"file_name": rel, "text": r.caption}, ensure_ascii=False)
+        lines += [line] * (r.repeats if repeat_lines else 1)
+    return atomic_write_text(out / "metadata.jsonl", "\n".join(lines) + "\n")
+
+
+EXPORTERS = {"kohya": export_kohya, "diffusers": export_diffusers}

@@ -1,0 +1,204 @@
+"""The kohya sd-scripts dataset layout: reading it (``N_name`` folders, reg folders, or a
+``dataset_config.toml``) and writing a manifest's dataset back out in that layout."""
+from __future__ import annotations
+
+import re
+import shutil
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+
+from lorakit.plugin_sdk import IMAGE_EXTENSIONS, LorakitError, Subset, atomic_path, atomic_write_text
+
+from .manifest import Manifest, split_caption
+
+FOLDER_RE = re.compile(r"^(\d+)_(.+)$")
+
+
+@dataclass
+class KohyaImage:
+    path: Path
+    caption: str | None
+    mask: Path | None
+    subset: str
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", text).strip("_") or "subset"
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _read_folder(folder: Path, subset: Subset, caption_ext: str, mask_dir: Path | None) -> list[KohyaImage]:
+    out = []
+    for img in _images_in(folder):
+        cap_file = img.with_suffix(caption_ext)
+        caption = cap_file.read_text(encoding="utf-8", errors="replace").strip() if cap_file.is_file() else None
+        mask = None
+        if mask_dir is not None:
+            for ext in (".png", img.suffix):
+                if (mask_dir / (img.stem + ext)).is_file():
+                    mask = mask_dir / (img.stem + ext)
+                    break
+        out.append(KohyaImage(img, caption, mask, subset.name))
+    return out
+
+
+def read_kohya(path: Path, reg: Path | None = None) -> tuple[dict[str, Subset], list[KohyaImage]]:
+    """Subsets and images of a kohya dataset: a folder of ``N_name`` folders, or a dataset_config.toml."""
+    path = Path(path)
+    if not path.exists():
+        raise LorakitError(f"{path}: kohya dataset not found")
+    if path.is_file():
+        return _read_toml(path)
+    subsets: dict[str, Subset] = {}
+    images: list[KohyaImage] = []
+    train_root, reg_root = path, reg
+    if not _concept_dirs(path):
+        for train_name in ("img", "train", "image"):
+            if _concept_dirs(path / train_name):
+                train_root = path / train_name
+                break
+        if reg_root is None and _concept_dirs(path / "reg"):
+            reg_root = path / "reg"
+    if not _concept_dirs(train_root):
+        raise LorakitError(f"{path}: no kohya concept folders (named like 10_mychar) found")
+    for root, is_reg in ((train_root, False), (reg_root, True)):
+        if root is None:
+            continue
+        for folder, repeats, label in _concept_dirs(root):
+            name = ("reg_" if is_reg else "") + _safe_name(label)
+            sub = Subset(name, folder=("reg/" if is_reg else "") + _safe_name(label), repeats=repeats,
+                         class_tokens=label, is_reg=is_reg)
+            subsets[name] = sub
+            mask_dir = None
+            for cand in (root.parent / "mask" / folder.name, root.parent / "masks" / folder.name):
+                if cand.is_dir():
+                    mask_dir = cand
+            images += _read_folder(folder, sub, ".txt", mask_dir)
+    return subsets, images
+
+
+def _concept_dirs(root: Path) -> list[tuple[Path, int, str]]:
+    if not root or not root.is_dir():
+        return []
+    found = []
+    for d in sorted(root.iterdir()):
+        m = FOLDER_RE.match(d.name)
+        if d.is_dir() and m:
+            found.append((d, int(m.group(1)), m.group(2)))
+    return found
+
+
+def _read_toml(path: Path) -> tuple[dict[str, Subset], list[KohyaImage]]:
+    try:
+        config = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise LorakitError(f"{path}: invalid TOML ({exc})") from None
+    general = config.get("general", {})
+    subsets: dict[str, Subset] = {}
+    images: list[KohyaImage] = []
+    for d_index, dataset in enumerate(config.get("datasets", [])):
+        defaults = {**general, **{k: v for k, v in dataset.items() if k != "subsets"}}
+        for s_index, raw in enumerate(dataset.get("subsets", [])):
+            opts = {**defaults, **raw}
+            if "image_dir" not in opts:
+                raise LorakitError(f"{path}: datasets[{d_index}].subsets[{s_index}] has no image_dir")
+            image_dir = (path.parent / opts["image_dir"]).resolve()
+            if not image_dir.is_dir():
+                raise LorakitError(f"{path}: image_dir {image_dir} does not exist")
+            m = FOLDER_RE.match(image_dir.name)
+            label = m.group(2) if m else image_dir.name
+            is_reg = bool(opts.get("is_reg", False))
+            name = ("reg_" if is_reg else "") + _safe_name(label)
+            while name in subsets:
+                name += "_"
+            sub = Subset(
+                name, folder=("reg/" if is_reg else "") + name.removeprefix("reg_"),
+                repeats=int(opts.get("num_repeats", 1)), class_tokens=opts.get("class_tokens"),
+                keep_tokens=int(opts.get("keep_tokens", 0)), keep_tokens_separator=opts.get("keep_tokens_separator") or None,
+                is_reg=is_reg, shuffle_caption=opts.get("shuffle_caption"),
+                caption_dropout_rate=opts.get("caption_dropout_rate"),
+                caption_tag_dropout_rate=opts.get("caption_tag_dropout_rate"), flip_aug=opts.get("flip_aug"),
+            )
+            subsets[name] = sub
+            mask_dir = opts.get("conditioning_data_dir")
+            mask_path = (path.parent / mask_dir).resolve() if mask_dir else None
+            images += _read_folder(image_dir, sub, opts.get("caption_extension", ".txt"), mask_path)
+    if not images:
+        raise LorakitError(f"{path}: the dataset config lists no images")
+    return subsets, images
+
+
+def manifest_from_kohya(path: Path, reg: Path | None = None) -> Manifest:
+    """An in-memory manifest over a kohya dataset, pointing at its files where they are (no copy)."""
+    from PIL import Image
+
+    from .manifest import ImageRecord
+    from .store import sha256_file
+
+    subsets, images = read_kohya(path, reg)
+    records = []
+    for img in images:
+        with Image.open(img.path) as im:
+            w, h = im.size
+        sub = subsets[img.subset]
+        caption = img.caption or (sub.class_tokens or "")
+        records.append(ImageRecord(
+            path=str(img.path.resolve()), caption=caption, subset=img.subset, width=w, height=h,
+            sha256=sha256_file(img.path), tags=[{"name": t, "score": None} for t in split_caption(caption)],
+            repeats=sub.repeats, is_reg=sub.is_reg, mask=str(img.mask.resolve()) if img.mask else None,
+            source=str(img.path), steps=["kohya"],
+        ))
+    return Manifest(root=Path(path).resolve().parent if Path(path).is_file() else Path(path).resolve(),
+                    subsets=subsets, images=records)
+
+
+def export_kohya(manifest: Manifest, out: Path) -> Path:
+    """Write ``img/N_name``, ``reg/N_name``, ``mask/N_name`` and a ``dataset_config.toml``; return its path."""
+    out = Path(out)
+    subsets_toml = []
+    for name, sub in manifest.subsets.items():
+        records = manifest.images_in(name)
+        if not records:
+            continue
+        label = _safe_name(sub.class_tokens or name.removeprefix("reg_")) if sub.is_reg else _safe_name(name)
+        folder = out / ("reg" if sub.is_reg else "img") / f"{sub.repeats}_{label}"
+        mask_folder = out / "mask" / f"{sub.repeats}_{label}"
+        for r in records:
+            src = manifest.abspath(r.path)
+            _copy(src, folder / src.name)
+            atomic_write_text((folder / src.name).with_suffix(".txt"), r.caption)
+            if r.mask:
+                _copy(manifest.abspath(r.mask), mask_folder / (Path(src.name).stem + ".png"))
+        entry = {"image_dir": str(folder.relative_to(out)), "num_repeats": sub.repeats, "caption_extension": ".txt",
+                 "is_reg": sub.is_reg, "keep_tokens": sub.keep_tokens}
+        if sub.class_tokens:
+            entry["class_tokens"] = sub.class_tokens
+        if sub.keep_tokens_separator:
+            entry["keep_tokens_separator"] = sub.keep_tokens_separator
+        for key in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate", "flip_aug"):
+            if getattr(sub, key) is not None:
+                entry[key] = getattr(sub, key)
+        if any(r.mask for r in records):
+            entry["conditioning_data_dir"] = str(mask_folder.relative_to(out))
+        subsets_toml.append(entry)
+    resolution = manifest.resolution or 512
+    config = {
+        "general": {"enable_bucket": True, "bucket_no_upscale": False, "min_bucket_reso": 256,
+                    "max_bucket_reso": max(1024, resolution), "bucket_reso_steps": 64},
+        "datasets": [{"resolution": resolution, "batch_size": 1, "subsets": subsets_toml}],
+    }
+    target = out / "dataset_config.toml"
+    atomic_write_text(target, "# Written by lorakit export kohya. Paths are relative to this file's folder:\n"
+                              "# run sd-scripts from here, or make them absolute.\n" + tomli_w.dumps(config))
+    return target
+
+
+def _copy(src: Path, dst: Path) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)

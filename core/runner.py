@@ -1,0 +1,443 @@
+"""Runs a pipeline: sources -> steps -> dataset folder with manifest.json.
+
+Per-image steps run over worker processes and every result is cached by content (see store.py),
+so an unchanged re-run does nothing, an interrupted run resumes, and an image a step cannot handle
+is set aside with the step and reason while the run goes on.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from lorakit.plugin_sdk import (
+    DatasetStep, ImageError, ImageStep, Item, LorakitError, SkipImage, SourceStep, StepContext, Subset,
+    atomic_path, atomic_write_text, reason_of, verify_image,
+)
+
+from .manifest import MANIFEST_NAME, ImageRecord, Manifest, SetAsideRecord
+from .pipeline import ConfiguredStep, Pipeline
+from .store import State, Store, content_of, digest, sha256_file
+
+STORE_DIR = ".lorakit"
+
+
+@dataclass
+class StepStats:
+    name: str
+    kind: str
+    inputs: int = 0
+    outputs: int = 0
+    set_aside: int = 0
+    cached: int = 0
+    computed: int = 0
+    seconds: float = 0.0
+    messages: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    manifest_path: Path
+    manifest: Manifest
+    stats: list[StepStats]
+    set_aside: list[SetAsideRecord]
+
+    @property
+    def nothing_changed(self) -> bool:
+        return all(s.computed == 0 for s in self.stats)
+
+
+# ----- worker side --------------------------------------------------------------------------
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(step: ImageStep, ctx: StepContext, store_root: str) -> None:
+    _WORKER["step"], _WORKER["ctx"], _WORKER["store"] = step, ctx, Store(Path(store_root))
+    step.setup(ctx)
+
+
+def _worker_chunk(states: list[State]) -> list[dict]:
+    return apply_image_step(_WORKER["step"], _WORKER["ctx"], _WORKER["store"], states)
+
+
+def apply_image_step(step: ImageStep, ctx: StepContext, store: Store, states: list[State]) -> list[dict]:
+    """Run ``step`` on ``states``; each result is {"outputs": [...]} or {"aside": reason, "final": bool}."""
+    items = [store.item_from_state(s) for s in states]
+    try:
+        outs = step.process_batch(items, ctx)
+        if len(outs) != len(items):
+            raise RuntimeError(f"process_batch returned {len(outs)} results for {len(items)} images")
+    except Exception as exc:  # a whole batch failing sets each of its images aside
+        outs = [exc] * len(items)
+    results: list[dict] = []
+    for out in outs:
+        if isinstance(out, BaseException):
+            # Decisions (SkipImage) and unreadable files are final and cached; other errors are retried.
+            results.append({"aside": reason_of(out), "final": isinstance(out, (SkipImage, ImageError))})
+            continue
+        produced = out if isinstance(out, list) else [out]
+        bad = [o for o in produced if not isinstance(o, Item)]
+        if bad:
+            results.append({"aside": f"step returned {type(bad[0]).__name__}, not an Item", "final": False})
+            continue
+        try:
+            results.append({"outputs": [store.state_from_item(o) for o in produced]})
+        except Exception as exc:
+            results.append({"aside": reason_of(exc), "final": False})
+    return results
+
+
+# ----- the runner ---------------------------------------------------------------------------
+class Runner:
+    def __init__(self, pipeline: Pipeline, console: Console | None = None, workers: int | None = None):
+        self.pipeline = pipeline
+        self.console = console or Console(stderr=True)
+        self.workers = workers or pipeline.workers
+        self.output = pipeline.output
+        self.store = Store(pipeline.cache_dir or self.output / STORE_DIR)
+        self.subsets: dict[str, Subset] = {}
+        self.set_aside: list[tuple[State, str, str]] = []  # (state, step, reason)
+        self.stats: list[StepStats] = []
+
+    def _ctx(self, step) -> StepContext:
+        work = self.store.root / "steps" / step.name
+        tmp = self.store.tmp / step.name
+        work.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+        return StepContext(step_name=step.name, work_dir=work, tmp_dir=tmp, output_dir=self.output,
+                           resolution=self.pipeline.resolution, subsets=self.subsets)
+
+    def _progress(self) -> Progress:
+        return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False)
+
+    # ----- main entry ------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        self.output.mkdir(parents=True, exist_ok=True)
+        states = self._run_sources()
+        self._apply_subset_config(states)
+        for cfg in self.pipeline.steps:
+            if isinstance(cfg.step, ImageStep):
+                states = self._run_image_step(cfg, states)
+            elif isinstance(cfg.step, DatasetStep):
+                states = self._run_dataset_step(cfg, states)
+            self._ensure_subsets(states)
+        manifest = self._materialise(states)
+        path = manifest.save()
+        return RunResult(self.output, path, manifest, self.stats,
+                         manifest.set_aside)
+
+    # ----- sources ---------------------------------------------------------------------------
+    def _run_sources(self) -> list[State]:
+        index_path = self.store.root / "source-index.json"
+        try:
+            index = json.loads(index_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            index = {}
+        states: list[State] = []
+        used_names: set[tuple[str, str]] = set()
+        for cfg in self.pipeline.sources:
+            step: SourceStep = cfg.step  # type: ignore[assignment]
+            stats = StepStats(step.name, "source")
+            t0 = time.perf_counter()
+            ctx = self._ctx(step)
+            step.setup(ctx)
+            with self._progress() as progress:
+                task = progress.add_task(f"{step.name}: reading", total=None)
+                for item in step.produce(ctx):
+                    stats.inputs += 1
+                    if cfg.subset is not None:
+                        item = item.replace(subset=cfg.subset)
+                    item.steps = [step.name]
+                    item.source = item.source or str(item.path)
+                    item.name = _unique(item.subset, item.name, used_names)
+                    state = self._ingest_source(Path(item.path), item, index, stats)
+                    if state is not None:
+                        states.append(state)
+                        stats.outputs += 1
+                    progress.update(task, advance=1)
+                progress.update(task, total=stats.inputs, completed=stats.inputs, description=f"{step.name}: {stats.inputs} files")
+            stats.messages.extend(ctx.messages)
+            stats.seconds = time.perf_counter() - t0
+            self.stats.append(stats)
+        atomic_write_text(index_path, json.dumps(index))
+        return states
+
+    def _ingest_source(self, path: Path, item: Item, index: dict, stats: StepStats) -> State | None:
+        try:
+            st = path.stat()
+            key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        except OSError as exc:
+            self._aside_raw(item, "source", f"cannot read file ({exc.strerror})", stats)
+            return None
+        entry = index.get(key)
+        if entry is None or (entry.get("blob") and not self.store.blob_path(entry["blob"]).exists()):
+            stats.computed += 1
+            try:
+                verify_image(path)
+                entry = {"blob": self.store.add_file(path)}
+            except ImageError as exc:
+                entry = {"error": str(exc)}
+            index[key] = entry
+        else:
+            stats.cached += 1
+        if "error" in entry:
+            self._aside_raw(item, "source", entry["error"], stats)
+            return None
+        state = self.store.state_from_item(item.replace(path=self.store.blob_path(entry["blob"])))
+        if item.mask is not None:  # a mask that came with the source (kohya conditioning dir)
+            state["mask"] = self.store.add_file(Path(item.mask))
+        return state
+
+    def _aside_raw(self, item: Item, step: str, reason: str, stats: StepStats) -> None:
+        stats.set_aside += 1
+        self.set_aside.append(({"name": item.name, "subset": item.subset, "image": None, "source": item.source,
+                                "raw_path": str(item.path)}, step, reason))
+
+    def _apply_subset_config(self, states: list[State]) -> None:
+        """Settings from pipeline.yaml override what sources declared (steps may change them later)."""
+        for name, cfg in self.pipeline.subsets.items():
+            base = self.subsets.get(name, Subset(name))
+            self.subsets[name] = base.replace(**cfg)
+        self._ensure_subsets(states)
+
+    def _ensure_subsets(self, states: list[State]) -> None:
+        for s in states:
+            if s["subset"] not in self.subsets:
+                self.subsets[s["subset"]] = Subset(s["subset"])
+
+    # ----- image steps -----------------------------------------------------------------------
+    def _run_image_step(self, cfg: ConfiguredStep, states: list[State]) -> list[State]:
+        step: ImageStep = cfg.step  # type: ignore[assignment]
+        stats = StepStats(step.name, "image", inputs=len(states))
+        t0 = time.perf_counter()
+        ctx = self._ctx(step)
+        base = {"step": step.name, "version": step.version, "params": step.options.as_json(),
+                "token": step.cache_token()}
+        keys = [digest({**base, "item": content_of(s)}) for s in states]
+        results: list[dict | None] = [self.store.cache_get(k) for k in keys]
+        todo = [i for i, r in enumerate(results) if r is None]
+        stats.cached = len(states) - len(todo)
+
+        with self._progress() as progress:
+            task = progress.add_task(step.name, total=len(states), completed=stats.cached)
+            if todo:
+                step.setup(ctx)  # load models once here: a missing model stops the run before any image
+                n_workers = step.workers or self.workers or os.cpu_count() or 1
+                size = max(step.batch_size, 1)
+                if step.batch_size <= 1 and n_workers > 1:
+                    size = max(1, min(16, len(todo) // (n_workers * 4)))
+                chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+
+                def done(chunk, chunk_results):
+                    for i, r in zip(chunk, chunk_results):
+                        results[i] = r
+                        if "outputs" in r or r.get("final"):
+                            self.store.cache_put(keys[i], r)
+                    stats.computed += len(chunk)
+                    progress.update(task, advance=len(chunk))
+
+                if n_workers > 1 and len(todo) >= 2 * n_workers:
+                    self._run_pool(step, ctx, states, chunks, min(n_workers, len(chunks)), done)
+                else:
+                    for chunk in chunks:
+                        done(chunk, apply_image_step(step, ctx, self.store, [states[i] for i in chunk]))
+
+        out: list[State] = []
+        used: set[tuple[str, str]] = set()
+        for state, r in zip(states, results):
+            assert r is not None
+            if "outputs" in r:
+                for o in r["outputs"]:
+                    o = dict(o, steps=state.get("steps", []) + [step.name], source=o.get("source") or state.get("source"))
+                    o["name"] = _unique(o["subset"], o["name"], used)
+                    out.append(o)
+            else:
+                stats.set_aside += 1
+                self.set_aside.append((state, step.name, r["aside"]))
+        stats.outputs = len(out)
+        stats.messages.extend(ctx.messages)
+        stats.seconds = time.perf_counter() - t0
+        self.stats.append(stats)
+        return out
+
+    def _run_pool(self, step, ctx, states, chunks, n_workers, done) -> None:
+        mp = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=n_workers, mp_context=mp, initializer=_init_worker,
+                                 initargs=(step, ctx, str(self.store.root))) as pool:
+            pending = {}
+            try:
+                for chunk in chunks:
+                    pending[pool.submit(_worker_chunk, [states[i] for i in chunk])] = chunk
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        chunk = pending.pop(fut)
+                        try:
+                            chunk_results = fut.result()
+                        except Exception as exc:  # a worker crashed (segfault, OOM): retry next run
+                            chunk_results = [{"aside": f"worker process failed: {reason_of(exc)}", "final": False}] * len(chunk)
+                        done(chunk, chunk_results)
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+
+    # ----- dataset steps ---------------------------------------------------------------------
+    def _run_dataset_step(self, cfg: ConfiguredStep, states: list[State]) -> list[State]:
+        step: DatasetStep = cfg.step  # type: ignore[assignment]
+        stats = StepStats(step.name, "dataset", inputs=len(states))
+        t0 = time.perf_counter()
+        ctx = self._ctx(step)
+        key = digest({"step": step.name, "version": step.version, "params": step.options.as_json(),
+                      "token": step.cache_token(), "resolution": self.pipeline.resolution,
+                      "items": [content_of(s) for s in states],
+                      "subsets": {n: s.to_dict() for n, s in sorted(self.subsets.items())}})
+        hit = self.store.cache_get(key)
+        if hit is None:
+            with self.console.status(f"[bold]{step.name}[/] over {len(states)} images"):
+                step.setup(ctx)
+                items = [self.store.item_from_state(s) for s in states]
+                produced = step.run(items, ctx)
+                if produced is None or not all(isinstance(i, Item) for i in produced):
+                    raise LorakitError(f"step '{step.name}' returned {type(produced).__name__}; run() must return a list of Items")
+                outputs = []
+                for item in produced:
+                    st = self.store.state_from_item(item)
+                    if not st["steps"] or st["steps"][-1] != step.name:
+                        st["steps"] = st["steps"] + [step.name]
+                    outputs.append(st)
+                aside = [[self.store.state_from_item(i), reason] for i, reason in ctx.set_aside_items]
+                hit = {"outputs": outputs, "aside": aside, "messages": ctx.messages, "reports": ctx.reports,
+                       "subsets": {n: s.to_dict() for n, s in ctx.subsets.items()}}
+                self.store.cache_put(key, hit)
+                stats.computed = len(states) or 1
+        else:
+            stats.cached = len(states)
+            for name, data in hit.get("reports", {}).items():
+                ctx.report(name, data)
+        self.subsets.clear()
+        self.subsets.update({n: Subset.from_dict(d) for n, d in hit["subsets"].items()})
+        for state, reason in hit["aside"]:
+            self.set_aside.append((state, step.name, reason))
+        used: set[tuple[str, str]] = set()
+        out = []
+        for o in hit["outputs"]:
+            o = dict(o)
+            o["name"] = _unique(o["subset"], o["name"], used)
+            out.append(o)
+        stats.outputs, stats.set_aside = len(out), len(hit["aside"])
+        stats.messages.extend(hit.get("messages", []))
+        stats.seconds = time.perf_counter() - t0
+        self.stats.append(stats)
+        return out
+
+    # ----- output ----------------------------------------------------------------------------
+    def _materialise(self, states: list[State]) -> Manifest:
+        out = self.output
+        ledger_path = self.store.root / "written.json"
+        try:
+            ledger: dict[str, list] = json.loads(ledger_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            ledger = {}
+        new_ledger: dict[str, list] = {}
+
+        def place(blob_path: Path, rel: str) -> None:
+            target = out / rel
+            st = target.stat() if target.exists() else None
+            prev = ledger.get(rel)
+            if st and prev and prev[0] == blob_path.name and prev[1] == st.st_size and prev[2] == st.st_mtime_ns:
+                new_ledger[rel] = prev
+                return
+            with atomic_path(target) as tmp:
+                with open(blob_path, "rb") as src, open(tmp, "wb") as dst:
+                    dst.write(src.read())
+            st = target.stat()
+            new_ledger[rel] = [blob_path.name, st.st_size, st.st_mtime_ns]
+
+        def place_text(text: str, rel: str) -> None:
+            target = out / rel
+            if not (target.exists() and target.read_text(encoding="utf-8") == text):
+                atomic_write_text(target, text)
+            new_ledger[rel] = ["text", 0, 0]
+
+        images: list[ImageRecord] = []
+        for s in states:
+            sub = self.subsets[s["subset"]]
+            folder = _folder(sub)
+            blob = self.store.blob_path(s["image"])
+            rel = _join(folder, s["name"] + Path(s["image"]).suffix)
+            place(blob, rel)
+            item = self.store.item_from_state(s)
+            text = item.text
+            caption_rel = None
+            if text:
+                caption_rel = _join(folder, s["name"] + ".txt")
+                place_text(text, caption_rel)
+            mask_rel = None
+            if s.get("mask"):
+                mask_rel = _join("masks", folder, s["name"] + ".png")
+                place(self.store.blob_path(s["mask"]), mask_rel)
+            with Image.open(blob) as im:
+                width, height = im.size
+            images.append(ImageRecord(
+                path=rel, caption=text, subset=s["subset"], width=width, height=height,
+                sha256=Path(s["image"]).stem, caption_path=caption_rel,
+                tags=[{"name": t, "score": sc} for t, sc in s.get("tags", [])], sentence=s.get("caption"),
+                repeats=sub.repeats, is_reg=sub.is_reg, mask=mask_rel, source=s.get("source"),
+                steps=s.get("steps", []), meta=s.get("meta", {}),
+            ))
+
+        aside_records: list[SetAsideRecord] = []
+        for state, step, reason in self.set_aside:
+            rel = None
+            if state.get("image"):
+                rel = _join("set_aside", step, state["subset"] if state["subset"] != "default" else "",
+                            state["name"] + Path(state["image"]).suffix)
+                place(self.store.blob_path(state["image"]), rel)
+            aside_records.append(SetAsideRecord(name=state["name"], step=step, reason=reason,
+                                                source=state.get("source") or state.get("raw_path"), path=rel))
+
+        for rel in set(ledger) - set(new_ledger):  # files an earlier run wrote that are no longer wanted
+            (out / rel).unlink(missing_ok=True)
+        atomic_write_text(ledger_path, json.dumps(new_ledger))
+
+        used_subsets = {s["subset"] for s in states}
+        return Manifest(
+            root=out,
+            subsets={n: s for n, s in self.subsets.items() if n in used_subsets or n in self.pipeline.subsets},
+            images=images, set_aside=aside_records, pipeline=_jsonable(self.pipeline.raw),
+            resolution=self.pipeline.resolution,
+        )
+
+
+def _folder(sub: Subset) -> str:
+    folder = (sub.folder or ".").strip("/")
+    return "" if folder in ("", ".") else folder
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+def _unique(subset: str, name: str, used: set[tuple[str, str]]) -> str:
+    """Names are unique within a subset (case-insensitively, for Windows and macOS users)."""
+    candidate, n = name, 1
+    while (subset, candidate.lower()) in used:
+        n += 1
+        candidate = f"{name}_{n}"
+    used.add((subset, candidate.lower()))
+    return candidate
+
+
+def _jsonable(data: Any) -> Any:
+    return json.loads(json.dumps(data, default=str))

@@ -1,0 +1,123 @@
+"""Built-in sources: a local folder of images, and an existing kohya dataset."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorakit.kohya import read_kohya
+from lorakit.manifest import split_caption
+from lorakit.plugin_sdk import IMAGE_EXTENSIONS, Item, LorakitError, Param, SourceStep, hookimpl
+
+
+def _caption_tags(text: str | None) -> dict[str, None]:
+    return {t: None for t in split_caption(text)} if text else {}
+
+
+class FolderSource(SourceStep):
+    """Read every image under a folder (recursively by default). Sub-folders are kept in the output
+    names, so `lorakit trim in/ out/` mirrors in/'s layout. A same-stem caption file beside an image
+    (`a.png` + `a.txt`) becomes its tags. The folder itself is never written to."""
+
+    name = "folder"
+    summary = "Images from a local folder (with same-stem .txt captions when present)."
+    params = [
+        Param("path", Path, help="the folder to read"),
+        Param("recursive", bool, True, "also read sub-folders"),
+        Param("caption_extension", str, ".txt", "extension of caption files beside the images"),
+        Param("subfolders_as_subsets", bool, False, "each first-level sub-folder becomes its own subset"),
+    ]
+    writes = frozenset({"image", "caption", "tags", "subset"})
+    example = "sources:\n  - folder: {path: raw/outfit1, subset: outfit1}"
+
+    def inputs(self) -> list[Path]:
+        return [self.options.path]
+
+    def produce(self, ctx):
+        root: Path = self.options.path
+        if not root.is_dir():
+            raise LorakitError(f"{root}: source folder does not exist" if not root.exists() else f"{root}: not a folder")
+        pattern = root.rglob("*") if self.options.recursive else root.glob("*")
+        files = sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        if not files:
+            ctx.log(f"no images found in {root}")
+        for path in files:
+            rel = path.relative_to(root).with_suffix("")
+            subset = "default"
+            name = rel.as_posix()
+            if self.options.subfolders_as_subsets and len(rel.parts) > 1:
+                subset, name = rel.parts[0], Path(*rel.parts[1:]).as_posix()
+            cap = path.with_suffix(self.options.caption_extension)
+            text = cap.read_text(encoding="utf-8", errors="replace").strip() if cap.is_file() else None
+            yield Item(name=name, path=path, subset=subset, tags=_caption_tags(text), source=str(path))
+
+
+class KohyaSource(SourceStep):
+    """Import an existing kohya sd-scripts dataset: a folder of `N_name` concept folders (N = repeats,
+    with `img/`+`reg/` or `train/`+`reg/` layouts recognised), or a `dataset_config.toml`. Repeats,
+    class tokens, keep tokens, reg flags, captions and masks (conditioning_data_dir, or a sibling
+    `mask/N_name` folder) carry over into the manifest."""
+
+    name = "kohya"
+    summary = "Images, captions, repeats and reg folders from an existing kohya dataset."
+    params = [
+        Param("path", Path, help="a folder of N_name folders, or a dataset_config.toml"),
+        Param("reg", Path, None, "a folder of N_class regularisation folders"),
+    ]
+    writes = frozenset({"image", "caption", "tags", "subset", "mask"})
+    example = "sources:\n  - kohya: {path: old_dataset/img, reg: old_dataset/reg}"
+
+    def inputs(self) -> list[Path]:
+        paths = [self.options.path if self.options.path.is_dir() else self.options.path.parent]
+        return paths + ([self.options.reg] if self.options.reg else [])
+
+    def produce(self, ctx):
+        subsets, images = read_kohya(self.options.path, self.options.reg)
+        for name, sub in subsets.items():
+            ctx.subsets[name] = sub
+        for img in images:
+            yield Item(name=img.path.stem, path=img.path, subset=img.subset, tags=_caption_tags(img.caption),
+                       mask=img.mask, source=str(img.path))
+
+
+class DatasetSource(SourceStep):
+    """Read a dataset folder that lorakit wrote (it has a manifest.json): images, captions, tag
+    scores, masks, subsets and metadata carry over, so standalone commands can be chained
+    (`lorakit trim raw/ a/` then `lorakit wd14 a/ b/`)."""
+
+    name = "dataset"
+    summary = "Images, tags, masks and subsets from a lorakit dataset folder (manifest.json)."
+    params = [Param("path", Path, help="the dataset folder (or its manifest.json)")]
+    writes = frozenset({"image", "caption", "tags", "subset", "mask", "meta"})
+    example = "sources:\n  - dataset: {path: cleaned/}"
+
+    def inputs(self) -> list[Path]:
+        p = self.options.path
+        return [p if p.is_dir() else p.parent]
+
+    def produce(self, ctx):
+        from lorakit.manifest import Manifest
+
+        manifest = Manifest.load(self.options.path)
+        for name, sub in manifest.subsets.items():
+            ctx.subsets[name] = sub
+        for r in manifest.images:
+            folder = (sub.folder or ".").strip("/") if (sub := manifest.subsets.get(r.subset)) else ""
+            stem = str(Path(r.path).with_suffix(""))
+            if folder not in ("", ".") and stem.startswith(folder + "/"):
+                stem = stem[len(folder) + 1:]
+            tags, sentence = {t["name"]: t.get("score") for t in r.tags}, r.sentence
+            if r.caption_path and manifest.abspath(r.caption_path).is_file():
+                text = manifest.abspath(r.caption_path).read_text(encoding="utf-8").strip()
+                if text != r.caption:  # the caption file was edited by hand: it wins (scores are lost)
+                    tags, sentence = _caption_tags(text), None
+            yield Item(name=stem, path=manifest.abspath(r.path), subset=r.subset,
+                       caption=sentence, tags=tags,
+                       mask=manifest.abspath(r.mask) if r.mask else None, meta=dict(r.meta),
+                       source=r.source or str(manifest.abspath(r.path)))
+
+
+@hookimpl
+def register_steps(register):
+    register(FolderSource)
+    register(KohyaSource)
+    register(DatasetSource)
