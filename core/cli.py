@@ -32,6 +32,7 @@ class StepGroup(click.Group):
         host = get_host()
         if not getattr(self, "_extra_loaded", False):
             self._extra_loaded = True
+            warn_failed(host, sys.stderr)
             host.pm.hook.register_commands(cli=self)
         return host
 
@@ -77,7 +78,6 @@ def _load(path: str):
     from .pipeline import load_pipeline
 
     host = get_host()
-    warn_failed(host, sys.stderr)
     pipeline = load_pipeline(Path(path), host)
     train_config = None
     if pipeline.train is not None:

@@ -1,0 +1,49 @@
+"""Shared fixtures for lorakit's test suite: real files in temp folders, real libraries."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def images_dir(tmp_path) -> Path:
+    """A folder of three small valid images (one with a caption) plus nothing else."""
+    d = tmp_path / "raw"
+    d.mkdir()
+    Image.new("RGB", (80, 60), "red").save(d / "red.png")
+    Image.new("RGB", (60, 80), "blue").save(d / "blue.jpg")
+    Image.new("RGBA", (70, 70), (0, 255, 0, 128)).save(d / "green.png")
+    (d / "red.txt").write_text("1girl, solo, red_background")
+    return d
+
+
+@pytest.fixture(scope="session")
+def sepia_plugin_site(tmp_path_factory) -> Path:
+    """The third-party fixture plugin distribution (tests/fixtures/lorakit-sepia), pip-installed into
+    a private folder; put it on PYTHONPATH to make its entry points visible to a lorakit process."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(FIXTURES / "lorakit-sepia")],
+        check=True, capture_output=True, text=True,
+    )
+    return target
+
+
+def run_cli(*args: str, env_extra: dict | None = None, cwd: Path | None = None, site: Path | None = None):
+    """Run the real ``lorakit`` command in a subprocess; returns CompletedProcess (text)."""
+    env = dict(os.environ)
+    env.pop("LORAKIT_LOAD_PLUGINS", None)
+    if site is not None:
+        env["PYTHONPATH"] = str(site) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(env_extra or {})
+    env["COLUMNS"] = "200"
+    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)

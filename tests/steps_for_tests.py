@@ -1,0 +1,67 @@
+"""Small steps used by the foundation tests (importable, so worker processes can load them)."""
+from __future__ import annotations
+
+from PIL import ImageOps
+
+from lorakit.plugin_sdk import DatasetStep, ImageStep, Param, SkipImage
+
+
+class InvertStep(ImageStep):
+    """Invert colours; set aside images whose first pixel is pure red when asked to."""
+
+    name = "invert"
+    summary = "Invert colours (test step)."
+    params = [Param("skip_red", bool, False, "set aside images whose top-left pixel is red"),
+              Param("label", str, "inverted", "tag added to each image")]
+
+    def process(self, item, ctx):
+        im = item.open().convert("RGB")
+        if self.options.skip_red and im.getpixel((0, 0)) == (255, 0, 0):
+            raise SkipImage("top-left pixel is red")
+        return item.with_image(ImageOps.invert(im), tags={**item.tags, self.options.label: None})
+
+
+class TagStep(ImageStep):
+    """Add a tag; touches only tags (the image file is passed through)."""
+
+    name = "addtag"
+    summary = "Add a tag (test step)."
+    params = [Param("tag", str, "tagged", "the tag to add")]
+
+    def process(self, item, ctx):
+        return item.replace(tags={**item.tags, self.options.tag: 1.0})
+
+
+class InterruptAfter(ImageStep):
+    """Raises KeyboardInterrupt at the n-th image of this process (simulates Ctrl-C mid-run)."""
+
+    name = "interrupt"
+    summary = "Interrupt after n images (test step)."
+    workers = 1
+    params = [Param("after", int, 2, "images processed before the interrupt")]
+    seen = 0
+
+    def process(self, item, ctx):
+        if InterruptAfter.seen >= self.options.after:
+            raise KeyboardInterrupt
+        InterruptAfter.seen += 1
+        return item.replace(tags={**item.tags, "seen": None})
+
+
+class CountSubset(DatasetStep):
+    """Set repeats of each subset to its image count and log it."""
+
+    name = "countsubset"
+    summary = "Repeats = images per subset (test step)."
+
+    def run(self, items, ctx):
+        counts = {}
+        for it in items:
+            counts[it.subset] = counts.get(it.subset, 0) + 1
+        for name, n in counts.items():
+            ctx.subset(name).repeats = n
+            ctx.log(f"{name}: {n}")
+        return items
+
+
+TEST_STEPS = [InvertStep, TagStep, InterruptAfter, CountSubset]

@@ -1,0 +1,164 @@
+"""The pipeline runner: caching, incremental re-runs, set-aside, resume, parallelism, atomic output."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lorakit.plugin_sdk.testing import run_pipeline_dict, run_step
+from steps_for_tests import TEST_STEPS, InterruptAfter, InvertStep
+
+
+def _digest_tree(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _pipeline(tmp_path, raw, steps, **extra):
+    return {"output": str(tmp_path / "out"), "sources": [{"folder": {"path": str(raw)}}], "steps": steps, **extra}
+
+
+def _stat(result, name):
+    return next(s for s in result.stats if s.name == name)
+
+
+def test_step_output_lands_in_dataset_folder_with_caption_and_manifest(tmp_path, images_dir):
+    res = run_step(InvertStep, images_dir, tmp_path / "out")
+    assert sorted(r.path for r in res.images) == ["blue.png", "green.png", "red.png"]
+    red = res.by_name("red")
+    assert red.caption == "1girl, solo, red_background, inverted"
+    assert (tmp_path / "out" / "red.txt").read_text() == red.caption
+    assert res.open(red).getpixel((0, 0)) == (0, 255, 255)
+    assert red.steps == ["folder", "invert"]
+    assert (red.width, red.height) == (80, 60)
+    assert red.sha256 == hashlib.sha256((tmp_path / "out" / "red.png").read_bytes()).hexdigest()
+
+
+def test_unchanged_rerun_redoes_nothing(tmp_path, images_dir):
+    data = _pipeline(tmp_path, images_dir, ["invert", "addtag"])
+    first = run_pipeline_dict(data, tmp_path, TEST_STEPS)
+    assert not first.run.nothing_changed
+    second = run_pipeline_dict(data, tmp_path, TEST_STEPS)
+    assert second.run.nothing_changed
+    assert all(s.cached == s.inputs for s in second.stats)
+
+
+def test_changing_one_steps_params_redoes_that_step_and_later_ones_only(tmp_path, images_dir):
+    run_pipeline_dict(_pipeline(tmp_path, images_dir, ["addtag", "invert", "countsubset"]), tmp_path, TEST_STEPS)
+    changed = run_pipeline_dict(_pipeline(tmp_path, images_dir, ["addtag", {"invert": {"label": "neg"}}, "countsubset"]),
+                                tmp_path, TEST_STEPS)
+    assert _stat(changed, "addtag").computed == 0 and _stat(changed, "addtag").cached == 3
+    assert _stat(changed, "invert").computed == 3
+    assert _stat(changed, "countsubset").computed > 0
+    assert "neg" in changed.by_name("red").caption
+
+
+def test_broken_files_are_set_aside_with_reason_and_the_rest_processed(tmp_path, images_dir):
+    (images_dir / "zero.png").write_bytes(b"")
+    (images_dir / "text.jpg").write_text("this is not a picture")
+    good = Image.new("RGB", (300, 300), "white")
+    good.save(images_dir / "trunc.png")
+    data = (images_dir / "trunc.png").read_bytes()
+    (images_dir / "trunc.png").write_bytes(data[: len(data) // 2])
+    res = run_step(InvertStep, images_dir, tmp_path / "out")
+    reasons = res.reasons()
+    assert "empty file" in reasons["zero"] and "zero.png" in reasons["zero"]
+    assert "not an image" in reasons["text"]
+    assert "trunc" in reasons and "trunc.png" in reasons["trunc"]
+    assert len(res.images) == 3
+
+
+def test_step_can_set_an_image_aside_and_a_copy_is_kept(tmp_path, images_dir):
+    res = run_step(InvertStep, images_dir, tmp_path / "out", {"skip_red": True})
+    assert res.reasons() == {"red": "top-left pixel is red"}
+    record = res.set_aside[0]
+    assert record.step == "invert" and (tmp_path / "out" / record.path).is_file()
+    assert "red.png" not in {r.path for r in res.images}
+
+
+def test_source_images_are_never_modified(tmp_path, images_dir):
+    before = _digest_tree(images_dir)
+    run_step(InvertStep, images_dir, tmp_path / "out")
+    assert _digest_tree(images_dir) == before
+
+
+def test_interrupted_run_resumes_where_it_stopped(tmp_path, images_dir):
+    data = _pipeline(tmp_path, images_dir, [{"interrupt": {"after": 2}}])
+    InterruptAfter.seen = 0
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline_dict(data, tmp_path, TEST_STEPS, workers=1)
+    InterruptAfter.seen = -100  # no further interrupt
+    resumed = run_pipeline_dict(data, tmp_path, TEST_STEPS, workers=1)
+    step = _stat(resumed, "interrupt")
+    assert step.cached == 2 and step.computed == 1 and len(resumed.images) == 3
+
+
+def test_parallel_workers_give_the_same_dataset_as_one_process(tmp_path, images_dir):
+    for i in range(12):
+        Image.new("RGB", (40 + i, 30), (i * 20, 10, 200)).save(images_dir / f"extra{i:02}.png")
+    one = run_pipeline_dict({**_pipeline(tmp_path, images_dir, ["invert"]), "output": str(tmp_path / "a")},
+                            tmp_path, TEST_STEPS, workers=1)
+    two = run_pipeline_dict({**_pipeline(tmp_path, images_dir, ["invert"]), "output": str(tmp_path / "b")},
+                            tmp_path, TEST_STEPS, workers=2)
+    assert [(r.path, r.sha256, r.caption) for r in one.images] == [(r.path, r.sha256, r.caption) for r in two.images]
+
+
+def test_no_temporary_files_are_left_in_the_output(tmp_path, images_dir):
+    run_step(InvertStep, images_dir, tmp_path / "out")
+    leftovers = [p for p in (tmp_path / "out").rglob(".tmp-*")]
+    assert leftovers == []
+
+
+def test_images_that_leave_the_dataset_are_removed_from_the_output_folder(tmp_path, images_dir):
+    run_step(InvertStep, images_dir, tmp_path / "out")
+    assert (tmp_path / "out" / "red.png").exists()
+    res = run_step(InvertStep, images_dir, tmp_path / "out", {"skip_red": True})
+    assert not (tmp_path / "out" / "red.png").exists() and not (tmp_path / "out" / "red.txt").exists()
+    assert (tmp_path / "out" / res.set_aside[0].path).exists()
+
+
+def test_subset_settings_from_the_pipeline_reach_the_manifest(tmp_path, images_dir):
+    data = {"output": str(tmp_path / "out"),
+            "sources": [{"folder": {"path": str(images_dir), "subset": "outfit1"}}],
+            "subsets": {"outfit1": {"repeats": 6, "triggers": ["mychar"], "keep_tokens": 1}}}
+    res = run_pipeline_dict(data, tmp_path)
+    sub = res.manifest.subsets["outfit1"]
+    assert (sub.repeats, sub.triggers, sub.keep_tokens, sub.folder) == (6, ["mychar"], 1, "outfit1")
+    assert all(r.repeats == 6 and r.path.startswith("outfit1/") for r in res.images)
+
+
+def test_dataset_step_changes_to_subsets_are_kept(tmp_path, images_dir):
+    res = run_pipeline_dict(_pipeline(tmp_path, images_dir, ["countsubset"]), tmp_path, TEST_STEPS)
+    assert res.manifest.subsets["default"].repeats == 3
+    assert _stat(res, "countsubset").messages == ["default: 3"]
+
+
+def test_same_stem_different_extensions_get_distinct_names(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    Image.new("RGB", (10, 10), "red").save(raw / "a.png")
+    Image.new("RGB", (10, 10), "blue").save(raw / "a.jpg")
+    res = run_step(InvertStep, raw, tmp_path / "out")
+    assert sorted(r.path for r in res.images) == ["a.png", "a_2.png"]
+
+
+def test_output_inside_the_source_folder_is_refused(tmp_path, images_dir):
+    from lorakit.plugin_sdk import LorakitError
+
+    with pytest.raises(LorakitError, match="overlaps the source folder"):
+        run_pipeline_dict({"output": str(images_dir / "out"), "sources": [{"folder": {"path": str(images_dir)}}]}, tmp_path)
+
+
+def test_decompression_bomb_is_set_aside(tmp_path, monkeypatch):
+    import lorakit.plugin_sdk.images as images
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    Image.new("L", (2000, 2000)).save(raw / "bomb.png")
+    Image.new("RGB", (20, 20)).save(raw / "ok.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 1000 * 1000)
+    res = run_step(InvertStep, raw, tmp_path / "out")
+    assert "decode limit" in res.reasons()["bomb"] or "decompression bomb" in res.reasons()["bomb"]
+    assert [r.path for r in res.images] == ["ok.png"]
