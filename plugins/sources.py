@@ -75,7 +75,9 @@ class KohyaSource(SourceStep):
         for name, sub in subsets.items():
             ctx.subsets[name] = sub
         for img in images:
-            yield Item(name=img.path.stem, path=img.path, subset=img.subset, tags=_caption_tags(img.caption),
+            # kohya uses the class tokens as the caption of an image without a caption file
+            text = img.caption if img.caption is not None else subsets[img.subset].class_tokens
+            yield Item(name=img.path.stem, path=img.path, subset=img.subset, tags=_caption_tags(text),
                        mask=img.mask, source=str(img.path))
 
 
