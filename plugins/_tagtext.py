@@ -1,38 +1,32 @@
-"""Tag text conventions, in one place, for every step that reads or writes tags.
+"""Tag text for steps that compare tags: one canonical spelling per tag, and user tag patterns.
 
-Inside lorakit a tag is kept in its *canonical* (Danbooru) form: lower case, words joined by
-underscores, parentheses unescaped: ``hatsune_miku_(cosplay)``. Taggers and users write the same tag
-in many ways (``Hatsune Miku \\(cosplay\\)``, ``hatsune  miku_(Cosplay)``); ``canonical()`` turns
-them all into one spelling, so duplicates and list look-ups (blacklists, aliases, rules) work.
+The spelling options a step *writes* (``tag_style`` underscores/spaces, ``escape_parentheses``)
+and the emoticon and namespace lists live in ``_tagging`` (shared with the WD14 tagger and the
+booru grabber); this module adds what a step needs to *compare* tags coming from anywhere.
 
-``styled()`` turns a canonical tag back into the spelling a caption file wants:
+Inside a comparison a tag is in its *canonical* (Danbooru) form: lower case, words joined by
+single underscores, parentheses unescaped: ``hatsune_miku_(cosplay)``. Taggers and users write the
+same tag in many ways (``Hatsune Miku \\(cosplay\\)``, ``hatsune  miku_(Cosplay)``); ``canonical()``
+turns them all into one spelling, so duplicates and look-ups (blacklists, aliases, rules) work.
+``styled()`` writes a canonical tag back in the user's chosen style.
 
-* ``underscore`` (default): the Danbooru spelling, what NAI-family models were trained on.
-* ``space``: words separated by spaces, as the A1111 taggers write with "replace underscores".
-* ``escape=True`` writes ``\\(`` and ``\\)``, needed only where parentheses mean emphasis (A1111
-  prompts, kohya's ``--weighted_captions``); plain kohya training reads parentheses literally.
+Emoticon tags (``^_^``, ``>_<``, ``o_o``) keep their underscores: they are not word separators
+there. Any tag of three characters or fewer without spaces is left as it is (``:d``, ``x_x``).
 
-Emoticon tags (``^_^``, ``>_<``, ``o_o``) keep their underscores in every style: they are not word
-separators there. Like kohya's tagger script, any tag of three characters or fewer counts as one.
+For other steps::
 
-For tagger authors::
-
-    from lorakit.plugins._tagtext import canonical, styled
-    tags = {canonical(name): score for name, score in raw}      # store canonical tags in Item.tags
+    from lorakit.plugins._tagtext import canonical, styled, TagPatterns
+    blocked = TagPatterns(["*_(meme)", "watermark"])
+    keep = {t: s for t, s in item.tags.items() if canonical(t) not in blocked}
 """
 from __future__ import annotations
 
 import re
 
-UNDERSCORE = "underscore"
-SPACE = "space"
-STYLES = (UNDERSCORE, SPACE)
+from ._tagging import EMOTICONS, TAG_STYLES, format_tag, is_namespaced  # noqa: F401 (re-exported)
 
-# Kaomoji whose underscores are part of the face. Anything of 3 characters or fewer is also kept.
-KAOMOJI = frozenset({
-    "^_^", ">_<", "o_o", "0_0", "=_=", "x_x", "+_+", "@_@", "._.", "u_u", "|_|", "-_-", "^_^;",
-    ">_o", "o_<", "<o>_<o>", "(o)_(o)", "3_3", "6_9", "c_c", "t_t", ";_;", "q_q", "n_n", "*_*",
-})
+STYLES = TAG_STYLES
+KAOMOJI = EMOTICONS | {"o_<", "c_c", "n_n"}
 
 _ESCAPED = re.compile(r"\\([()\[\]:\\])")
 _SEPARATORS = re.compile(r"[\s_]+")
@@ -56,16 +50,11 @@ def is_kaomoji(tag: str) -> bool:
     return tag in KAOMOJI or len(tag) <= 3
 
 
-def styled(tag: str, style: str = UNDERSCORE, escape: bool = False) -> str:
-    """Spell a canonical tag for a caption file (``style`` is ``underscore`` or ``space``)."""
-    if style not in STYLES:
-        raise ValueError(f"unknown tag style {style!r} (known: {', '.join(STYLES)})")
-    out = tag
-    if style == SPACE and not is_kaomoji(tag):
-        out = out.replace("_", " ")
-    if escape:
-        out = out.replace("(", r"\(").replace(")", r"\)")
-    return out
+def styled(tag: str, style: str = "underscores", escape: bool = False) -> str:
+    """Spell a canonical tag for a caption file (``style`` is ``underscores`` or ``spaces``)."""
+    if is_kaomoji(tag):
+        return format_tag(tag, "underscores", escape)
+    return format_tag(tag, style, escape)
 
 
 def split_tags(text: str) -> list[str]:

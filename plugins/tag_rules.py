@@ -186,7 +186,8 @@ KEEP_CATEGORIES = ("breasts", "footwear")
 """Never pruned unless the user says otherwise: breast size (users complain) and footwear."""
 
 # Tags the guides call useless (meme, parody, uncensored, redraw challenges) plus booru bookkeeping
-# tags that describe the post, not the picture. Namespaced booru tags (artist:..., rating:...) too.
+# tags that describe the post, not the picture. (Namespaced tags such as artist:x are dropped too,
+# by ``_tagging.is_namespaced``.)
 DEFAULT_BLACKLIST = (
     "meme", "parody", "uncensored", "shiny_skin", "*_(meme)", "*_challenge", "one-hour_drawing_challenge",
     "*_redraw_challenge_(meme)", "commentary", "commentary_request", "english_commentary",
@@ -195,8 +196,6 @@ DEFAULT_BLACKLIST = (
     "bad_deviantart_id", "bad_link", "md5_mismatch", "tagme", "artist_request", "character_request",
     "copyright_request", "source_request", "third-party_edit", "duplicate", "highres", "absurdres",
     "incredibly_absurdres", "resized", "upscaled", "revision", "paid_reward_available",
-    "artist:*", "copyright:*", "character:*", "meta:*", "rating:*", "general:*", "species:*",
-    "series:*", "source:*", "lore:*", "invalid:*",
 )
 """The built-in blacklist (``*`` is a wildcard). Extend it with the tags step's ``blacklist``."""
 

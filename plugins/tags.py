@@ -17,7 +17,8 @@ from pathlib import Path
 from lorakit.plugin_sdk import DatasetStep, Item, LorakitError, Param, StepContext, hookimpl
 
 from . import tag_rules
-from ._tagtext import STYLES, TagPatterns, canonical, key, styled
+from ._tagging import style_params
+from ._tagtext import TagPatterns, canonical, is_namespaced, key, styled
 
 SEPARATOR_TAG = "|||"
 
@@ -132,7 +133,8 @@ class TagsStep(DatasetStep):
     2. aliases: rename synonyms (``tiara=circlet``; a CSV of ``old,new`` rows or Danbooru's
        ``tag_aliases.csv`` export);
     3. blacklist: remove useless tags (built in: meme, parody, uncensored, shiny_skin, redraw
-       challenges, booru bookkeeping tags such as commentary_request; ``*`` is a wildcard);
+       challenges, booru bookkeeping tags such as commentary_request, namespaced tags such as
+       ``artist:name``; ``*`` is a wildcard);
     4. duplicates: keep the first, with the highest score;
     5. generic tags: drop ``bow`` when ``black_bow`` is there (any tag ending in ``_bow``), and the
        consequent of every implication in a Danbooru ``tag_implications.csv``;
@@ -147,7 +149,8 @@ class TagsStep(DatasetStep):
     version = "1"
     params = [
         Param("blacklist", list, [], "extra tags to remove, added to the built-in list ('*' wildcards: '*_(cosplay)')"),
-        Param("default_blacklist", bool, True, "use the built-in blacklist (meme, parody, uncensored, booru meta tags)"),
+        Param("default_blacklist", bool, True,
+              "use the built-in blacklist (meme, parody, uncensored, booru meta tags, namespaced tags like artist:x)"),
         Param("alias", list, [], "inline aliases old=new, e.g. tiara=circlet", validate=_check_inline_aliases,
               type_name="a list of old=new aliases"),
         Param("aliases", Path, None, "CSV of aliases: 'old,new' rows, or Danbooru's tag_aliases.csv export",
@@ -158,10 +161,7 @@ class TagsStep(DatasetStep):
         Param("drop_generic", bool, True, "drop a generic tag when a more specific one ends with it (bow with black_bow)"),
         Param("sort", str, "score", "tag order: score (tagger confidence), frequency (in the subset), "
               "alphabetical, or none (keep the order)", choices=("score", "frequency", "alphabetical", "none")),
-        Param("style", str, "underscore", "how tags are written: underscore (long_hair) or space (long hair)",
-              choices=STYLES),
-        Param("escape_parentheses", bool, False,
-              "write \\( \\) (for A1111 prompts or kohya --weighted_captions; plain kohya reads ( ) literally)"),
+        *style_params(),
     ]
     reads = frozenset({"tags"})
     writes = frozenset({"tags"})
@@ -196,7 +196,7 @@ class TagsStep(DatasetStep):
                     if new != tag:
                         renamed[(tag, new)] += 1
                         tag = new
-                    if tag in blacklist:
+                    if tag in blacklist or (o.default_blacklist and is_namespaced(tag)):
                         removed[tag] += 1
                         continue
                 if tag in tags:
@@ -214,7 +214,7 @@ class TagsStep(DatasetStep):
         out = []
         for item, entries in cleaned:
             entries = self._sorted(entries, frequency.get(item.subset, {}))
-            new_tags = {t if p else styled(t, o.style, o.escape_parentheses): s for t, s, p in entries}
+            new_tags = {t if p else styled(t, o.tag_style, o.escape_parentheses): s for t, s, p in entries}
             out.append(item.replace(tags=new_tags))
 
         self._report(ctx, len(items), frequency, image_counts, removed, renamed, generic, duplicates)
