@@ -35,7 +35,7 @@ def test_plugins_lists_the_third_party_plugin(sepia_plugin_site):
     assert plugins["sources"]["builtin"] and "folder" in plugins["sources"]["steps"]
 
 
-def test_run_uses_the_third_party_step(tmp_path, images_dir, sepia_plugin_site):
+def test_register_steps_third_party_step_is_used_by_run(tmp_path, images_dir, sepia_plugin_site):
     (tmp_path / "pipeline.yaml").write_text(
         f"output: out\nsources:\n  - folder: {{path: {images_dir}}}\nsteps:\n  - sepia: {{strength: 1.0}}\n")
     proc = run_cli("run", str(tmp_path / "pipeline.yaml"), site=sepia_plugin_site)
