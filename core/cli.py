@@ -186,15 +186,20 @@ def steps(name, as_json):
         click.echo(json.dumps([_step_info(c) for c in classes], indent=2))
         return
     for cls in classes:
-        info = _step_info(cls)
-        out_console.print(f"[bold cyan]{cls.name}[/] ({cls.kind}) - {cls.summary}", highlight=False)
+        out_console.print(f"[bold cyan]{cls.name}[/] [dim]({cls.kind} step)[/] {cls.summary}", highlight=False)
         if name:
-            out_console.print(info["description"], highlight=False)
-        for p in cls.params:
-            out_console.print(f"    --{p.name.replace('_', '-'):<24} {p.help}  [dim][{p.expected}; default {p.default_text()}][/]",
-                              highlight=False)
+            out_console.print(cls.describe() + "\n", highlight=False)
+        if cls.params:
+            table = Table(box=None, show_header=False, padding=(0, 1), pad_edge=False)
+            table.add_column(no_wrap=True, style="green")
+            table.add_column(no_wrap=True, style="dim")
+            table.add_column()
+            for p in cls.params:
+                table.add_row(f"  --{p.name.replace('_', '-')}", p.default_text(), f"{p.help} [dim]({p.expected})[/]")
+            out_console.print(table)
         if name and cls.example:
             out_console.print("\nExample:\n" + cls.example, highlight=False)
+        out_console.print()
 
 
 @cli.command()
