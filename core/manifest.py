@@ -164,3 +164,51 @@ def load_dataset(path: str | Path) -> Manifest:
         return manifest_from_kohya(path)
     raise LorakitError(f"{path}: no dataset here (expected a lorakit dataset folder, a manifest.json, "
                        "a kohya folder of N_name folders, or a dataset_config.toml)")
+
+
+_NULLABLE_STR = {"type": ["string", "null"]}
+MANIFEST_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "lorakit manifest (version 1)",
+    "type": "object",
+    "required": ["schema", "version", "subsets", "images"],
+    "properties": {
+        "schema": {"const": SCHEMA_ID},
+        "version": {"type": "integer", "minimum": 1},
+        "lorakit_version": {"type": "string"},
+        "created": {"type": "string"},
+        "resolution": {"type": ["integer", "null"]},
+        "pipeline": {"type": ["object", "null"]},
+        "subsets": {"type": "object", "additionalProperties": {
+            "type": "object",
+            "properties": {
+                "folder": _NULLABLE_STR, "repeats": {"type": "integer", "minimum": 1},
+                "triggers": {"type": "array", "items": {"type": "string"}},
+                "class_tokens": _NULLABLE_STR, "keep_tokens": {"type": "integer", "minimum": 0},
+                "keep_tokens_separator": _NULLABLE_STR, "is_reg": {"type": "boolean"},
+                "shuffle_caption": {"type": ["boolean", "null"]}, "flip_aug": {"type": ["boolean", "null"]},
+                "caption_dropout_rate": {"type": ["number", "null"]},
+                "caption_tag_dropout_rate": {"type": ["number", "null"]},
+            },
+        }},
+        "images": {"type": "array", "items": {
+            "type": "object",
+            "required": ["path", "caption", "subset", "width", "height", "sha256"],
+            "properties": {
+                "path": {"type": "string"}, "caption": {"type": "string"}, "caption_path": _NULLABLE_STR,
+                "subset": {"type": "string"}, "width": {"type": "integer", "minimum": 1},
+                "height": {"type": "integer", "minimum": 1}, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                "tags": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+                    "name": {"type": "string"}, "score": {"type": ["number", "null"]}}}},
+                "sentence": _NULLABLE_STR, "repeats": {"type": "integer", "minimum": 1},
+                "is_reg": {"type": "boolean"}, "mask": _NULLABLE_STR, "source": _NULLABLE_STR,
+                "steps": {"type": "array", "items": {"type": "string"}}, "meta": {"type": "object"},
+            },
+        }},
+        "set_aside": {"type": "array", "items": {
+            "type": "object", "required": ["name", "step", "reason"],
+            "properties": {"name": {"type": "string"}, "step": {"type": "string"}, "reason": {"type": "string"},
+                           "source": _NULLABLE_STR, "path": _NULLABLE_STR},
+        }},
+    },
+}

@@ -116,3 +116,36 @@ def make_image(path: str | Path, size: tuple[int, int] = (64, 64), color: Any = 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, size, color).save(path)
     return path
+
+
+def assert_valid_manifest(dataset: str | Path) -> Any:
+    """Check a dataset folder the way the trainer will rely on it, and return its Manifest.
+
+    The manifest matches the published JSON Schema; every image, caption and mask it names exists;
+    each image's sha256, size and caption file agree with the manifest; subsets are declared.
+    """
+    import hashlib
+    import json
+
+    import jsonschema
+
+    from lorakit.manifest import MANIFEST_NAME, MANIFEST_SCHEMA, Manifest
+
+    dataset = Path(dataset)
+    data = json.loads((dataset / MANIFEST_NAME).read_text(encoding="utf-8"))
+    jsonschema.validate(data, MANIFEST_SCHEMA)
+    manifest = Manifest.load(dataset)
+    for r in manifest.images:
+        image = manifest.abspath(r.path)
+        assert image.is_file(), f"{r.path}: listed in the manifest but missing"
+        assert hashlib.sha256(image.read_bytes()).hexdigest() == r.sha256, f"{r.path}: sha256 differs from the manifest"
+        with Image.open(image) as im:
+            assert im.size == (r.width, r.height), f"{r.path}: size {im.size} != manifest {(r.width, r.height)}"
+        if r.caption_path:
+            text = manifest.abspath(r.caption_path).read_text(encoding="utf-8")
+            assert text == r.caption, f"{r.caption_path}: caption file differs from the manifest"
+        if r.mask:
+            assert manifest.abspath(r.mask).is_file(), f"{r.mask}: mask listed but missing"
+        assert r.subset in manifest.subsets, f"{r.path}: subset {r.subset!r} is not declared"
+        assert r.repeats == manifest.subsets[r.subset].repeats and r.is_reg == manifest.subsets[r.subset].is_reg
+    return manifest

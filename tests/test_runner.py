@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lorakit.plugin_sdk.testing import run_pipeline_dict, run_step
+from lorakit.plugin_sdk.testing import assert_valid_manifest, run_pipeline_dict, run_step
 from steps_for_tests import TEST_STEPS, InterruptAfter, InvertStep
 
 
@@ -162,3 +162,14 @@ def test_decompression_bomb_is_set_aside(tmp_path, monkeypatch):
     res = run_step(InvertStep, raw, tmp_path / "out")
     assert "decode limit" in res.reasons()["bomb"] or "decompression bomb" in res.reasons()["bomb"]
     assert [r.path for r in res.images] == ["ok.png"]
+
+
+def test_written_manifest_matches_its_schema_and_the_files(tmp_path, images_dir):
+    run_pipeline_dict({"output": str(tmp_path / "out"),
+                       "sources": [{"folder": {"path": str(images_dir), "subset": "a"}}],
+                       "subsets": {"a": {"repeats": 2}}, "steps": ["invert"]}, tmp_path, TEST_STEPS)
+    manifest = assert_valid_manifest(tmp_path / "out")
+    assert len(manifest.images) == 3
+    (tmp_path / "out" / "a" / "red.txt").write_text("changed")
+    with pytest.raises(AssertionError, match="caption file differs"):
+        assert_valid_manifest(tmp_path / "out")
