@@ -8,6 +8,11 @@ from lorakit.manifest import split_caption
 from lorakit.plugin_sdk import IMAGE_EXTENSIONS, Item, LorakitError, Param, SourceStep, hookimpl
 
 
+def _existing(path: Path) -> None:
+    if not Path(path).exists():
+        raise ValueError(f"an existing folder ({path} does not exist)")
+
+
 def _caption_tags(text: str | None) -> dict[str, None]:
     return {t: None for t in split_caption(text)} if text else {}
 
@@ -20,7 +25,7 @@ class FolderSource(SourceStep):
     name = "folder"
     summary = "Images from a local folder (with same-stem .txt captions when present)."
     params = [
-        Param("path", Path, help="the folder to read"),
+        Param("path", Path, help="the folder to read", validate=_existing),
         Param("recursive", bool, True, "also read sub-folders"),
         Param("caption_extension", str, ".txt", "extension of caption files beside the images"),
         Param("subfolders_as_subsets", bool, False, "each first-level sub-folder becomes its own subset"),
@@ -60,7 +65,7 @@ class KohyaSource(SourceStep):
     name = "kohya"
     summary = "Images, captions, repeats and reg folders from an existing kohya dataset."
     params = [
-        Param("path", Path, help="a folder of N_name folders, or a dataset_config.toml"),
+        Param("path", Path, help="a folder of N_name folders, or a dataset_config.toml", validate=_existing),
         Param("reg", Path, None, "a folder of N_class regularisation folders"),
     ]
     writes = frozenset({"image", "caption", "tags", "subset", "mask"})
@@ -88,7 +93,7 @@ class DatasetSource(SourceStep):
 
     name = "dataset"
     summary = "Images, tags, masks and subsets from a lorakit dataset folder (manifest.json)."
-    params = [Param("path", Path, help="the dataset folder (or its manifest.json)")]
+    params = [Param("path", Path, help="the dataset folder (or its manifest.json)", validate=_existing)]
     writes = frozenset({"image", "caption", "tags", "subset", "mask", "meta"})
     example = "sources:\n  - dataset: {path: cleaned/}"
 

@@ -52,7 +52,7 @@ def test_missing_source_folder_is_a_clear_error_not_a_traceback(tmp_path):
     p = _write(tmp_path, "output: out\nsources:\n  - folder: {path: no_such_folder}\n")
     proc = run_cli("run", str(p))
     assert proc.returncode != 0
-    assert "no_such_folder: source folder does not exist" in proc.stderr
+    assert "pipeline.yaml:3" in proc.stderr and "no_such_folder does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
