@@ -28,7 +28,7 @@ from ._tagging import EMOTICONS, TAG_STYLES, format_tag, is_namespaced  # noqa: 
 STYLES = TAG_STYLES
 KAOMOJI = EMOTICONS | {"o_<", "c_c", "n_n"}
 
-_ESCAPED = re.compile(r"\\([()\[\]:\\])")
+_ESCAPED = re.compile(r"\\([()\[\]:\\_ ])")
 _SEPARATORS = re.compile(r"[\s_]+")
 
 
