@@ -9,7 +9,6 @@ reach (tested).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -20,9 +19,9 @@ from PIL import Image
 from lorakit.plugin_sdk import (
     ImageStep, LorakitError, ModelNotFound, Param, ParamError, hookimpl, pick_device,
 )
+from lorakit.plugins._model_files import file_hash
 
 MODEL_SUFFIXES = (".safetensors", ".pth")
-_HASHES: dict[tuple[str, int, int], str] = {}
 
 
 # ----- loading --------------------------------------------------------------------------------
@@ -85,23 +84,6 @@ def load_upscaler(path: str | os.PathLike, device: str = "cpu", half: bool = Fal
     if half and model.supports_half:
         model = model.half()
     return model
-
-
-def file_hash(path: str | os.PathLike) -> str:
-    """sha256 of a model file, remembered per (path, size, mtime) so it is computed once."""
-    path = Path(path).expanduser()
-    try:
-        st = path.stat()
-    except OSError:
-        return "missing"
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        _HASHES[key] = h.hexdigest()
-    return _HASHES[key]
 
 
 # ----- tiled inference ------------------------------------------------------------------------
