@@ -54,7 +54,8 @@ def _cat(name: str, description: str, exact=(), patterns=()) -> Category:
 
 
 # Garments and worn things: a tag is an outfit part when it is one of these words, or ends with
-# ``_<word>`` (``red_skirt``, ``frilled_ascot``, ``detached_sleeves``, ``sailor_collar``).
+# ``_<word>`` (``red_skirt``, ``frilled_ascot``, ``detached_sleeves``, ``sailor_collar``); hair things
+# (``hair_bow``, ``hair_ribbon``) are ``hair_accessory`` instead.
 GARMENTS = (
     "shirt", "t-shirt", "blouse", "skirt", "miniskirt", "dress", "sundress", "gown", "jacket",
     "coat", "trench_coat", "overcoat", "raincoat", "sleeves", "gloves", "mittens", "ribbon", "bow",
@@ -63,13 +64,13 @@ GARMENTS = (
     "shawl", "belt", "pants", "trousers", "jeans", "shorts", "leotard", "bodysuit", "swimsuit",
     "bikini", "thighhighs", "pantyhose", "kneehighs", "socks", "leggings", "legwear", "collar",
     "choker", "ascot", "neckerchief", "frills", "lace", "buttons", "zipper", "pocket", "hat", "cap",
-    "beret", "hood", "headwear", "headdress", "headband", "hairband", "crown", "tiara", "circlet",
+    "beret", "hood", "headwear", "headdress", "headband", "crown", "tiara", "circlet",
     "veil", "armor", "pauldrons", "gauntlets", "breastplate", "gorget", "sash", "corset",
     "camisole", "tank_top", "crop_top", "tube_top", "halterneck", "bra", "panties", "underwear",
     "lingerie", "garter_belt", "garter_straps", "overalls", "jumpsuit", "robe", "tabard", "habit",
     "poncho", "wristband", "wrist_cuffs", "armband", "arm_warmers", "leg_warmers", "epaulettes",
     "aiguillette", "brooch", "badge", "emblem", "suspenders", "harness", "qipao", "cheongsam",
-    "hanfu", "maid", "nun", "sailor_collar", "detached_collar", "neck_ribbon", "hair_ribbon",
+    "hanfu", "maid", "nun", "sailor_collar", "detached_collar", "neck_ribbon",
     "clothes", "clothing", "outfit", "costume", "attire", "trim", "cutout", "print",
 )
 _GARMENT = "(?:" + "|".join(re.escape(g) for g in GARMENTS) + ")"
@@ -159,7 +160,7 @@ CATEGORIES: dict[str, Category] = {c.name: c for c in [
                                 "armlet", "bracer", "vambraces", "greaves", "tassel", "pom_pom_(clothes)",
                                 "fur_trim", "lace_trim", "gold_trim", "frilled_sleeves", "layered_sleeves",
                                 "zettai_ryouiki", "midriff", "navel_cutout", "side_slit", "pelvic_curtain"},
-         patterns=[r".+_" + _GARMENT, r"frilled_.+", r"(?:.+_)?sleeves(?:_.+)?", r".+_trim", r".+_print",
+         patterns=[r"(?!hair_).+_" + _GARMENT, r"frilled_.+", r"(?:.+_)?sleeves(?:_.+)?", r".+_trim", r".+_print",
                    r".+_cutout", r"(?:.+_)?uniform"]),
     _cat("accessory", "worn accessories (glasses, earrings, necklace, jewelry, gloves)",
          exact={"glasses", "eyewear", "sunglasses", "monocle", "goggles", "earrings", "necklace", "pendant",
