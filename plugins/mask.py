@@ -144,12 +144,15 @@ class SalientObjectMasker:
     def __init__(self, checkpoint: Path, mode: str = "base", device: str = "cpu"):
         import torch
 
-        with warnings.catch_warnings():  # the package warns about its optional GUI toolkit on import
-            warnings.simplefilter("ignore")
-            from transparent_background.InSPyReNet import InSPyReNet_SwinB
         self.base_size = list(tb_config()[mode]["base_size"])
         self.device = device
-        net = InSPyReNet_SwinB(depth=64, pretrained=False, base_size=self.base_size, threshold=None)
+        # The package warns about its optional GUI toolkit on import, and torch about a meshgrid call in
+        # the Swin backbone; neither concerns the user.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from transparent_background.InSPyReNet import InSPyReNet_SwinB
+
+            net = InSPyReNet_SwinB(depth=64, pretrained=False, base_size=self.base_size, threshold=None)
         try:
             # weights_only=True: the checkpoint is a plain state dict; nothing else is unpickled.
             state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)

@@ -169,8 +169,9 @@ def random_inspyrenet(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from transparent_background.InSPyReNet import InSPyReNet_SwinB
-    torch.manual_seed(0)
-    net = InSPyReNet_SwinB(depth=64, pretrained=False, base_size=[384, 384], threshold=None)
+
+        torch.manual_seed(0)
+        net = InSPyReNet_SwinB(depth=64, pretrained=False, base_size=[384, 384], threshold=None)
     path = tmp_path_factory.mktemp("tb") / "ckpt_fast.pth"
     torch.save(net.state_dict(), path)
     return path
