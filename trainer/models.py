@@ -271,3 +271,62 @@ def load_base_model(spec: str | os.PathLike, *, vae: str | os.PathLike | None = 
         noise_scheduler=noise_scheduler, is_sdxl=is_sdxl, v_prediction=prediction == "v_prediction",
         source=str(spec), pipeline_class=type(pipe).__name__,
     )
+
+
+# ----- describing a model without loading it (for --dry-run) ----------------------------------
+# Parameter counts of the standard models, used when a hub model's weights are not at hand.
+STANDARD_PARAMETERS = {
+    False: {"unet": 859_520_964, "text_encoders": 123_060_480, "vae": 83_653_863},
+    True: {"unet": 2_567_463_684, "text_encoders": 817_844_224, "vae": 83_653_863},
+}
+
+
+def _count_safetensors(files: list[Path], prefix: str | tuple[str, ...] = "") -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if not prefix or key.startswith(prefix):
+                    n = 1
+                    for d in f.get_slice(key).get_shape():
+                        n *= d
+                    total += n
+    return total
+
+
+def describe_base_model(spec: str | os.PathLike) -> dict[str, Any]:
+    """``{"is_sdxl", "unet", "text_encoders", "vae", "counted"}`` from file headers only (no weights read)."""
+    path = Path(str(spec)).expanduser()
+    if path.is_file():
+        _refuse_pickle(path, "base model")
+        kind = single_file_kind(path)
+        return {
+            "is_sdxl": kind["is_sdxl"],
+            "unet": _count_safetensors([path], "model.diffusion_model."),
+            "text_encoders": _count_safetensors([path], ("cond_stage_model.", "conditioner.")),
+            "vae": _count_safetensors([path], "first_stage_model."),
+            "counted": True,
+        }
+    if path.is_dir() and (path / "model_index.json").is_file():
+        is_sdxl = _folder_is_sdxl(path)
+        counts: dict[str, Any] = {"is_sdxl": is_sdxl, "counted": True}
+        for part, folders in (("unet", ["unet"]), ("vae", ["vae"]),
+                              ("text_encoders", ["text_encoder", "text_encoder_2"])):
+            files = [f for folder in folders for f in sorted((path / folder).glob("*.safetensors"))]
+            if not files and any((path / folder).is_dir() for folder in folders):
+                counts["counted"] = False
+                counts[part] = STANDARD_PARAMETERS[is_sdxl][part]
+            else:
+                counts[part] = _count_safetensors(files)
+        return counts
+    if _looks_like_repo(str(spec)):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            is_sdxl = _folder_is_sdxl(Path(hf_hub_download(str(spec), "model_index.json")).parent)
+        except Exception:
+            is_sdxl = "xl" in str(spec).lower()
+        return {"is_sdxl": is_sdxl, **STANDARD_PARAMETERS[is_sdxl], "counted": False}
+    raise ModelNotFound(f"base model: {spec} is neither an existing .safetensors file or diffusers folder nor a hub repo id")

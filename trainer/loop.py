@@ -1,0 +1,484 @@
+"""The training loop: one readable training step, epochs, saving, resuming, sampling, logging.
+
+The maths of a step is written out in ``Trainer.loss`` (diffusers training-example style): noise
+the latents at a random timestep, predict the noise (or the velocity), weight the per-image loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.plugin_sdk import LorakitError, pick_device
+
+from . import kohya_format
+from .data import LatentCache, TrainingData, build_training_data, load_mask, make_caption
+from .network import LoraNetwork
+from .optim import make_optimizer, make_scheduler
+from .plan import make_plan, render, schedule
+
+
+class TrainingStopped(LorakitError):
+    """The run stopped on its own (NaN or infinite loss); the message says what was kept."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+
+
+def resolve_precision(config, device: str) -> str:
+    """``no``/``fp16``/``bf16``: mixed precision runs on CUDA only; the CPU trains in fp32."""
+    if not device.startswith("cuda"):
+        return "no"  # the CPU trains in fp32 (the plan says so)
+    if config.mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return config.mixed_precision
+
+
+def epoch_file(output: Path, epoch: int) -> Path:
+    return output.with_name(f"{output.stem}-{epoch:06d}.safetensors")
+
+
+def state_folder(output: Path, epoch: int | None = None) -> Path:
+    return output.with_name(f"{output.stem}-{epoch:06d}-state" if epoch is not None else f"{output.stem}-state")
+
+
+def default_output(dataset: Path) -> Path:
+    folder = dataset if dataset.is_dir() else dataset.parent
+    return folder.parent / f"{folder.name}.safetensors"
+
+
+def load_manifest(dataset: Path):
+    """The manifest of a dataset folder / manifest file / kohya folder (through the foundation's import)."""
+    import lorakit.manifest as manifest_module
+
+    loader = getattr(manifest_module, "load_dataset", None)
+    if loader is not None:
+        return loader(dataset)
+    return manifest_module.Manifest.load(dataset)
+
+
+class Trainer:
+    def __init__(self, dataset: Path, config, console=None):
+        from rich.console import Console
+
+        self.dataset = Path(dataset)
+        self.config = config
+        self.console = console or Console(stderr=True)
+        self.output = Path(config.output) if config.output else default_output(self.dataset)
+        self.manifest = load_manifest(self.dataset)
+        self.device = pick_device(config.device)
+        self.precision = resolve_precision(config, self.device)
+
+    # ----- planning -----------------------------------------------------------------------------
+    def resolution(self, is_sdxl: bool) -> int:
+        return self.config.resolution or self.manifest.resolution or (1024 if is_sdxl else 512)
+
+    def data(self, is_sdxl: bool) -> TrainingData:
+        return build_training_data(self.manifest, self.config, self.resolution(is_sdxl), use_masks=self.config.masked_loss)
+
+    def plan(self):
+        from .models import describe_base_model
+
+        if not self.config.base_model:
+            raise LorakitError("train settings: 'base_model' is required (a .safetensors file, diffusers folder or hub id)")
+        model = describe_base_model(self.config.base_model)
+        data = self.data(model["is_sdxl"])
+        return make_plan(self.manifest, data, self.config, model, self.device,
+                         self.precision if self.precision != "no" else "fp32")
+
+    def dry_run(self):
+        plan = self.plan()
+        render(plan, self.console)
+        return plan
+
+    # ----- setup --------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from accelerate import Accelerator
+
+        from .models import load_base_model
+
+        config = self.config
+        if not config.base_model:
+            raise LorakitError("train settings: 'base_model' is required (a .safetensors file, diffusers folder or hub id)")
+        self.accelerator = Accelerator(
+            mixed_precision=self.precision, cpu=self.device == "cpu",
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+        )
+        device = self.accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
+        self.base = load_base_model(config.base_model, vae=config.vae, device=str(device), dtype=self.weight_dtype,
+                                    v_prediction=config.v_prediction, config=config.base_config)
+        if self.base.vae.dtype != torch.float32:
+            self.base.vae.to(device, torch.float32)  # the VAE encodes in fp32 (the SDXL VAE overflows in fp16)
+        self.base.vae.requires_grad_(False)
+        self.data_ = self.data(self.base.is_sdxl)
+        torch.manual_seed(config.seed)  # LoRA initialisation
+        self.network = LoraNetwork.create(self.base, config)
+        if config.gradient_checkpointing:
+            self.base.unet.enable_gradient_checkpointing()
+            for encoder in self.base.text_encoders:
+                if self.network.trains_text_encoder():
+                    encoder.gradient_checkpointing_enable()
+        self.steps_per_epoch, self.epochs, self.total_steps = schedule(
+            self.data_.batches_per_epoch(), config, self.accelerator.num_processes)
+        groups = self.network.parameter_groups()
+        self.optimizer = make_optimizer(config.optimizer, groups, weight_decay=config.weight_decay,
+                                        extra=config.optimizer_args, device=str(device))
+        self.lr_scheduler = make_scheduler(config.lr_scheduler, self.optimizer, warmup_steps=config.lr_warmup_steps,
+                                           total_steps=self.total_steps, cycles=config.lr_scheduler_cycles)
+        models = [self.base.unet, *self.base.text_encoders]
+        prepared = self.accelerator.prepare(*models, self.optimizer, self.lr_scheduler)
+        self.unet, self.text_encoders = prepared[0], list(prepared[1:len(models)])
+        self.optimizer, self.lr_scheduler = prepared[len(models)], prepared[len(models) + 1]
+        self.global_step = 0
+        self.start_epoch = 0
+        self.session_id = kohya_format.new_session_id()
+        self.started_at = time.time()
+        self.saved: list[Path] = []
+        self.writer = None
+        if config.logging_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise LorakitError("logging_dir needs tensorboard: pip install tensorboard") from None
+            self.writer = SummaryWriter(str(Path(config.logging_dir) / f"{self.output.stem}-{self.session_id}"))
+
+    def fill_latent_cache(self, progress) -> None:
+        config = self.config
+        folder = Path(config.cache_dir) if config.cache_dir else self.manifest.root / ".lorakit-cache" / "latents"
+        self.cache = LatentCache(self.base.vae, config.cache_latents, folder if config.cache_latents == "disk" else None,
+                                 str(self.accelerator.device))
+        if config.cache_latents != "none":
+            work = sum(2 if i.flip_aug else 1 for i in self.data_.images)
+            task = progress.add_task("caching latents", total=work, info="")
+            self.cache.fill(self.data_, progress=lambda: progress.advance(task))
+            progress.remove_task(task)
+            if self.device.startswith("cuda") and config.sample_every_n_epochs is None:
+                self.base.vae.to("cpu")  # every latent is cached: free the GPU memory
+
+    # ----- one training step ----------------------------------------------------------------------
+    def encode_prompts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text encoder hidden states (and SDXL's pooled embedding) for a batch of captions."""
+        device = self.accelerator.device
+        base = self.base
+        grad = torch.enable_grad() if self.network.trains_text_encoder() else torch.no_grad()
+        with grad:
+            if not base.is_sdxl:
+                ids = base.tokenizer(captions, padding="max_length", max_length=base.tokenizer.model_max_length,
+                                     truncation=True, return_tensors="pt").input_ids.to(device)
+                out = self.text_encoders[0](ids, output_hidden_states=True)
+                if self.config.clip_skip == 1:
+                    return out.last_hidden_state, None
+                # clip skip N: the Nth-from-last layer, through the final layer norm (as A1111 does).
+                hidden = out.hidden_states[-self.config.clip_skip]
+                final_norm = self.accelerator.unwrap_model(self.text_encoders[0]).text_model.final_layer_norm
+                return final_norm(hidden), None
+            states = []
+            pooled = None
+            for tokenizer, encoder in zip(base.tokenizers, self.text_encoders):
+                ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt").input_ids.to(device)
+                out = encoder(ids, output_hidden_states=True)
+                states.append(out.hidden_states[-2])  # SDXL always uses the penultimate layer
+                if hasattr(out, "text_embeds"):
+                    pooled = out.text_embeds
+            return torch.cat(states, dim=-1), pooled
+
+    def loss(self, latents: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None,
+             time_ids: torch.Tensor | None, weights: torch.Tensor, masks: torch.Tensor | None,
+             generator: torch.Generator) -> torch.Tensor:
+        """The diffusion loss of one batch (latents already scaled by the VAE factor)."""
+        config = self.config
+        scheduler = self.base.noise_scheduler
+        device = latents.device
+        batch = latents.shape[0]
+
+        # 1. Noise, optionally offset per channel (darker darks, brighter brights).
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        if config.noise_offset:
+            noise = noise + config.noise_offset * torch.randn((batch, latents.shape[1], 1, 1), generator=generator).to(device)
+        # 2. A random timestep per image, and the forward process q(x_t | x_0).
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(device)
+        input_noise = noise
+        if config.ip_noise_gamma:
+            # Input perturbation: noise the input a little more than the target says.
+            input_noise = noise + config.ip_noise_gamma * torch.randn(latents.shape, generator=generator).to(device)
+        noisy = scheduler.add_noise(latents, input_noise, timesteps)
+        # 3. The prediction and its target: the noise (epsilon) or the velocity v = a_t * eps - s_t * x_0.
+        added = {"text_embeds": pooled, "time_ids": time_ids} if self.base.is_sdxl else None
+        with self.accelerator.autocast():
+            prediction = self.unet(noisy.to(self.weight_dtype), timesteps, context.to(self.weight_dtype),
+                                   added_cond_kwargs=added).sample
+        target = scheduler.get_velocity(latents, noise, timesteps) if self.base.v_prediction else noise
+        prediction = prediction.float()
+        # 4. The element-wise loss: L2, or Huber / smooth L1 with a timestep-dependent c.
+        error = prediction - target
+        if config.loss_type == "l2":
+            loss = error ** 2
+        else:
+            c = self.huber_c(timesteps).view(-1, 1, 1, 1)
+            smooth = torch.sqrt(error ** 2 + c ** 2) - c
+            loss = 2 * c * smooth if config.loss_type == "huber" else 2 * smooth
+        # 5. Masked loss: only the white parts of the mask count.
+        if masks is not None:
+            loss = loss * masks
+        loss = loss.mean(dim=(1, 2, 3))
+        # 6. Per-image weights: the prior-loss weight of regularisation images, then min-SNR.
+        loss = loss * weights
+        if config.min_snr_gamma:
+            alphas_cumprod = scheduler.alphas_cumprod.to(device)[timesteps]
+            snr = alphas_cumprod / (1 - alphas_cumprod)
+            clipped = torch.clamp(snr, max=config.min_snr_gamma)
+            loss = loss * (clipped / (snr + 1) if self.base.v_prediction else clipped / snr)
+        return loss.mean()
+
+    def huber_c(self, timesteps: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        scheduler = self.base.noise_scheduler
+        if config.huber_schedule == "constant":
+            return torch.full(timesteps.shape, config.huber_c, device=timesteps.device)
+        if config.huber_schedule == "exponential":
+            rate = -math.log(config.huber_c) / scheduler.config.num_train_timesteps
+            return torch.exp(-rate * timesteps.float())
+        alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+        sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        return (1 - config.huber_c) / (1 + sigmas) ** 2 + config.huber_c
+
+    def batch_inputs(self, batch: tuple[int, ...], epoch: int, batch_index: int):
+        """Latents, captions, SDXL size conditioning, loss weights and masks of one batch."""
+        config = self.config
+        device = self.accelerator.device
+        latents, captions, time_ids, weights, masks = [], [], [], [], []
+        for position, index in enumerate(batch):
+            image = self.data_.images[index]
+            rng = random.Random(f"{config.seed}:{epoch}:{batch_index}:{position}")
+            flip = image.flip_aug and rng.random() < 0.5
+            latent = self.cache.get(image, flip)
+            latents.append(latent)
+            captions.append(make_caption(image, rng, step=self.global_step, token_warmup_min=config.token_warmup_min,
+                                         token_warmup_step=config.token_warmup_step))
+            top, left = image.crop
+            time_ids.append([image.size[1], image.size[0], top, left, image.bucket[1], image.bucket[0]])
+            weights.append(config.prior_loss_weight if image.is_reg else 1.0)
+            if config.masked_loss:
+                if image.mask is not None:
+                    masks.append(load_mask(image, (latent.shape[2], latent.shape[1]), flip))
+                else:
+                    masks.append(torch.ones(1, latent.shape[1], latent.shape[2]))
+        vae_config = self.base.vae.config
+        stacked = torch.stack(latents).to(device)
+        shift = getattr(vae_config, "shift_factor", None) or 0.0
+        stacked = (stacked - shift) * vae_config.scaling_factor
+        return (stacked, captions, torch.tensor(time_ids, dtype=torch.float32, device=device),
+                torch.tensor(weights, dtype=torch.float32, device=device),
+                torch.stack(masks).to(device) if masks else None)
+
+    # ----- saving and resuming ------------------------------------------------------------------------
+    def save_lora(self, path: Path, epoch: int) -> Path:
+        config = self.config
+        tensors = kohya_format.state_dict(self.network, config.save_precision)
+        meta = kohya_format.metadata(config=config, data=self.data_, manifest=self.manifest, base=self.base,
+                                     network=self.network, epoch=epoch, step=self.global_step,
+                                     max_steps=self.total_steps, started_at=self.started_at,
+                                     session_id=self.session_id, output_name=self.output.stem, tensors=tensors)
+        if self.accelerator.is_main_process:
+            kohya_format.save(path, tensors, meta)
+        return path
+
+    def save_state(self, folder: Path, epoch: int) -> None:
+        """Everything needed to go on exactly where this left off: weights, optimiser, scheduler, counters."""
+        if not self.accelerator.is_main_process:
+            return
+        from lorakit.plugin_sdk import atomic_path, atomic_write_text
+
+        folder.mkdir(parents=True, exist_ok=True)
+        kohya_format.save(folder / "lora.safetensors", kohya_format.state_dict(self.network, "fp32"), {})
+        with atomic_path(folder / "optimizer.pt") as tmp:
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
+                        "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None}, tmp)
+        atomic_write_text(folder / "state.json", json.dumps({
+            "epoch": epoch, "global_step": self.global_step, "steps_per_epoch": self.steps_per_epoch,
+            "session_id": self.session_id, "started_at": self.started_at, "base_model": str(self.config.base_model),
+            "network_dim": self.config.network_dim, "seed": self.config.seed,
+        }, indent=2))
+
+    def load_state(self, folder: Path) -> None:
+        folder = Path(folder)
+        state_file = folder / "state.json"
+        if not state_file.is_file():
+            raise LorakitError(f"resume: {folder} is not a saved training state (no state.json)")
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            raise LorakitError(
+                f"resume: {folder} was saved with {state['steps_per_epoch']} steps per epoch, this run has "
+                f"{self.steps_per_epoch}; the dataset or batch settings changed"
+            )
+        tensors, _ = kohya_format.read(folder / "lora.safetensors")
+        kohya_format.load_state_dict(self.network, tensors, str(folder / "lora.safetensors"))
+        # weights_only=True: the state holds only tensors and numbers; nothing is unpickled as code.
+        saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.lr_scheduler.load_state_dict(saved["scheduler"])
+        if saved.get("scaler") and self.accelerator.scaler:
+            self.accelerator.scaler.load_state_dict(saved["scaler"])
+        self.global_step = int(state["global_step"])
+        self.start_epoch = int(state["epoch"])
+        self.session_id = state.get("session_id", self.session_id)
+        self.started_at = state.get("started_at", self.started_at)
+        self.console.print(f"resumed from {folder}: epoch {self.start_epoch}, step {self.global_step}")
+
+    def save_epoch(self, epoch: int) -> None:
+        config = self.config
+        path = self.save_lora(epoch_file(self.output, epoch), epoch)
+        self.saved.append(path)
+        if config.save_state:
+            self.save_state(state_folder(self.output, epoch), epoch)
+        if config.save_last_n_epochs and self.accelerator.is_main_process:
+            import shutil
+
+            # Keep the last N epoch files (and their states); older ones go.
+            epochs_on_disk = sorted(
+                int(p.stem.rsplit("-", 1)[1]) for p in self.output.parent.glob(f"{self.output.stem}-[0-9]*.safetensors")
+                if p.stem.rsplit("-", 1)[1].isdigit()
+            )
+            for old in epochs_on_disk[:-config.save_last_n_epochs]:
+                epoch_file(self.output, old).unlink(missing_ok=True)
+                shutil.rmtree(state_folder(self.output, old), ignore_errors=True)
+
+    # ----- sampling -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, epoch: int) -> list[Path]:
+        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        config = self.config
+        base = self.base
+        unwrap = self.accelerator.unwrap_model
+        device = self.accelerator.device
+        base.vae.to(device)
+        scheduler = DDIMScheduler.from_config(base.noise_scheduler.config)
+        if base.is_sdxl:
+            pipe = StableDiffusionXLPipeline(vae=base.vae, text_encoder=unwrap(self.text_encoders[0]),
+                                             text_encoder_2=unwrap(self.text_encoders[1]), tokenizer=base.tokenizer,
+                                             tokenizer_2=base.tokenizer_2, unet=unwrap(self.unet), scheduler=scheduler)
+        else:
+            pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=unwrap(self.text_encoders[0]),
+                                           tokenizer=base.tokenizer, unet=unwrap(self.unet), scheduler=scheduler,
+                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        folder = self.output.parent / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        side = self.data_.resolution
+        for i, prompt in enumerate(config.sample_prompts):
+            generator = torch.Generator(device="cpu").manual_seed(config.seed + i)
+            with self.accelerator.autocast():
+                image = pipe(prompt, num_inference_steps=config.sample_steps, height=side, width=side,
+                             generator=generator).images[0]
+            path = folder / f"{self.output.stem}-e{epoch:06d}-{i:02d}.png"
+            from lorakit.plugin_sdk import save_image
+
+            save_image(image, path)
+            paths.append(path)
+        for model in (self.unet, *self.text_encoders):
+            model.train()
+        return paths
+
+    # ----- the run ------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        config = self.config
+        self.setup()
+        if config.resume:
+            self.load_state(Path(config.resume))
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            self.fill_latent_cache(progress)
+            task = progress.add_task("training", total=self.total_steps, completed=self.global_step, info="")
+            for model in (self.unet, *self.text_encoders):
+                model.train()
+            run_started = time.perf_counter()
+            steps_this_run = 0
+            accumulation = config.gradient_accumulation_steps
+            finished = self.start_epoch
+            for epoch in range(self.start_epoch, self.epochs):
+                batches = self.data_.epoch_samples(epoch, config.seed)
+                batches = batches[self.accelerator.process_index::self.accelerator.num_processes]
+                losses = []
+                for batch_index, batch in enumerate(batches):
+                    if self.global_step >= self.total_steps:
+                        break
+                    sync = (batch_index + 1) % accumulation == 0 or batch_index == len(batches) - 1
+                    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 10_007 + batch_index)
+                    latents, captions, time_ids, weights, masks = self.batch_inputs(batch, epoch, batch_index)
+                    sync_context = contextlib.nullcontext() if sync or self.accelerator.num_processes == 1 else \
+                        self.accelerator.no_sync(self.unet)
+                    with sync_context:
+                        context, pooled = self.encode_prompts(captions)
+                        loss = self.loss(latents, context, pooled, time_ids, weights, masks, generator)
+                        if not torch.isfinite(loss):
+                            self.stop_on_bad_loss(loss, epoch)
+                        self.accelerator.backward(loss / accumulation)
+                    losses.append(loss.item())
+                    if not sync:
+                        continue
+                    if config.max_grad_norm:
+                        self.accelerator.clip_grad_norm_(self.network.parameters(), config.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.global_step += 1
+                    steps_this_run += 1
+                    lr = self.lr_scheduler.get_last_lr()[0]
+                    rate = steps_this_run / max(1e-9, time.perf_counter() - run_started)
+                    recent = sum(losses[-accumulation:]) / len(losses[-accumulation:])
+                    progress.update(task, advance=1, info=f"epoch {epoch + 1}/{self.epochs} loss {recent:.4f} "
+                                                          f"lr {lr:.2e} {rate:.2f} it/s")
+                    if self.writer is not None:
+                        self.writer.add_scalar("loss/step", recent, self.global_step)
+                        for group, value in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+                            self.writer.add_scalar(f"lr/{group.get('name', 'group')}", value, self.global_step)
+                if self.writer is not None and losses:
+                    self.writer.add_scalar("loss/epoch", sum(losses) / len(losses), epoch + 1)
+                self.accelerator.wait_for_everyone()
+                finished = epoch + 1
+                last = finished == self.epochs or self.global_step >= self.total_steps
+                if config.save_every_n_epochs and finished % config.save_every_n_epochs == 0 and not last:
+                    self.save_epoch(finished)
+                if config.sample_every_n_epochs and finished % config.sample_every_n_epochs == 0:
+                    self.sample(finished)
+                if last:
+                    break
+            final_epoch = finished
+        path = self.save_lora(self.output, final_epoch)
+        if config.save_state:
+            self.save_state(state_folder(self.output), final_epoch)
+        if self.writer is not None:
+            self.writer.close()
+        self.accelerator.end_training()
+        self.console.print(f"saved {path}")
+        return path
+
+    def stop_on_bad_loss(self, loss: torch.Tensor, epoch: int) -> None:
+        """NaN or infinite loss: keep the last good weights, say where they are, and stop."""
+        kept = []
+        if self.network.is_finite():
+            # The loss is checked before backward, so the weights are still those of the last good step.
+            kept.append(self.save_lora(self.output.with_name(f"{self.output.stem}-last-good.safetensors"), epoch))
+        kept += [p for p in self.saved if p.is_file()]
+        where = f"; last good checkpoint: {kept[0]}" if kept else "; no good checkpoint was saved before"
+        raise TrainingStopped(
+            f"training stopped: the loss became {loss.item()} at step {self.global_step + 1} (epoch {epoch + 1}){where}. "
+            "Lower the learning rate, use bf16 or fp32 instead of fp16, or turn off noise offset / ip noise gamma."
+        )

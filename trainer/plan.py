@@ -1,0 +1,120 @@
+"""The training plan (``--dry-run``): what will be trained, how many steps, and about how much memory.
+
+The memory figure is an estimate from parameter counts and image size, calibrated on SD1.5
+(weights + LoRA with its optimiser state + activations); ``bench/bench_train.py`` measures the real
+peak. It is meant to tell 6 GB from 24 GB, not to the last hundred megabytes.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+# Measured anchor: SD1.5 at 512x512, batch 1, fp32, no gradient checkpointing needs about this much
+# for activations and workspace beyond the weights (kohya's 9 GB total on the CPU minus ~4.2 GB of
+# fp32 weights).
+ACTIVATION_BYTES_SD15_512 = 4.8e9
+SD15_UNET_PARAMETERS = 859_520_964
+
+
+@dataclass
+class TrainingPlan:
+    model: dict[str, Any]
+    resolution: int
+    subsets: "OrderedDict[str, dict[str, Any]]"
+    buckets: dict[tuple[int, int], int]
+    batches_per_epoch: int
+    steps_per_epoch: int
+    epochs: int
+    total_steps: int
+    memory: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+    precision: str = "fp32"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "resolution": self.resolution, "subsets": dict(self.subsets),
+            "buckets": {f"{w}x{h}": n for (w, h), n in self.buckets.items()},
+            "batches_per_epoch": self.batches_per_epoch, "steps_per_epoch": self.steps_per_epoch,
+            "epochs": self.epochs, "total_steps": self.total_steps, "memory_gb": self.memory,
+            "device": self.device, "precision": self.precision,
+        }
+
+
+def schedule(batches_per_epoch: int, config, num_processes: int = 1) -> tuple[int, int, int]:
+    """(steps per epoch, epochs, total optimiser steps); max_train_steps overrides epochs."""
+    per_process = math.ceil(batches_per_epoch / num_processes)
+    steps_per_epoch = max(1, math.ceil(per_process / config.gradient_accumulation_steps))
+    if config.max_train_steps:
+        epochs = math.ceil(config.max_train_steps / steps_per_epoch)
+        return steps_per_epoch, epochs, config.max_train_steps
+    return steps_per_epoch, config.epochs, steps_per_epoch * config.epochs
+
+
+def estimate_memory(model: dict[str, Any], config, resolution: int, weight_bytes: int) -> dict[str, float]:
+    """Rough peak memory in GB: frozen weights, the LoRA (weights, gradients, optimiser state), activations."""
+    unet = model["unet"]
+    weights = (unet + model["text_encoders"] + model["vae"]) * weight_bytes
+    # LoRA size grows with dim; about 0.6 M parameters per unit of dim per 860 M UNet parameters (SD1.5).
+    lora_parameters = config.network_dim * 0.6e6 * (unet / SD15_UNET_PARAMETERS) ** 0.8
+    if config.conv_dim:
+        lora_parameters += config.conv_dim * 0.4e6 * (unet / SD15_UNET_PARAMETERS) ** 0.8
+    optimizer_bytes = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}[config.optimizer]
+    lora = lora_parameters * (4 + 4 + optimizer_bytes) * (1.4 if config.dora else 1.0)
+    pixels = resolution * resolution / (512 * 512)
+    activations = (ACTIVATION_BYTES_SD15_512 * config.batch_size * pixels * (unet / SD15_UNET_PARAMETERS) ** 0.5
+                   * weight_bytes / 4)
+    if config.gradient_checkpointing:
+        activations *= 0.25
+    gb = 1024 ** 3
+    total = weights + lora + activations
+    return {"weights": round(weights / gb, 2), "lora_and_optimizer": round(lora / gb, 2),
+            "activations": round(activations / gb, 2), "total": round(total / gb, 2)}
+
+
+def make_plan(manifest, data, config, model: dict[str, Any], device: str, precision: str,
+              num_processes: int = 1) -> TrainingPlan:
+    subsets: OrderedDict[str, dict[str, Any]] = OrderedDict()
+    for image in data.images:
+        entry = subsets.setdefault(image.subset, {"images": 0, "repeats": image.repeats, "is_reg": image.is_reg,
+                                                  "per_epoch": 0})
+        entry["images"] += 1
+        entry["per_epoch"] += image.repeats
+    batches = data.batches_per_epoch()
+    steps_per_epoch, epochs, total = schedule(batches, config, num_processes)
+    weight_bytes = 2 if precision in ("fp16", "bf16") else 4
+    return TrainingPlan(
+        model=model, resolution=data.resolution, subsets=subsets, buckets=data.bucket_counts(),
+        batches_per_epoch=batches, steps_per_epoch=steps_per_epoch, epochs=epochs, total_steps=total,
+        memory=estimate_memory(model, config, data.resolution, weight_bytes), device=device, precision=precision,
+    )
+
+
+def render(plan: TrainingPlan, console) -> None:
+    """Print the plan as rich tables."""
+    from rich.table import Table
+
+    kind = "SDXL" if plan.model.get("is_sdxl") else "SD1.x"
+    console.print(f"[bold]Base model[/bold]: {kind}, UNet {plan.model['unet'] / 1e6:.0f} M parameters"
+                  f"{'' if plan.model.get('counted') else ' (standard size; weights not inspected)'}")
+    console.print(f"[bold]Resolution[/bold]: {plan.resolution}, device {plan.device}, precision {plan.precision}")
+    table = Table(title="Subsets")
+    for col in ("subset", "images", "repeats", "images x repeats", "regularisation"):
+        table.add_column(col, justify="right" if col not in ("subset",) else "left")
+    for name, s in plan.subsets.items():
+        table.add_row(name, str(s["images"]), str(s["repeats"]), str(s["per_epoch"]), "yes" if s["is_reg"] else "")
+    console.print(table)
+    buckets = Table(title="Buckets (images per epoch, repeats included)")
+    buckets.add_column("bucket")
+    buckets.add_column("images", justify="right")
+    for (w, h), n in plan.buckets.items():
+        buckets.add_row(f"{w}x{h}", str(n))
+    console.print(buckets)
+    console.print(f"[bold]Batches per epoch[/bold]: {plan.batches_per_epoch}")
+    console.print(f"[bold]Steps per epoch[/bold]: {plan.steps_per_epoch}")
+    console.print(f"[bold]Epochs[/bold]: {plan.epochs}")
+    console.print(f"[bold]Total steps[/bold]: {plan.total_steps}")
+    m = plan.memory
+    console.print(f"[bold]Estimated memory[/bold]: {m['total']:.1f} GB (weights {m['weights']:.1f}, LoRA + optimiser "
+                  f"{m['lora_and_optimizer']:.2f}, activations {m['activations']:.1f}); a rough estimate")
