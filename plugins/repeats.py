@@ -21,14 +21,14 @@ MIN_IMAGES_PER_CONCEPT = 8  # guide 002: at least 8 images for an outfit
 class RepeatsStep(DatasetStep):
     """Set each subset's repeats so that images x repeats is close to a target per epoch.
 
-    ``repeats = target / images``, rounded (down by default, as the guide says), at least
-    ``min_repeats`` and at most ``max_repeats``. The target is ``steps_per_epoch`` (guide: ~300 per
-    concept), or the subset's entry in ``subset_steps`` (e.g. 100 for a sub-concept). Subsets named
-    in ``fixed`` keep the repeats set in pipeline.yaml; regularisation subsets are left alone
+    repeats = target / images, rounded (down by default, as the guide says), at least
+    min_repeats and at most max_repeats. The target is steps_per_epoch (guide: ~300 per
+    concept), or the subset's entry in subset_steps (e.g. 100 for a sub-concept). Subsets named
+    in fixed keep the repeats set in pipeline.yaml; regularisation subsets are left alone
     (the trainer balances them against the training images).
 
     The plan is printed with the guides' formula, images x repeats / batch size x epochs = total
-    steps, and written to ``reports/repeats-plan.json``. ``batch_size`` and ``epochs`` only feed the
+    steps, and written to reports/repeats-plan.json. batch_size and epochs only feed the
     plan: set the trainer's own values to match.
     """
 

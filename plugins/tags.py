@@ -128,20 +128,21 @@ class Implications:
 class TagsStep(DatasetStep):
     """Clean every image's tags, the way the guides do it with a tag editor, in this order:
 
-    1. normalise: one spelling per tag (lower case, underscores, ``\\(`` unescaped), so
-       ``Long Hair`` and ``long_hair`` are one tag;
-    2. aliases: rename synonyms (``tiara=circlet``; a CSV of ``old,new`` rows or Danbooru's
-       ``tag_aliases.csv`` export);
+    \b
+    1. normalise: one spelling per tag (lower case, underscores, escapes such as \\( undone), so
+       Long Hair and long_hair are one tag;
+    2. aliases: rename synonyms (tiara=circlet; a CSV of old,new rows or Danbooru's
+       tag_aliases.csv export);
     3. blacklist: remove useless tags (built in: meme, parody, uncensored, shiny_skin, redraw
        challenges, booru bookkeeping tags such as commentary_request, namespaced tags such as
-       ``artist:name``; ``*`` is a wildcard);
+       artist:name; * is a wildcard);
     4. duplicates: keep the first, with the highest score;
-    5. generic tags: drop ``bow`` when ``black_bow`` is there (any tag ending in ``_bow``), and the
-       consequent of every implication in a Danbooru ``tag_implications.csv``;
+    5. generic tags: drop bow when black_bow is there (any tag ending in _bow), and the
+       consequent of every implication in a Danbooru tag_implications.csv;
     6. sort by tagger score, by frequency in the subset, or alphabetically.
 
-    Trigger tags of the subsets (and the ``|||`` keep-tokens separator) are left exactly as they are.
-    Reports: ``reports/tags-frequency.json`` (per subset, tag -> images) and ``tags-changes.json``.
+    Trigger tags of the subsets (and the ||| keep-tokens separator) are left exactly as they are.
+    Reports: reports/tags-frequency.json (per subset, tag -> images) and tags-changes.json.
     """
 
     name = "tags"

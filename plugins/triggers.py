@@ -41,22 +41,22 @@ def _check_categories(names) -> None:
 class TriggersStep(DatasetStep):
     """Add trigger tags and prune what they should absorb, per subset.
 
-    Triggers of a subset: the ``trigger`` option (character triggers for every subset), the
-    subset's ``triggers:`` in pipeline.yaml, and its ``outfit_triggers`` entry. They become the
-    first tags of every caption, characters first, and the subset's ``keep_tokens`` is set to their
-    number (or the ``|||`` separator is written after them) so caption shuffling never moves them.
+    Triggers of a subset: the trigger option (character triggers for every subset), the
+    subset's triggers: in pipeline.yaml, and its outfit_triggers entry. They become the
+    first tags of every caption, characters first, and the subset's keep_tokens is set to their
+    number (or the ||| separator is written after them) so caption shuffling never moves them.
 
-    Then, per image, a tag is pruned when it is in the ``prune`` list (or the subset's
-    ``subset_prune`` list), when a character trigger absorbs its category (by ``mode``, or the
-    ``categories`` option), when an outfit trigger absorbs its category (``outfit_categories``), or
-    when it is in at least ``frequency`` percent of the subset's images. Tags in ``keep`` or in a
-    ``keep_categories`` category (breast size and footwear by default) are never pruned. A subset
-    without any trigger is left as it is. In ``style`` mode every tag and sentence goes and only the
-    triggers (and ``keep`` tags) survive.
+    Then, per image, a tag is pruned when it is in the prune list (or the subset's
+    subset_prune list), when a character trigger absorbs its category (by mode, or the
+    categories option), when an outfit trigger absorbs its category (outfit_categories), or
+    when it is in at least frequency percent of the subset's images. Tags in keep or in a
+    keep_categories category (breast size and footwear by default) are never pruned. A subset
+    without any trigger is left as it is. In style mode every tag and sentence goes and only the
+    triggers (and keep tags) survive.
 
     Category names: hair_color, hair_length, hair_style, hair_accessory, eye_color, eye_shape, skin,
     makeup, signature, body, breasts, people, footwear, outfit, accessory (see docs/steps/triggers.md).
-    Report: ``reports/triggers-pruned.json`` (per subset: triggers, what was pruned, why, how often).
+    Report: reports/triggers-pruned.json (per subset: triggers, what was pruned, why, how often).
     """
 
     name = "triggers"

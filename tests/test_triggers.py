@@ -225,3 +225,18 @@ def test_semi_static_character_and_outfit_triggers_on_a_realistic_wd14_list(tmp_
                         tmp=tmp_path)
     assert tags_of(out[0]) == ("Elfie, ElfieDress, solo, breasts, looking_at_viewer, blush, smile, large_breasts, "
                                "hair_ornament, hair_bow, boots, black_footwear, thick_thighs, holding, outdoors, sky")
+
+
+# ----- the command line ---------------------------------------------------------------------------
+def test_command_line_prepends_the_trigger_and_refuses_an_unknown_mode(tmp_path):
+    from conftest import run_cli
+
+    src = dataset(tmp_path / "in", {"a": "1girl, green_hair, smile"})
+    ok = run_cli("triggers", str(src), str(tmp_path / "out"), "--trigger", "CharaA", "--keep-tokens", "separator")
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "out" / "a.txt").read_text(encoding="utf-8") == "CharaA, |||, smile"
+    bad = run_cli("triggers", str(src), str(tmp_path / "out2"), "--trigger", "CharaA", "--mode", "loose")
+    assert bad.returncode != 0
+    assert "parameter 'mode' = 'loose' is invalid: expected one of fluid, semi-static, static, style" in \
+        " ".join(bad.stderr.split())
+    assert "Traceback" not in bad.stderr
