@@ -1,7 +1,397 @@
-"""Built-in step module 'dedupe' (registered through lorakit's own entry points). Steps land in their issue."""
-from lorakit.plugin_sdk import hookimpl
+"""The ``dedupe`` step: exact and near-duplicate images, grouped through a multi-index hash table.
+
+Each image gets a perceptual hash (imagehash: phash by default). Two images are near duplicates
+when the Hamming distance between their hashes is at most ``threshold``; duplicates are grouped
+transitively (single linkage) and each group keeps its best member.
+
+Finding the close pairs among n hashes without comparing all n²/2 pairs is multi-index hashing
+(Norouzi et al., "Fast Search in Hamming Space with Multi-Index Hashing", CVPR 2012): the hash is
+cut into m chunks; by the pigeonhole principle two hashes within distance t agree within
+floor(t/m) bits on at least one chunk, so it is enough to look up, per chunk, the table entries
+within that small radius and then check the few candidates on the full hash. ``near_pairs`` does
+this with sorted arrays and numpy only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lorakit.plugin_sdk import DatasetStep, ImageError, Param, atomic_write_text, hookimpl, open_image
+
+HASH_METHODS = ("phash", "dhash", "whash", "ahash")
+LOSSLESS_FORMATS = {"PNG", "BMP", "TIFF", "GIF", "PPM", "TGA", "QOI", "ICO"}
+# Hashing in worker processes pays off only past a few dozen images (each worker imports numpy,
+# scipy and Pillow when it starts).
+POOL_MIN_IMAGES = 48
+
+
+# ----- hashing ---------------------------------------------------------------------------------
+def _hash_function(method: str):
+    import imagehash
+
+    return {"phash": imagehash.phash, "dhash": imagehash.dhash, "whash": imagehash.whash,
+            "ahash": imagehash.average_hash}[method]
+
+
+def _is_lossless(path: Path, fmt: str | None) -> bool:
+    if fmt in LOSSLESS_FORMATS:
+        return True
+    if fmt == "WEBP":  # lossless WebP stores a VP8L chunk
+        try:
+            with open(path, "rb") as fh:
+                return b"VP8L" in fh.read(64)
+        except OSError:
+            return False
+    return False
+
+
+def hash_image(im: Image.Image, method: str, hash_size: int) -> bytes:
+    """The perceptual hash of ``im`` as packed bits (transparent areas are seen as white)."""
+    if im.mode in ("RGBA", "LA", "PA", "P") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, (255, 255, 255))
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        im = flat
+    bits = _hash_function(method)(im, hash_size=hash_size).hash
+    return np.packbits(np.asarray(bits, dtype=bool).ravel()).tobytes()
+
+
+def pixel_digest(im: Image.Image) -> str:
+    """Identity of the decoded pixels: the same picture saved as PNG and BMP has the same digest."""
+    rgba = im.convert("RGBA")
+    h = hashlib.sha256(f"{rgba.size[0]}x{rgba.size[1]}".encode())
+    h.update(rgba.tobytes())
+    return h.hexdigest()
+
+
+def hash_file(path: str, method: str, hash_size: int) -> dict:
+    """Everything dedupe needs to know about one file (runs in worker processes)."""
+    try:
+        im = open_image(path)
+    except ImageError as exc:
+        return {"error": str(exc)}
+    fmt = im.format
+    return {"hash": hash_image(im, method, hash_size).hex(), "pixels": pixel_digest(im),
+            "width": im.size[0], "height": im.size[1], "format": fmt, "lossless": _is_lossless(Path(path), fmt)}
+
+
+def _hash_file_star(args):
+    return hash_file(*args)
+
+
+# ----- the index ---------------------------------------------------------------------------
+def hashes_to_words(hashes: list[bytes]) -> np.ndarray:
+    """Packed hashes (all the same length) to an (n, words) uint64 array, zero-padded."""
+    if not hashes:
+        return np.zeros((0, 1), dtype=np.uint64)
+    nbytes = len(hashes[0])
+    width = -(-nbytes // 8) * 8
+    buf = np.zeros((len(hashes), width), dtype=np.uint8)
+    for i, h in enumerate(hashes):
+        buf[i, :nbytes] = np.frombuffer(h, dtype=np.uint8)
+    return buf.view(">u8").astype(np.uint64)
+
+
+if hasattr(np, "bitwise_count"):
+    def _popcount(x: np.ndarray) -> np.ndarray:
+        return np.bitwise_count(x)
+else:  # numpy < 2.0
+    _BYTE_COUNTS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+    def _popcount(x: np.ndarray) -> np.ndarray:
+        return _BYTE_COUNTS[x[..., None].view(np.uint8)].sum(axis=-1)
+
+
+def hamming(words: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Hamming distances between rows i and j of an (n, words) uint64 array."""
+    return _popcount(words[i] ^ words[j]).sum(axis=1, dtype=np.int64)
+
+
+def _chunk_values(words: np.ndarray, nbits: int, chunks: int) -> tuple[np.ndarray, list[int]]:
+    """Cut each hash into ``chunks`` pieces of about nbits/chunks bits; returns (n, chunks) int64."""
+    bits = np.unpackbits(words.astype(">u8").view(np.uint8), axis=1)[:, :nbits]
+    bounds = np.linspace(0, nbits, chunks + 1).round().astype(int)
+    widths = [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+    values = np.zeros((len(words), chunks), dtype=np.int64)
+    for c, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        weights = (1 << np.arange(b - a - 1, -1, -1, dtype=np.int64))
+        values[:, c] = bits[:, a:b].astype(np.int64) @ weights
+    return values, widths
+
+
+def _flip_masks(width: int, radius: int) -> np.ndarray:
+    """All integers of ``width`` bits with at most ``radius`` bits set (the probes around a key)."""
+    masks = [0]
+    for r in range(1, radius + 1):
+        for positions in combinations(range(width), r):
+            masks.append(sum(1 << p for p in positions))
+    return np.array(masks, dtype=np.int64)
+
+
+def _plan(n: int, nbits: int, threshold: int) -> int:
+    """Number of chunks that minimises probes + expected candidates (chunks of at most 24 bits)."""
+    best, best_cost = 1, math.inf
+    for chunks in range(max(1, math.ceil(nbits / 24)), nbits + 1):
+        width = math.ceil(nbits / chunks)
+        radius = threshold // chunks
+        probes = sum(math.comb(width, k) for k in range(radius + 1))
+        cost = n * chunks * probes * (1.0 + n / float(2 ** width))
+        if cost < best_cost:
+            best, best_cost = chunks, cost
+    return best
+
+
+def near_pairs(words: np.ndarray, threshold: int, nbits: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i < j) of rows of ``words`` within Hamming distance ``threshold``, with distances.
+
+    ``words`` is (n, k) uint64 (one packed hash per row). Identical hashes are collapsed first, so
+    a thousand copies of one picture cost one lookup, not a million pair checks: each copy is paired
+    with the first row holding its hash, and near pairs are reported between those first rows. The
+    pairs therefore connect exactly the rows that all-pairs comparison would connect (the same
+    groups), without listing every pair among copies.
+    """
+    n = len(words)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    if n < 2:
+        return empty
+    nbits = nbits or words.shape[1] * 64
+    uniq, inverse = np.unique(words, axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    pair_i, pair_j, dist = [], [], []
+
+    # Identical hashes: chain each copy to the first row holding that hash (distance 0).
+    order = np.argsort(inverse, kind="stable")
+    sorted_u = inverse[order]
+    same = sorted_u[1:] == sorted_u[:-1]
+    if same.any():
+        starts = np.flatnonzero(np.r_[True, ~same])
+        first_of = order[starts][np.searchsorted(sorted_u[starts], sorted_u)]
+        dup = first_of != order
+        pair_i.append(np.minimum(first_of[dup], order[dup]))
+        pair_j.append(np.maximum(first_of[dup], order[dup]))
+        dist.append(np.zeros(int(dup.sum()), np.int64))
+
+    # Distinct hashes: multi-index lookup, then exact check on the full hash.
+    u = len(uniq)
+    if u >= 2 and threshold > 0:
+        chunks = _plan(u, nbits, threshold)
+        values, widths = _chunk_values(uniq, nbits, chunks)
+        radius = threshold // chunks
+        found_i, found_j = [], []
+        for c in range(chunks):
+            keys = values[:, c]
+            key_order = np.argsort(keys, kind="stable")
+            sorted_keys = keys[key_order]
+            for mask in _flip_masks(widths[c], radius):
+                probe = keys ^ mask
+                lo = np.searchsorted(sorted_keys, probe, "left")
+                hi = np.searchsorted(sorted_keys, probe, "right")
+                counts = hi - lo
+                total = int(counts.sum())
+                if not total:
+                    continue
+                qi = np.repeat(np.arange(u), counts)
+                offsets = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+                ti = key_order[np.repeat(lo, counts) + offsets]
+                keep = qi < ti
+                qi, ti = qi[keep], ti[keep]
+                if not len(qi):
+                    continue
+                d = hamming(uniq, qi, ti)
+                close = d <= threshold
+                found_i.append(qi[close])
+                found_j.append(ti[close])
+        if found_i:
+            fi, fj = np.concatenate(found_i), np.concatenate(found_j)
+            key = np.unique(fi * u + fj)
+            ui, uj = key // u, key % u
+            ud = hamming(uniq, ui, uj)
+            # Map unique hashes back to a representative row (the first row holding it).
+            rep = np.full(u, n, dtype=np.int64)
+            np.minimum.at(rep, inverse, np.arange(n))
+            ri, rj = rep[ui], rep[uj]
+            pair_i.append(np.minimum(ri, rj))
+            pair_j.append(np.maximum(ri, rj))
+            dist.append(ud.astype(np.int64))
+    if not pair_i:
+        return empty
+    return np.concatenate(pair_i), np.concatenate(pair_j), np.concatenate(dist)
+
+
+def group_duplicates(words: np.ndarray, threshold: int, nbits: int | None = None) -> tuple[np.ndarray, tuple]:
+    """Group rows whose hashes are within ``threshold`` (transitively). Returns (labels, pairs):
+    ``labels[k]`` is the group number of row k; rows alone in their group are duplicates of nothing."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(words)
+    pairs = near_pairs(words, threshold, nbits)
+    if n == 0:
+        return np.zeros(0, np.int64), pairs
+    i, j, _ = pairs
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    return labels, pairs
+
+
+# ----- the step ------------------------------------------------------------------------------
+def _progress(total: int, description: str):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), transient=True, disable=total < 200)
+
+
+class DedupeStep(DatasetStep):
+    """Find exact and near-duplicate images and keep one of each group. Exact duplicates have the
+    same decoded pixels (whatever the file format); near duplicates have perceptual hashes within
+    `threshold` bits of each other (resized, re-compressed, slightly cropped or recoloured copies).
+    Grouping is transitive: if A is near B and B near C, all three form one group.
+
+    Each group keeps its best member: most pixels, then lossless (PNG, BMP, lossless WebP...) over
+    lossy (JPEG...), then the name in sort order. The others are set aside (never deleted), and
+    `reports/dedupe-groups.json` lists every group with each member's distance to the one kept.
+    Hashes are computed in parallel and cached in the step's work folder, so a re-run over a grown
+    dataset hashes only the new images."""
+
+    name = "dedupe"
+    summary = "Set aside exact and near-duplicate images (perceptual hash), keeping the best of each group."
+    version = "1"
+    params = [
+        Param("hash", str, "phash", "perceptual hash: phash (robust default), dhash, whash or ahash", choices=HASH_METHODS),
+        Param("hash_size", int, 8, "hash side: 8 gives 64-bit hashes, 16 gives 256-bit ones", choices=(8, 16)),
+        Param("threshold", int, 6, "largest Hamming distance still counted as a duplicate (0 = identical hashes)",
+              min=0, max=64),
+        Param("scope", str, "all", "all: compare every image with every other; subset: only within each subset",
+              choices=("all", "subset")),
+        Param("workers", int, 0, "processes for hashing (0 = one per CPU core)", min=0),
+    ]
+    reads = frozenset({"image"})
+    writes = frozenset()
+    example = "lorakit dedupe raw/ unique/ --threshold 8 --scope subset"
+
+    def run(self, items, ctx):
+        o = self.options
+        info = self._hash_all(items, ctx)
+        kept, groups_report = [], []
+        bad = [k for k, i in enumerate(info) if "error" in i]
+        for k in bad:
+            ctx.set_aside(items[k], info[k]["error"])
+        good = [k for k in range(len(items)) if "error" not in info[k]]
+        if o.scope == "subset":
+            scopes: dict[str, list[int]] = {}
+            for k in good:
+                scopes.setdefault(items[k].subset, []).append(k)
+            partitions = list(scopes.values())
+        else:
+            partitions = [good]
+        aside: set[int] = set()
+        nbits = o.hash_size * o.hash_size
+        for part in partitions:
+            words = hashes_to_words([bytes.fromhex(info[k]["hash"]) for k in part])
+            labels, _ = group_duplicates(words, o.threshold, nbits)
+            members: dict[int, list[int]] = {}
+            for row, label in enumerate(labels):
+                members.setdefault(int(label), []).append(part[row])
+            for group in members.values():
+                if len(group) < 2:
+                    continue
+                best = min(group, key=lambda k: self._rank(items[k], info[k]))
+                best_words = hashes_to_words([bytes.fromhex(info[best]["hash"])])[0]
+                entry = {"kept": items[best].name, "subset": items[best].subset,
+                         "size": [info[best]["width"], info[best]["height"]], "members": []}
+                for k in sorted(group, key=lambda k: self._rank(items[k], info[k])):
+                    if k == best:
+                        continue
+                    w = hashes_to_words([bytes.fromhex(info[k]["hash"])])[0]
+                    distance = int(_popcount(w ^ best_words).sum())
+                    exact = info[k]["pixels"] == info[best]["pixels"]
+                    entry["members"].append({"name": items[k].name, "subset": items[k].subset,
+                                             "size": [info[k]["width"], info[k]["height"]],
+                                             "distance": distance, "exact": exact, "source": items[k].source})
+                    aside.add(k)
+                    what = "exact duplicate" if exact else f"near duplicate ({o.hash} distance {distance})"
+                    ctx.set_aside(items[k], f"{what} of {items[best].name}")
+                groups_report.append(entry)
+        kept = [items[k] for k in good if k not in aside]
+        groups_report.sort(key=lambda g: (g["subset"], g["kept"]))
+        ctx.report("groups", {"hash": o.hash, "hash_size": o.hash_size, "threshold": o.threshold, "scope": o.scope,
+                              "images": len(items), "groups": len(groups_report), "set_aside": len(aside),
+                              "unreadable": len(bad), "duplicate_groups": groups_report})
+        exact = sum(1 for g in groups_report for m in g["members"] if m["exact"])
+        ctx.log(f"{len(groups_report)} duplicate groups: {len(aside)} images set aside "
+                f"({exact} exact, {len(aside) - exact} near), {len(kept)} kept")
+        return kept
+
+    @staticmethod
+    def _rank(item, info):
+        """Sort key of the best member first: most pixels, lossless, then name."""
+        source_format = item.meta.get("source_format")
+        lossless = (source_format in LOSSLESS_FORMATS) if source_format else info["lossless"]
+        return (-(info["width"] * info["height"]), 0 if lossless else 1, item.name)
+
+    def _hash_all(self, items, ctx) -> list[dict]:
+        """Hash every item, from the cache when the file was hashed before with the same settings."""
+        o = self.options
+        cache_path = Path(ctx.work_dir) / f"hashes-{o.hash}-{o.hash_size}.json"
+        try:
+            cache = json.loads(cache_path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            cache = {}
+        keys, todo = [], []
+        results: list[dict | None] = []
+        for k, item in enumerate(items):
+            if item.pending_image is not None:
+                im = item.pending_image
+                results.append({"hash": hash_image(im, o.hash, o.hash_size).hex(), "pixels": pixel_digest(im),
+                                "width": im.size[0], "height": im.size[1], "format": "PNG", "lossless": True})
+                keys.append(None)
+                continue
+            try:
+                st = os.stat(item.path)
+                key = f"{Path(item.path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+            except OSError as exc:
+                results.append({"error": f"{item.path}: cannot read file ({exc.strerror})"})
+                keys.append(None)
+                continue
+            keys.append(key)
+            hit = cache.get(key)
+            results.append(hit)
+            if hit is None:
+                todo.append(k)
+        if todo:
+            args = [(str(items[k].path), o.hash, o.hash_size) for k in todo]
+            workers = o.workers or os.cpu_count() or 1
+            with _progress(len(todo), f"dedupe: hashing {len(todo)} images") as progress:
+                task = progress.add_task("hash", total=len(todo))
+                if workers > 1 and len(todo) >= POOL_MIN_IMAGES:
+                    import multiprocessing
+
+                    chunksize = max(1, min(64, len(todo) // (workers * 8)))
+                    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                        for k, res in zip(todo, pool.map(_hash_file_star, args, chunksize=chunksize)):
+                            results[k] = res
+                            progress.update(task, advance=1)
+                else:
+                    for k, a in zip(todo, args):
+                        results[k] = hash_file(*a)
+                        progress.update(task, advance=1)
+            for k in todo:
+                if "error" not in results[k]:  # errors are not cached: a fixed file is retried
+                    cache[keys[k]] = results[k]
+            atomic_write_text(cache_path, json.dumps(cache))
+        return results  # type: ignore[return-value]
 
 
 @hookimpl
 def register_steps(register):
-    pass
+    register(DedupeStep)

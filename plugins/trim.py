@@ -1,7 +1,45 @@
-"""Built-in step module 'trim' (registered through lorakit's own entry points). Steps land in their issue."""
-from lorakit.plugin_sdk import hookimpl
+"""The ``trim`` step: ImageMagick's ``-fuzz N% -trim``, the same crop, without ImageMagick."""
+from __future__ import annotations
+
+from lorakit.plugin_sdk import ImageStep, Param, Percent, SkipImage, hookimpl
+
+from ._imageops import fuzz_from_percent, trim_array, trim_box
+
+
+class TrimStep(ImageStep):
+    """Cut away uniform borders (letterboxing, scan margins, padding) exactly as
+    `convert in.png -fuzz 20% -trim out.png` does: the left and top edges are compared with the
+    top-left pixel, the right edge with the top-right pixel and the bottom edge with the bottom-left
+    pixel; a pixel belongs to the border while its colour distance (RGB plus alpha) to that corner is
+    within the fuzz. Fully transparent pixels match a fully transparent corner whatever their colour.
+    An image with no border is passed on untouched (not re-encoded); an image that is nothing but
+    border is set aside (ImageMagick would leave a 1x1 transparent pixel)."""
+
+    name = "trim"
+    summary = "Cut uniform borders like ImageMagick's -fuzz N% -trim (same bounding box)."
+    version = "1"
+    params = [
+        Param("fuzz", Percent, Percent(20), "colour distance still counted as border, as in ImageMagick's -fuzz",
+              min=0, max=100),
+    ]
+    reads = frozenset({"image"})
+    writes = frozenset({"image"})
+    example = "lorakit trim raw/ trimmed/ --fuzz 20%"
+
+    def process(self, item, ctx):
+        im = item.open()
+        result = trim_box(trim_array(im), fuzz_from_percent(float(self.options.fuzz)))
+        if result.box is None:
+            raise SkipImage(f"the whole image is within fuzz {float(self.options.fuzz):g}% of its corner colour "
+                            "(nothing left after trimming)")
+        if result.unchanged:
+            return item
+        left, top, right, bottom = result.box
+        meta = dict(item.meta)
+        meta["trim"] = {"box": [left, top, right, bottom], "from": list(result.size)}
+        return item.with_image(im.crop(result.box), meta=meta)
 
 
 @hookimpl
 def register_steps(register):
-    pass
+    register(TrimStep)
