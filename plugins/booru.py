@@ -1,7 +1,516 @@
-"""Built-in step module 'booru' (registered through lorakit's own entry points). Steps land in their issue."""
-from lorakit.plugin_sdk import hookimpl
+"""Booru grabber: download a tag search from Danbooru, Gelbooru, Moebooru sites (or a self-hosted
+instance) with their tags as captions and the post metadata in the manifest.
+
+gallery-dl (GPL-2.0) does the downloading. It is run as a separate program
+(``python -m gallery_dl``) with a configuration file this module writes; it is never imported.
+The files go to the step's persistent work folder, named by md5, so a second run skips what it
+already has, and a finished search is remembered so a re-run needs no network at all.
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import quote, urlsplit
+
+from lorakit.plugin_sdk import (
+    IMAGE_EXTENSIONS,
+    Item,
+    LorakitError,
+    Param,
+    ParamError,
+    SourceStep,
+    StepContext,
+    atomic_write_text,
+    hookimpl,
+)
+from lorakit.plugins._tagging import format_tag, is_namespaced, style_params, unique_tags
+
+ENGINES = ("danbooru", "moebooru", "gelbooru_v02", "gelbooru")
+CATEGORIES = ("character", "copyright", "artist", "general", "meta")
+# gallery-dl's config key for extra instances of each engine (its "basecategory").
+_ENGINE_CONFIG_KEY = {"danbooru": "Danbooru", "moebooru": "moebooru", "gelbooru_v02": "gelbooru_v02"}
+_CUSTOM_CATEGORY = "lorakit_booru"
+_CREDENTIAL_KEYS = ("username", "password", "api-key", "user-id", "cookies")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One booru: gallery-dl's name for it, its engine and its root URL."""
+
+    category: str
+    engine: str
+    root: str
+    custom: bool = False
+
+    def search_url(self, tags: str) -> str:
+        q = quote(tags, safe="")
+        if self.engine == "danbooru":
+            return f"{self.root}/posts?tags={q}"
+        if self.engine == "moebooru":
+            return f"{self.root}/post?tags={q}"
+        return f"{self.root}/index.php?page=post&s=list&tags={q}"
+
+    def post_url(self, post_id: Any) -> str:
+        if self.engine == "danbooru":
+            return f"{self.root}/posts/{post_id}"
+        if self.engine == "moebooru":
+            return f"{self.root}/post/show/{post_id}"
+        return f"{self.root}/index.php?page=post&s=view&id={post_id}"
+
+    @property
+    def env_prefix(self) -> str:
+        name = "BOORU" if self.custom else re.sub(r"[^A-Z0-9]", "_", self.category.upper())
+        return f"LORAKIT_{name}"
+
+    @property
+    def is_loopback(self) -> bool:
+        host = urlsplit(self.root).hostname or ""
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+# Sites known by name. "safebooru" is safebooru.org (a Gelbooru 0.2 site); Danbooru's safe mirror
+# is "safebooru.donmai.us".
+SITES = {
+    "danbooru": Site("danbooru", "danbooru", "https://danbooru.donmai.us"),
+    "safebooru.donmai.us": Site("danbooru", "danbooru", "https://safebooru.donmai.us"),
+    "aibooru": Site("aibooru", "danbooru", "https://aibooru.online"),
+    "gelbooru": Site("gelbooru", "gelbooru", "https://gelbooru.com"),
+    "safebooru": Site("safebooru", "gelbooru_v02", "https://safebooru.org"),
+    "tbib": Site("tbib", "gelbooru_v02", "https://tbib.org"),
+    "xbooru": Site("xbooru", "gelbooru_v02", "https://xbooru.com"),
+    "yandere": Site("yandere", "moebooru", "https://yande.re"),
+    "yande.re": Site("yandere", "moebooru", "https://yande.re"),
+    "konachan": Site("konachan", "moebooru", "https://konachan.com"),
+    "sakugabooru": Site("sakugabooru", "moebooru", "https://www.sakugabooru.com"),
+}
+
+# Parameter names that look like credentials: refused in pipeline.yaml, which gets shared.
+_CREDENTIAL_WORDS = re.compile(r"pass|secret|token|api[_-]?key|apikey|login|user(name|[_-]?id)?$|cookie|auth",
+                               re.IGNORECASE)
+
+# Post fields kept in the manifest (meta["booru"]); the rest of the post JSON is left out.
+_KEPT_FIELDS = ("id", "md5", "rating", "score", "fav_count", "source", "created_at", "parent_id", "pixiv_id",
+                "image_width", "image_height", "width", "height", "file_url", "file_ext", "extension",
+                "file_size", "search_tags")
+_RATINGS = {"g": "general", "s": "sensitive", "q": "questionable", "e": "explicit",
+            "general": "general", "sensitive": "sensitive", "questionable": "questionable", "explicit": "explicit",
+            "safe": "general"}
+
+
+def parse_site(spec: str, engine: str = "danbooru") -> Site:
+    """A site name (``danbooru``) or the root URL of an instance (``https://booru.example.org``)."""
+    key = spec.strip().lower()
+    if key in SITES:
+        return SITES[key]
+    parts = urlsplit(spec.strip())
+    if parts.scheme in ("http", "https") and parts.netloc:
+        if engine not in _ENGINE_CONFIG_KEY:
+            raise ValueError(f"a self-hosted instance must use engine danbooru, moebooru or gelbooru_v02, not {engine}")
+        root = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+        for site in SITES.values():  # a known site given by its URL
+            if site.root == root:
+                return site
+        return Site(_CUSTOM_CATEGORY, engine, root, custom=True)
+    raise ValueError(f"expected a site name ({', '.join(sorted(SITES))}) or a root URL such as https://booru.example.org")
+
+
+def _check_site(value: str) -> None:
+    parse_site(value, "danbooru")
+
+
+def post_tags(post: dict[str, Any]) -> dict[str, list[str]]:
+    """The post's tags by category, from gallery-dl's ``tags_<category>`` or Danbooru's
+    ``tag_string_<category>`` fields; a site without categories gives everything as general."""
+    if isinstance(post.get("tags"), dict):  # already by category (a post kept in the manifest)
+        return {str(k): [str(t) for t in v] for k, v in post["tags"].items()}
+    out: dict[str, list[str]] = {}
+    aliases = {"character": ("character",), "copyright": ("copyright",), "artist": ("artist", "circle"),
+               "general": ("general",), "meta": ("meta", "metadata")}
+    for category, names in aliases.items():
+        for name in names:
+            for key in (f"tags_{name}", f"tag_string_{name}"):
+                value = post.get(key)
+                if value:
+                    out.setdefault(category, []).extend(value.split() if isinstance(value, str) else list(value))
+                    break
+            else:
+                continue
+            break
+    if not out:
+        value = post.get("tags") or post.get("tag_string") or ""
+        out["general"] = value.split() if isinstance(value, str) else list(value)
+    return out
+
+
+def caption_tags(post: dict[str, Any], categories: list[str], style: str, escape: bool) -> dict[str, None]:
+    """The caption's tags: chosen categories in the given order, namespaced tags dropped."""
+    by_category = post_tags(post)
+    chosen = [t for c in categories for t in by_category.get(c, []) if t and not is_namespaced(t)]
+    return {format_tag(t, style, escape): None for t in unique_tags(chosen)}
+
+
+class BooruStep(SourceStep):
+    """Download pictures from a booru tag search, with the booru's tags as the caption.
+
+    SITE is danbooru, gelbooru, safebooru (safebooru.org), yandere, konachan, ... or the root URL of
+    a self-hosted Danbooru, Moebooru or Gelbooru 0.2 instance (say which with --engine). Files are
+    named by their md5 and kept in the pipeline's cache: a second run downloads only what is
+    missing, and a search that finished once is not asked again unless --refresh is given.
+    Requests are at least one second apart. Credentials come from gallery-dl's own config file or
+    from LORAKIT_<SITE>_LOGIN / LORAKIT_<SITE>_API_KEY (Gelbooru: _USER_ID / _API_KEY), never
+    from pipeline.yaml. Danbooru allows two search tags without an account.
+    """
+
+    name = "booru"
+    summary = "Download a booru tag search (Danbooru, Gelbooru, Moebooru) with tags as captions."
+    version = "1"
+    writes = frozenset({"image", "tags", "meta"})
+    example = 'lorakit booru dataset/ --site danbooru --tags "hatsune_miku solo" --limit 50'
+    params = [
+        Param("site", str, "danbooru", "site name (danbooru, gelbooru, safebooru, yandere, konachan, ...) "
+              "or the root URL of a self-hosted instance", validate=_check_site, type_name="a site name or URL"),
+        Param("tags", str, help="the search, as typed on the site, e.g. '1girl solo -rating:explicit'"),
+        Param("limit", int, 100, "download at most this many pictures", min=1),
+        Param("categories", list, ["character", "copyright", "general"],
+              "tag categories written to the caption, in this order (character, copyright, artist, general, meta)",
+              validate=lambda v: _check_categories(v)),
+        *style_params("underscores"),
+        Param("engine", str, "danbooru", "software of a self-hosted instance given by URL", choices=ENGINES[:3]),
+        Param("delay", float, 1.0, "seconds between requests (below 1 only for a server on this machine)", min=0),
+        Param("retries", int, 4, "times a failed request is retried before giving up", min=0),
+        Param("extensions", list, ["png", "jpg", "jpeg", "webp", "gif"], "file types kept (videos are skipped)"),
+        Param("refresh", bool, False, "ask the site again even if this search already finished once"),
+        Param("gallery_dl_config", Path, None,
+              "gallery-dl config file to take credentials from (default: gallery-dl's usual locations)"),
+    ]
+
+    @classmethod
+    def configure(cls, given: dict[str, Any] | None = None, where: str | None = None) -> "BooruStep":
+        for key in given or {}:
+            if _CREDENTIAL_WORDS.search(str(key)):
+                raise ParamError(
+                    cls.name, str(key), "***",
+                    "no credentials here: pipeline.yaml gets shared. Set LORAKIT_<SITE>_LOGIN and "
+                    "LORAKIT_<SITE>_API_KEY (e.g. LORAKIT_DANBOORU_API_KEY) in the environment, or put them in "
+                    "gallery-dl's config file", where)
+        step = super().configure(given, where)
+        site = step.site
+        if step.options.delay < 1.0 and not site.is_loopback:
+            raise ParamError(cls.name, "delay", step.options.delay,
+                             "at least 1 second between requests to a public site (be polite)", where)
+        return step
+
+    @property
+    def site(self) -> Site:
+        return parse_site(self.options.site, self.options.engine)
+
+    # ----- the search record: what a finished search returned, so a re-run needs no network ------
+    def _search_key(self) -> str:
+        o = self.options
+        spec = {"root": self.site.root, "engine": self.site.engine, "tags": " ".join(o.tags.split()),
+                "limit": o.limit, "extensions": sorted(e.lower().lstrip(".") for e in o.extensions)}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+
+    def _site_dir(self, ctx: StepContext) -> Path:
+        site = self.site
+        slug = re.sub(r"[^a-z0-9]+", "_", urlsplit(site.root).netloc.lower()).strip("_") or site.category
+        return ctx.work_dir / slug
+
+    def produce(self, ctx: StepContext) -> Iterator[Item]:
+        o = self.options
+        site_dir = self._site_dir(ctx)
+        files_dir = site_dir / "files"
+        record_path = site_dir / "searches" / f"{self._search_key()}.json"
+        files_dir.mkdir(parents=True, exist_ok=True)
+
+        if record_path.is_file() and not o.refresh:
+            posts = json.loads(record_path.read_text(encoding="utf-8"))["posts"]
+            if all(self._file_of(files_dir, p).is_file() for p in posts):
+                ctx.log(f"{len(posts)} pictures from the finished search '{o.tags}' on {self.site.root} "
+                        "(no request made; use refresh to ask the site again)")
+                for post in posts:
+                    item = self._item(files_dir, post, ctx)
+                    if item is not None:
+                        yield item
+                return
+
+        posts = []
+        downloaded = skipped = 0
+        complete = True
+        for post, was_skipped in self._run_gallery_dl(ctx, files_dir, site_dir):
+            item = self._item(files_dir, post, ctx)
+            if item is None:
+                complete = False  # not remembered as finished: the next run asks again
+                continue
+            posts.append(item.meta["booru"])
+            skipped += was_skipped
+            downloaded += not was_skipped
+            yield item
+        if not posts:
+            raise LorakitError(
+                f"booru: no posts on {self.site.root} match '{o.tags}' (with file types "
+                f"{', '.join(o.extensions)}). Check the tags' spelling on the site; Danbooru allows two tags "
+                "per search without an account.")
+        ctx.log(f"{len(posts)} pictures for '{o.tags}' from {self.site.root}: {downloaded} downloaded, "
+                f"{skipped} already here")
+        if complete:
+            record = {"site": self.site.root, "tags": o.tags, "limit": o.limit, "finished": time.time(), "posts": posts}
+            atomic_write_text(record_path, json.dumps(record, ensure_ascii=False, indent=1))
+        else:
+            record_path.unlink(missing_ok=True)
+
+    # ----- items ----------------------------------------------------------------------------------
+    @staticmethod
+    def _file_of(files_dir: Path, post: dict[str, Any]) -> Path:
+        return files_dir / f"{post['md5']}.{post['extension']}"
+
+    def _item(self, files_dir: Path, post: dict[str, Any], ctx: StepContext) -> Item | None:
+        o = self.options
+        md5 = str(post.get("md5") or "")
+        ext = str(post.get("extension") or post.get("file_ext") or "")
+        if not re.fullmatch(r"[0-9a-f]{32}", md5) or not re.fullmatch(r"[A-Za-z0-9]{1,5}", ext):
+            ctx.log(f"post {post.get('id')}: skipped, no usable md5/extension in the site's answer")
+            return None
+        post = dict(post, md5=md5, extension=ext.lower())
+        path = self._file_of(files_dir, post)
+        if not path.is_file():
+            ctx.log(f"post {post.get('id')}: {path.name} is missing (download failed?)")
+            return None
+        if _md5_of(path) != md5:
+            path.unlink()  # a damaged download: the next run fetches it again
+            ctx.log(f"post {post.get('id')}: {path.name} does not match its md5; deleted, run again to re-download")
+            return None
+        meta = {k: post[k] for k in _KEPT_FIELDS if post.get(k) not in (None, "")}
+        meta["site"] = self.site.root
+        meta["post_url"] = self.site.post_url(post.get("id"))
+        meta["tags"] = post_tags(post)
+        if "rating" in meta:
+            meta["rating"] = _RATINGS.get(str(meta["rating"]).lower(), meta["rating"])
+        item_meta = {"booru": meta}
+        if "rating" in meta:
+            item_meta["rating"] = meta["rating"]
+        return Item(name=md5, path=path, tags=caption_tags(post, o.categories, o.tag_style, o.escape_parentheses),
+                    meta=item_meta, source=meta["post_url"])
+
+    # ----- gallery-dl -----------------------------------------------------------------------------
+    def _credentials(self) -> dict[str, str]:
+        """Credentials for gallery-dl: the user's gallery-dl config, then the environment (wins)."""
+        site = self.site
+        found: dict[str, str] = {}
+        for path in _user_config_files(self.options.gallery_dl_config):
+            section = _load_config(path).get("extractor", {})
+            if not isinstance(section, dict):
+                continue
+            names = [site.category]
+            if site.custom:  # the user's own name for this instance: extractor.<Engine>.<name>.root
+                instances = section.get(_ENGINE_CONFIG_KEY[site.engine], {})
+                names = [name for name, info in (instances.items() if isinstance(instances, dict) else [])
+                         if isinstance(info, dict) and str(info.get("root", "")).rstrip("/") == site.root]
+            for name in names:
+                values = section.get(name, {})
+                if isinstance(values, dict):
+                    found.update({k: v for k, v in values.items() if k in _CREDENTIAL_KEYS and v})
+        env = os.environ
+        pre = site.env_prefix
+        if site.engine in ("gelbooru", "gelbooru_v02"):
+            pairs = {"user-id": f"{pre}_USER_ID", "api-key": f"{pre}_API_KEY"}
+        else:
+            pairs = {"username": f"{pre}_LOGIN", "password": f"{pre}_API_KEY"}
+        for key, var in pairs.items():
+            if env.get(var):
+                found[key] = env[var]
+        return found
+
+    def gallery_dl_config(self, files_dir: Path, progress_dir: Path) -> dict[str, Any]:
+        """The generated gallery-dl configuration (credentials are added separately)."""
+        o = self.options
+        site = self.site
+        exts = tuple(sorted({e.lower().lstrip(".") for e in o.extensions}))
+        options: dict[str, Any] = {
+            "base-directory": str(files_dir),
+            "directory": [],
+            "filename": "{md5}.{extension}",
+            "skip": True,
+            "sleep-request": o.delay,
+            "sleep": o.delay,
+            "sleep-429": max(o.delay, 60.0) if o.retries else o.delay,
+            "retries": o.retries,
+            "timeout": 60,
+            "image-filter": f"extension.lower() in {exts!r}",
+            "image-range": f"1-{o.limit}",
+            "tags": site.engine != "danbooru",  # other engines: fetch tag categories (one page per post)
+            "postprocessors": [{
+                "name": "metadata", "mode": "jsonl", "event": ["after", "skip"],
+                "base-directory": str(progress_dir), "filename": "progress.jsonl",
+            }],
+        }
+        extractor: dict[str, Any] = {site.category: options}
+        if site.custom:
+            extractor[_ENGINE_CONFIG_KEY[site.engine]] = {site.category: {"root": site.root}}
+        return {
+            "extractor": extractor,
+            "downloader": {"part": True, "mtime": False, "retries": o.retries},
+            "output": {"mode": "null", "progress": False, "log": "[{name}][{levelname}] {message}"},
+        }
+
+    def _run_gallery_dl(self, ctx: StepContext, files_dir: Path, site_dir: Path) -> Iterator[tuple[dict, bool]]:
+        """Run gallery-dl; yield (post metadata, was already here) as each file lands."""
+        site = self.site
+        ctx.tmp_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = Path(tempfile.mkdtemp(prefix="booru-", dir=ctx.tmp_dir))
+        config = self.gallery_dl_config(files_dir, run_dir)
+        creds = self._credentials()
+        if creds:
+            config["extractor"][site.category].update(creds)
+        config_path = run_dir / "gallery-dl.json"
+        # Credentials may be in it: readable by this user only, deleted after the run.
+        fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(config, fh)
+        command = [sys.executable, "-m", "gallery_dl", "--config-ignore", "--config", str(config_path),
+                   site.search_url(self.options.tags)]
+        progress = run_dir / "progress.jsonl"
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, encoding="utf-8", errors="replace")
+        errors: list[str] = []
+        reader = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
+        reader.start()
+        already_here = {p.name for p in files_dir.iterdir()}
+        offset = 0
+        buffer = ""
+        try:
+            while True:
+                finished = proc.poll() is not None
+                if progress.is_file():
+                    with open(progress, encoding="utf-8") as fh:
+                        fh.seek(offset)
+                        chunk = fh.read()
+                        offset = fh.tell()
+                    buffer += chunk
+                    *lines, buffer = buffer.split("\n")
+                    for line in lines:
+                        if line.strip():
+                            post = json.loads(line)
+                            name = f"{post.get('md5')}.{post.get('extension')}"
+                            yield post, name in already_here
+                if finished:
+                    break
+                time.sleep(0.1)
+            reader.join(timeout=5)
+            if proc.returncode != 0:
+                raise LorakitError(explain_failure(site, self.options, proc.returncode, errors))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for leftover in run_dir.iterdir():
+                leftover.unlink()
+            run_dir.rmdir()
+
+
+def explain_failure(site: Site, options, code: int, stderr_lines: list[str]) -> str:
+    """One clear sentence from gallery-dl's exit status and error lines."""
+    lines = [line.strip() for line in stderr_lines if line.strip()]
+    errors = [line for line in lines if "[error]" in line] or lines[-3:]
+    text = " ".join(re.sub(r"^(\[[^\]]*\])+\s*", "", line) for line in errors)
+    where = f"booru ({site.root}, tags '{options.tags}')"
+    http = re.search(r"'(\d{3}) ([^']*)' for '([^']*)'", text)
+    if http:
+        status, reason, url = int(http.group(1)), http.group(2), http.group(3)
+        if status == 429:
+            return (f"{where}: rate limited (HTTP 429 {reason} for {url}). Wait a while and run again (downloaded "
+                    f"files are kept), raise delay (now {options.delay:g}s), or log in for a higher limit "
+                    f"({site.env_prefix}_LOGIN / {site.env_prefix}_API_KEY).")
+        if status in (401, 403):
+            return (f"{where}: access refused (HTTP {status} {reason} for {url}). The site wants a login or blocks "
+                    f"this client: set {site.env_prefix}_LOGIN / {site.env_prefix}_API_KEY or put credentials in "
+                    "gallery-dl's config file.")
+        if status == 422:
+            return (f"{where}: the site refused the search (HTTP 422 {reason} for {url}). Danbooru allows two "
+                    "tags per search without an account (six with Gold); use fewer tags or log in.")
+        if status >= 500:
+            return (f"{where}: the site failed (HTTP {status} {reason} for {url}) after {options.retries} "
+                    "retries. Try again later; downloaded files are kept.")
+        return f"{where}: HTTP {status} {reason} for {url}."
+    if "Unsupported URL" in text:
+        return f"{where}: gallery-dl does not recognise the search URL {site.search_url(options.tags)} ({text})"
+    if "ConnectionError" in text or "ConnectTimeout" in text or "NameResolutionError" in text:
+        return f"{where}: cannot reach the site ({text}). Check the address and your connection."
+    return f"{where}: gallery-dl failed (exit status {code}): {text or 'no message'}"
+
+
+def _check_categories(values: list[str]) -> None:
+    bad = [v for v in values if v not in CATEGORIES]
+    if bad:
+        raise ValueError(f"tag categories among {', '.join(CATEGORIES)} (not {', '.join(bad)})")
+
+
+def _md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _user_config_files(explicit: Path | None) -> list[Path]:
+    """gallery-dl's own config files, where the user keeps credentials (or the one given)."""
+    if explicit is not None:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise LorakitError(f"booru: gallery-dl config file {path} does not exist")
+        return [path]
+    home = Path.home()
+    if os.name == "nt":
+        candidates = [Path(os.environ.get("APPDATA", home)) / "gallery-dl" / "config.json",
+                      home / "gallery-dl" / "config.json", home / "gallery-dl.conf"]
+    else:
+        xdg = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
+        candidates = [Path("/etc/gallery-dl.conf"), xdg / "gallery-dl" / "config.json", home / ".gallery-dl.conf"]
+    return [p for p in candidates if p.is_file()]
+
+
+def _load_config(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif path.suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:
+        raise LorakitError(f"booru: cannot read gallery-dl config {path}: {exc}") from None
+    return data if isinstance(data, dict) else {}
 
 
 @hookimpl
 def register_steps(register):
-    pass
+    register(BooruStep)
+
+
+__all__ = ["BooruStep", "Site", "parse_site", "post_tags", "caption_tags", "explain_failure", "IMAGE_EXTENSIONS"]
