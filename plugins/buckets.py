@@ -57,8 +57,9 @@ class BucketsStep(DatasetStep):
     """Show where each image lands in kohya's aspect-ratio bucketing for a training resolution
     (the same bucket set as sd-scripts' make_bucket_resolutions with min/max/step, and the same
     nearest-aspect-ratio assignment), how many buckets are in use, and which images have fewer
-    pixels than resolution x resolution and should be upscaled first. The full table goes to
-    `reports/buckets-buckets.json`.
+    pixels than resolution x resolution and should be upscaled first. The resolution is the
+    pipeline's (`resolution:` in pipeline.yaml, `--resolution` on the command line: 512 for SD1.5,
+    1024 for SDXL). The full table goes to `reports/buckets-buckets.json`.
 
     Optionally rewrite the images: `--resize` scales each image to cover its bucket and centre-crops
     it (what kohya does at training time, done once here); `--sort` puts each image in a `WxH/`
@@ -70,8 +71,6 @@ class BucketsStep(DatasetStep):
     summary = "Kohya bucket of each image, bucket counts, too-small list; optional resize/sort/pad."
     version = "1"
     params = [
-        Param("resolution", int, None, "training resolution (default: the pipeline's, 512 for SD1.5, 1024 for SDXL)",
-              min=64, json_schema={"type": ["integer", "null"]}),
         Param("min_size", int, 256, "smallest bucket side (kohya --min_bucket_reso)", min=64),
         Param("max_size", int, 1024, "largest bucket side (kohya --max_bucket_reso)", min=64),
         Param("step", int, 64, "bucket sides are multiples of this (kohya --bucket_reso_steps)", min=8),
@@ -92,7 +91,7 @@ class BucketsStep(DatasetStep):
 
     def run(self, items, ctx):
         o = self.options
-        resolution = o.resolution or ctx.resolution
+        resolution = ctx.resolution
         buckets = make_buckets(resolution, o.min_size, o.max_size, o.step)
         if not buckets:
             raise ParamError(self.name, "min_size", o.min_size,

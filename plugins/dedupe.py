@@ -273,7 +273,7 @@ class DedupeStep(DatasetStep):
               min=0, max=64),
         Param("scope", str, "all", "all: compare every image with every other; subset: only within each subset",
               choices=("all", "subset")),
-        Param("workers", int, 0, "processes for hashing (0 = one per CPU core)", min=0),
+        Param("hash_workers", int, 0, "processes that hash images (0 = one per CPU core)", min=0),
     ]
     reads = frozenset({"image"})
     writes = frozenset()
@@ -370,7 +370,7 @@ class DedupeStep(DatasetStep):
                 todo.append(k)
         if todo:
             args = [(str(items[k].path), o.hash, o.hash_size) for k in todo]
-            workers = o.workers or os.cpu_count() or 1
+            workers = o.hash_workers or os.cpu_count() or 1
             with _progress(len(todo), f"dedupe: hashing {len(todo)} images") as progress:
                 task = progress.add_task("hash", total=len(todo))
                 if workers > 1 and len(todo) >= POOL_MIN_IMAGES:
