@@ -277,7 +277,7 @@ class TagsStep(DatasetStep):
                 f"dropped {sum(sum(c.values()) for c in generic.values())} generic tags "
                 f"({_top(Counter({g: sum(c.values()) for g, c in generic.items()}))}), {duplicates} duplicates")
         for subset, counts in sorted(frequency.items()):
-            shown = ", ".join(f"{t} {n}" for t, n in counts.most_common(8))
+            shown = ", ".join(f"{t} {n}" for t, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:8])
             ctx.log(f"subset {subset}: {image_counts[subset]} images, {len(counts)} distinct tags; "
                     f"most frequent: {shown or 'none'}")
 
