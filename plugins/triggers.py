@@ -49,8 +49,9 @@ class TriggersStep(DatasetStep):
     Then, per image, a tag is pruned when it is in the prune list (or the subset's
     subset_prune list), when a character trigger absorbs its category (by mode, or the
     categories option), when an outfit trigger absorbs its category (outfit_categories), or
-    when it is in at least frequency percent of the subset's images. Tags in keep or in a
-    keep_categories category (breast size and footwear by default) are never pruned. A subset
+    when it is in at least frequency percent of the subset's images. Tags in keep are never
+    pruned; tags of a keep_categories category (breast size and footwear by default) are not pruned
+    by the category and frequency rules (only when you list them in prune). A subset
     without any trigger is left as it is. In style mode every tag and sentence goes and only the
     triggers (and keep tags) survive.
 

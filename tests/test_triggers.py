@@ -240,3 +240,9 @@ def test_command_line_prepends_the_trigger_and_refuses_an_unknown_mode(tmp_path)
     assert "parameter 'mode' = 'loose' is invalid: expected one of fluid, semi-static, static, style" in \
         " ".join(bad.stderr.split())
     assert "Traceback" not in bad.stderr
+
+
+def test_an_explicitly_listed_tag_overrides_the_keep_categories(tmp_path):
+    out, _ = run_direct([item("large_breasts, medium_breasts, smile")], {"trigger": "CharaA", "prune": "medium_breasts"},
+                        tmp=tmp_path)
+    assert tags_of(out[0]) == "CharaA, large_breasts, smile"
