@@ -74,6 +74,10 @@ GARMENTS = (
     "clothes", "clothing", "outfit", "costume", "attire", "trim", "cutout", "print",
 )
 _GARMENT = "(?:" + "|".join(re.escape(g) for g in GARMENTS) + ")"
+# Tags that say what happens to a garment (open_jacket, holding_hat, wet_clothes) are not parts of
+# an outfit; hair things (hair_bow) are hair accessories.
+_NOT_A_STATE = ("(?!(?:hair|open|wet|torn|unbuttoned|unzipped|untied|removing|adjusting|holding|no|"
+                "partially|lifted|pulled|undone|loose|clothes|shirt|skirt)_)")
 
 FOOTWEAR_WORDS = (
     "shoes", "boots", "high_heels", "heels", "sandals", "sneakers", "loafers", "slippers",
@@ -160,7 +164,7 @@ CATEGORIES: dict[str, Category] = {c.name: c for c in [
                                 "armlet", "bracer", "vambraces", "greaves", "tassel", "pom_pom_(clothes)",
                                 "fur_trim", "lace_trim", "gold_trim", "frilled_sleeves", "layered_sleeves",
                                 "zettai_ryouiki", "midriff", "navel_cutout", "side_slit", "pelvic_curtain"},
-         patterns=[r"(?!hair_).+_" + _GARMENT, r"frilled_.+", r"(?:.+_)?sleeves(?:_.+)?", r".+_trim", r".+_print",
+         patterns=[_NOT_A_STATE + r".+_" + _GARMENT, r"frilled_.+", r"(?:.+_)?sleeves(?:_.+)?", r".+_trim", r".+_print",
                    r".+_cutout", r"(?:.+_)?uniform"]),
     _cat("accessory", "worn accessories (glasses, earrings, necklace, jewelry, gloves)",
          exact={"glasses", "eyewear", "sunglasses", "monocle", "goggles", "earrings", "necklace", "pendant",

@@ -246,3 +246,11 @@ def test_an_explicitly_listed_tag_overrides_the_keep_categories(tmp_path):
     out, _ = run_direct([item("large_breasts, medium_breasts, smile")], {"trigger": "CharaA", "prune": "medium_breasts"},
                         tmp=tmp_path)
     assert tags_of(out[0]) == "CharaA, large_breasts, smile"
+
+
+def test_category_rules_leave_composition_actions_and_garment_states_alone():
+    neutral = ("upper_body cowboy_shot from_behind white_background gradient_background open_mouth closed_eyes "
+               "hand_on_hip holding_sword umbrella night_sky light_particles looking_back crossed_arms barefoot "
+               "navel cleavage collarbone full_body speech_bubble signature watermark monochrome light_smile "
+               "open_jacket holding_hat wet_clothes skirt_lift covering_ears torn_clothes").split()
+    assert {t: tag_rules.categories_of(t) for t in neutral if tag_rules.categories_of(t)} == {}
