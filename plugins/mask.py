@@ -26,7 +26,7 @@ from PIL import Image
 from lorakit.plugin_sdk import (
     Color, ImageStep, LorakitError, ModelNotFound, Param, Percent, SkipImage, hookimpl, pick_device,
 )
-from lorakit.plugins._model_files import file_hash
+from lorakit.plugins._image_models import file_hash
 
 BACKENDS = ("transparent-background", "alpha", "color")
 TB_MODES = ("base", "fast")

@@ -19,7 +19,7 @@ from PIL import Image
 from lorakit.plugin_sdk import (
     ImageStep, LorakitError, ModelNotFound, Param, ParamError, hookimpl, pick_device,
 )
-from lorakit.plugins._model_files import file_hash
+from lorakit.plugins._image_models import file_hash
 
 MODEL_SUFFIXES = (".safetensors", ".pth")
 
