@@ -22,6 +22,7 @@ For other steps::
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from ._tagging import EMOTICONS, TAG_STYLES, format_tag, is_namespaced  # noqa: F401 (re-exported)
 
@@ -32,6 +33,7 @@ _ESCAPED = re.compile(r"\\([()\[\]:\\_ ])")
 _SEPARATORS = re.compile(r"[\s_]+")
 
 
+@lru_cache(maxsize=1 << 16)
 def canonical(text: str) -> str:
     """The canonical Danbooru spelling of one tag (lower case, underscores, unescaped parentheses)."""
     tag = _ESCAPED.sub(r"\1", str(text)).strip().lower()

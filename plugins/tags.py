@@ -181,6 +181,7 @@ class TagsStep(DatasetStep):
         renamed: Counter = Counter()            # (old, new) -> images
         generic: dict[str, Counter] = defaultdict(Counter)  # generic tag -> covering tag -> images
         duplicates = 0
+        decided: dict[str, tuple[str, bool]] = {}
         cleaned: list[tuple[Item, list[tuple[str, float | None, bool]]]] = []
         for item in items:
             tags: dict[str, float | None] = {}
@@ -193,11 +194,14 @@ class TagsStep(DatasetStep):
                     tag = canonical(raw)
                     if not tag:
                         continue
-                    new = aliases.resolve(tag)
+                    if tag not in decided:  # (renamed to, blacklisted?) once per distinct tag
+                        new = aliases.resolve(tag)
+                        decided[tag] = (new, new in blacklist or (o.default_blacklist and is_namespaced(new)))
+                    new, blocked = decided[tag]
                     if new != tag:
                         renamed[(tag, new)] += 1
                         tag = new
-                    if tag in blacklist or (o.default_blacklist and is_namespaced(tag)):
+                    if blocked:
                         removed[tag] += 1
                         continue
                 if tag in tags:
