@@ -32,9 +32,6 @@ class SubsetMapping:
             raise ValueError(value)
         return {str(name): self.convert(val) for name, val in pairs}
 
-    def json_schema(self, values: dict) -> dict:
-        return {"type": ["object", "string"], "additionalProperties": values}
-
 
 def string_list(value: Any) -> list[str]:
     """``a`` -> [a]; ``a+b`` -> [a, b]; a YAML list stays a list of strings."""

@@ -59,19 +59,6 @@ def styled(tag: str, style: str = "underscores", escape: bool = False) -> str:
     return format_tag(tag, style, escape)
 
 
-def split_tags(text: str) -> list[str]:
-    """The tags of a comma-separated caption, stripped, empty parts dropped; ``|||`` counts as a comma."""
-    return [part.strip() for part in text.replace("|||", ",").split(",") if part.strip()]
-
-
-def matches(tag: str, pattern: str) -> bool:
-    """Does canonical ``tag`` match a user pattern? ``*`` is a wildcard (``*_(meme)``, ``artist:*``)."""
-    pattern = canonical(pattern)
-    if "*" not in pattern:
-        return tag == pattern
-    return re.fullmatch(".*".join(re.escape(p) for p in pattern.split("*")), tag) is not None
-
-
 class TagPatterns:
     """A list of user tags and ``*`` patterns, compiled once for fast look-ups."""
 

@@ -214,10 +214,6 @@ def categories_of(tag: str) -> set[str]:
     return {name for name, cat in CATEGORIES.items() if tag in cat}
 
 
-def in_any(tag: str, names) -> bool:
-    return any(tag in CATEGORIES[n] for n in names)
-
-
 def check_categories(names) -> None:
     """Raise ValueError naming an unknown category (for parameter validation)."""
     for n in names:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.plugin_sdk import Item, ParamError, StepContext, Subset
+from lorakit.plugin_sdk import Item, ParamError, StepContext
 from lorakit.plugin_sdk.testing import make_image, run_pipeline_dict
 from lorakit.plugins import tag_rules
 from lorakit.plugins.triggers import TriggersStep
