@@ -74,7 +74,8 @@ class Item:
         parts = list(self.tags)
         if self.caption:
             parts.append(self.caption)
-        return ", ".join(parts)
+        # The keep-tokens separator stands between tags, not as a tag: "mychar ||| smile, solo".
+        return ", ".join(parts).replace(", |||, ", " ||| ").replace(", |||", " |||").replace("|||, ", "||| ")
 
     @property
     def trigger_names(self) -> list[str]:

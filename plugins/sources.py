@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorakit.kohya import read_kohya
-from lorakit.manifest import split_caption
 from lorakit.plugin_sdk import IMAGE_EXTENSIONS, Item, LorakitError, Param, SourceStep, hookimpl
 
 
@@ -14,7 +13,10 @@ def _existing(path: Path) -> None:
 
 
 def _caption_tags(text: str | None) -> dict[str, None]:
-    return {t: None for t in split_caption(text)} if text else {}
+    """Tags of a caption file; a keep-tokens separator ``|||`` stays in place as its own entry."""
+    if not text:
+        return {}
+    return {t.strip(): None for t in text.replace("|||", ",|||,").split(",") if t.strip()}
 
 
 class FolderSource(SourceStep):

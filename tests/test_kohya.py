@@ -103,3 +103,14 @@ def test_chained_standalone_commands_keep_tags_and_hand_edited_captions(tmp_path
     res = run_pipeline_dict({"output": str(tmp_path / "b"), "sources": [{"dataset": {"path": str(tmp_path / "a")}}]}, tmp_path)
     assert res.by_name("red").caption == "edited, by hand"
     assert not (tmp_path / "b" / "set_aside").exists()
+
+
+def test_keep_tokens_separator_survives_a_round_trip_through_caption_files(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    Image.new("RGB", (16, 16)).save(raw / "a.png")
+    (raw / "a.txt").write_text("mychar ||| smile, solo")
+    first = run_pipeline_dict({"output": str(tmp_path / "a"), "sources": [{"folder": {"path": str(raw)}}]}, tmp_path)
+    assert first.caption("a") == "mychar ||| smile, solo"
+    second = run_pipeline_dict({"output": str(tmp_path / "b"), "sources": [{"dataset": {"path": str(tmp_path / "a")}}]}, tmp_path)
+    assert second.caption("a") == "mychar ||| smile, solo"

@@ -234,7 +234,7 @@ def test_command_line_prepends_the_trigger_and_refuses_an_unknown_mode(tmp_path)
     src = dataset(tmp_path / "in", {"a": "1girl, green_hair, smile"})
     ok = run_cli("triggers", str(src), str(tmp_path / "out"), "--trigger", "CharaA", "--keep-tokens", "separator")
     assert ok.returncode == 0, ok.stderr
-    assert (tmp_path / "out" / "a.txt").read_text(encoding="utf-8") == "CharaA, |||, smile"
+    assert (tmp_path / "out" / "a.txt").read_text(encoding="utf-8") == "CharaA ||| smile"
     bad = run_cli("triggers", str(src), str(tmp_path / "out2"), "--trigger", "CharaA", "--mode", "loose")
     assert bad.returncode != 0
     assert "parameter 'mode' = 'loose' is invalid: expected one of fluid, semi-static, static, style" in \
