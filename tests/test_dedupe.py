@@ -1,0 +1,183 @@
+"""dedupe: exact and near duplicates, the best member kept, the index agreeing with all-pairs."""
+from __future__ import annotations
+
+import json
+
+import imagehash
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from lorakit.plugin_sdk import Item, StepContext
+from lorakit.plugin_sdk.testing import run_step
+from lorakit.plugins import dedupe
+from lorakit.plugins.dedupe import DedupeStep, group_duplicates, hamming, hash_image, hashes_to_words
+
+
+def picture(seed: int, size=(256, 192)) -> Image.Image:
+    """A smooth random picture: perceptual hashes of different seeds are far apart."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize(size, Image.Resampling.BICUBIC)
+
+
+def canonical(labels) -> list[int]:
+    seen: dict[int, int] = {}
+    return [seen.setdefault(int(label), len(seen)) for label in labels]
+
+
+def brute_force_groups(words, threshold):
+    n = len(words)
+    i, j = np.triu_indices(n, 1)
+    close = hamming(words, i, j) <= threshold
+    graph = coo_matrix((np.ones(int(close.sum())), (i[close], j[close])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+@pytest.mark.parametrize("threshold,words_per_hash", [(0, 1), (3, 1), (6, 1), (10, 1), (16, 1), (24, 4)])
+def test_index_groups_exactly_like_all_pairs_comparison(threshold, words_per_hash):
+    rng = np.random.default_rng(threshold)
+    centres = rng.integers(0, 2**63, (60, words_per_hash), dtype=np.uint64)
+    rows = []
+    for _ in range(400):  # clusters of noisy copies, some exact copies, some loners
+        w = centres[rng.integers(0, len(centres))].copy()
+        for _ in range(int(rng.integers(0, threshold + 4))):
+            k = int(rng.integers(0, words_per_hash))
+            w[k] ^= np.uint64(1) << np.uint64(int(rng.integers(0, 64)))
+        rows.append(w)
+    words = np.array(rows + rows[:20], dtype=np.uint64)
+    labels, _ = group_duplicates(words, threshold, words_per_hash * 64)
+    assert canonical(labels) == canonical(brute_force_groups(words, threshold))
+
+
+def test_index_handles_thousands_of_identical_hashes():
+    words = np.zeros((5000, 1), dtype=np.uint64)
+    labels, (i, j, d) = group_duplicates(words, 8)
+    assert len(set(labels.tolist())) == 1
+    assert len(i) == 4999 and not d.any()  # a chain, not 12.5 million pairs
+
+
+def test_hash_bits_are_imagehash_bits():
+    im = picture(3)
+    ours = hashes_to_words([hash_image(im, "phash", 8)])
+    theirs = hashes_to_words([np.packbits(imagehash.phash(im).hash.ravel()).tobytes()])
+    assert np.array_equal(ours, theirs)
+
+
+def make_folder(tmp_path, files: dict[str, tuple[Image.Image, dict]]):
+    src = tmp_path / "in"
+    for name, (im, options) in files.items():
+        path = src / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        im.save(path, **options)
+    return src
+
+
+def report(tmp_path, out="out"):
+    return json.loads((tmp_path / out / "reports" / "dedupe-groups.json").read_text())
+
+
+def test_dedupe_keeps_the_largest_copy_and_sets_aside_the_others(tmp_path):
+    big = picture(1, (512, 384))
+    src = make_folder(tmp_path, {
+        "original.png": (big, {}),
+        "thumb.png": (big.resize((128, 96)), {}),
+        "recompressed.jpg": (big.resize((256, 192)), {"quality": 60}),
+        "other.png": (picture(2), {}),
+    })
+    res = run_step("dedupe", src, tmp_path / "out")
+    assert sorted(r.path for r in res.images) == ["original.png", "other.png"]
+    reasons = res.reasons()
+    assert reasons["thumb"].startswith("near duplicate (phash distance") and reasons["thumb"].endswith("of original")
+    assert reasons["recompressed"].endswith("of original")
+    (group,) = report(tmp_path)["duplicate_groups"]
+    assert group["kept"] == "original" and {m["name"] for m in group["members"]} == {"thumb", "recompressed"}
+    assert all(m["distance"] <= 6 and not m["exact"] for m in group["members"])
+
+
+def test_dedupe_prefers_lossless_over_lossy_at_the_same_size(tmp_path):
+    im = picture(4)
+    src = make_folder(tmp_path, {"a_photo.jpg": (im, {"quality": 95}), "b_photo.png": (im, {})})
+    res = run_step("dedupe", src, tmp_path / "out")
+    assert [r.path for r in res.images] == ["b_photo.png"]
+    assert res.reasons()["a_photo"].endswith("of b_photo")
+
+
+def test_dedupe_breaks_ties_by_name_and_marks_exact_duplicates(tmp_path):
+    im = picture(5)
+    src = make_folder(tmp_path, {"zeta.png": (im, {}), "alpha.bmp": (im, {}), "mid.png": (im, {"compress_level": 0})})
+    res = run_step("dedupe", src, tmp_path / "out")
+    assert [r.path for r in res.images] == ["alpha.bmp"]
+    assert res.reasons() == {"mid": "exact duplicate of alpha", "zeta": "exact duplicate of alpha"}
+    assert all(m["exact"] and m["distance"] == 0 for m in report(tmp_path)["duplicate_groups"][0]["members"])
+
+
+def test_dedupe_threshold_decides_what_is_near(tmp_path):
+    base = picture(6)
+    variant = base.filter(ImageFilter.GaussianBlur(3)).rotate(4)
+    d = int(imagehash.phash(base) - imagehash.phash(variant))
+    assert d > 0
+    src = make_folder(tmp_path, {"base.png": (base, {}), "variant.png": (variant, {})})
+    strict = run_step("dedupe", src, tmp_path / "strict", {"threshold": d - 1})
+    loose = run_step("dedupe", src, tmp_path / "loose", {"threshold": d})
+    assert len(strict.images) == 2 and len(loose.images) == 1
+
+
+def test_dedupe_scope_subset_only_compares_within_a_subset(tmp_path):
+    im = picture(7)
+    src = make_folder(tmp_path, {"outfit1/a.png": (im, {}), "outfit2/a.png": (im, {}), "outfit1/b.png": (im, {})})
+    base = {"output": None, "sources": [{"folder": {"path": str(src), "subfolders_as_subsets": True}}]}
+    from lorakit.plugin_sdk.testing import run_pipeline_dict
+
+    per_subset = run_pipeline_dict({**base, "output": str(tmp_path / "s"), "steps": [{"dedupe": {"scope": "subset"}}]}, tmp_path)
+    everywhere = run_pipeline_dict({**base, "output": str(tmp_path / "a"), "steps": [{"dedupe": {"scope": "all"}}]}, tmp_path)
+    assert sorted((r.subset, r.path) for r in per_subset.images) == [("outfit1", "outfit1/a.png"), ("outfit2", "outfit2/a.png")]
+    assert len(everywhere.images) == 1
+
+
+@pytest.mark.parametrize("method", ["dhash", "whash", "ahash"])
+def test_dedupe_hash_method_is_selectable(tmp_path, method):
+    im = picture(8)
+    src = make_folder(tmp_path, {"a.png": (im, {}), "b.jpg": (im.resize((200, 150)), {"quality": 85}), "c.png": (picture(9), {})})
+    res = run_step("dedupe", src, tmp_path / "out", {"hash": method})
+    assert sorted(r.path for r in res.images) == ["a.png", "c.png"]
+    assert report(tmp_path)["hash"] == method
+
+
+def test_dedupe_sets_aside_unreadable_files(tmp_path):
+    good = tmp_path / "good.png"
+    picture(10).save(good)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good.read_bytes()[:200])
+    ctx = StepContext("dedupe", tmp_path / "work", tmp_path / "tmp", tmp_path / "out")
+    kept = DedupeStep.configure({}).run([Item(name="good", path=good), Item(name="broken", path=broken)], ctx)
+    assert [k.name for k in kept] == ["good"]
+    ((item, reason),) = ctx.set_aside_items
+    assert item.name == "broken" and "truncated" in reason
+
+
+def test_dedupe_hashes_only_new_files_on_a_second_run(tmp_path, monkeypatch):
+    files = []
+    for k in range(3):
+        files.append(tmp_path / f"p{k}.png")
+        picture(20 + k).save(files[-1])
+    ctx = StepContext("dedupe", tmp_path / "work", tmp_path / "tmp", tmp_path / "out")
+    step = DedupeStep.configure({"hash_workers": 1})
+    step.run([Item(name=f.stem, path=f) for f in files[:2]], ctx)
+    hashed = []
+    real = dedupe.hash_file
+    monkeypatch.setattr(dedupe, "hash_file", lambda path, *a: hashed.append(path) or real(path, *a))
+    step.run([Item(name=f.stem, path=f) for f in files], ctx)
+    assert hashed == [str(files[2])]
+
+
+def test_dedupe_hashes_in_worker_processes(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(dedupe.POOL_MIN_IMAGES):
+        picture(100 + k, (64, 48)).save(src / f"img{k:02d}.png")
+    picture(100, (64, 48)).save(src / "zcopy.png")
+    res = run_step("dedupe", src, tmp_path / "out", {"hash_workers": 2})
+    assert len(res.images) == dedupe.POOL_MIN_IMAGES
+    assert res.reasons() == {"zcopy": "exact duplicate of img00"}
