@@ -43,7 +43,9 @@ def state_dict(network, save_precision: str = "fp16") -> dict[str, torch.Tensor]
         tensors[f"{name}.alpha"] = torch.tensor(float(layer.lora_alpha["default"])).to(dtype)
         magnitude = _magnitude(layer)
         if magnitude is not None:
-            tensors[f"{name}.dora_scale"] = magnitude.detach().to("cpu", dtype).contiguous()
+            # LyCORIS's output-axis DoRA layout: one magnitude per output channel, shaped (out, 1[, 1, 1]).
+            shape = (up.shape[0],) + (1,) * (up.dim() - 1)
+            tensors[f"{name}.dora_scale"] = magnitude.detach().reshape(shape).to("cpu", dtype).contiguous()
     return tensors
 
 
@@ -70,6 +72,8 @@ def load_state_dict(network, tensors: dict[str, torch.Tensor], where: str) -> No
             continue
         else:
             raise LorakitError(f"{where}: unexpected key {key}")
+        if kind == "dora_scale" and target.numel() == value.numel():
+            value = value.reshape(target.shape)
         if tuple(target.shape) != tuple(value.shape):
             raise LorakitError(f"{where}: {key} has shape {tuple(value.shape)}, the network expects {tuple(target.shape)}")
         with torch.no_grad():
@@ -115,7 +119,7 @@ def metadata(*, config, data, manifest, base, network, epoch: int, step: int, ma
     if config.conv_dim:
         network_args.update(conv_dim=str(config.conv_dim), conv_alpha=str(config.conv_alpha))
     if config.dora:
-        network_args["dora_wd"] = "True"
+        network_args.update(dora_wd="True", wd_on_output="True")
     now = _dt.datetime.now(_dt.timezone.utc)
     resolution = data.resolution
     model_hash = tensors_hash(tensors)

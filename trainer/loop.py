@@ -128,7 +128,8 @@ class Trainer:
             self.base.unet.enable_gradient_checkpointing()
             for encoder in self.base.text_encoders:
                 if self.network.trains_text_encoder():
-                    encoder.gradient_checkpointing_enable()
+                    enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+                    enable()
         self.steps_per_epoch, self.epochs, self.total_steps = schedule(
             self.data_.batches_per_epoch(), config, self.accelerator.num_processes)
         groups = self.network.parameter_groups()
@@ -181,7 +182,8 @@ class Trainer:
                     return out.last_hidden_state, None
                 # clip skip N: the Nth-from-last layer, through the final layer norm (as A1111 does).
                 hidden = out.hidden_states[-self.config.clip_skip]
-                final_norm = self.accelerator.unwrap_model(self.text_encoders[0]).text_model.final_layer_norm
+                encoder = self.accelerator.unwrap_model(self.text_encoders[0])
+                final_norm = getattr(encoder, "text_model", encoder).final_layer_norm  # transformers 5: no text_model
                 return final_norm(hidden), None
             states = []
             pooled = None

@@ -106,10 +106,13 @@ def apply_lora(prefix: str, model: torch.nn.Module, targets: list[Target], *, do
     )
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     by_path = {t.path: t for t in targets}
+    # kohya names text encoder layers after transformers' classic CLIPTextModel layout
+    # (text_model.encoder.layers...); transformers 5 dropped the text_model level, so put it back.
+    classic = prefix.startswith("lora_te") and not any(p.startswith("text_model.") for p in by_path)
     layers = {}
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer) and path in by_path:
-            layers[kohya_name(prefix, path)] = module
+            layers[kohya_name(prefix, f"text_model.{path}" if classic else path)] = module
     missing = set(by_path) - {p for p, m in model.named_modules() if isinstance(m, LoraLayer)}
     if missing:
         raise RuntimeError(f"{prefix}: peft did not adapt {sorted(missing)[:3]}")

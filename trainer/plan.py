@@ -69,8 +69,8 @@ def estimate_memory(model: dict[str, Any], config, resolution: int, weight_bytes
         activations *= 0.25
     gb = 1024 ** 3
     total = weights + lora + activations
-    return {"weights": round(weights / gb, 2), "lora_and_optimizer": round(lora / gb, 2),
-            "activations": round(activations / gb, 2), "total": round(total / gb, 2)}
+    return {"weights": round(weights / gb, 4), "lora_and_optimizer": round(lora / gb, 4),
+            "activations": round(activations / gb, 4), "total": round(total / gb, 4)}
 
 
 def make_plan(manifest, data, config, model: dict[str, Any], device: str, precision: str,
