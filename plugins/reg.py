@@ -126,7 +126,7 @@ class RegStep(DatasetStep):
     name = "reg"
     summary = "Generate regularisation images with the base model (DreamBooth class prompt or per caption)."
     version = "1"
-    reads = frozenset({"caption", "tags", "subset"})
+    reads = frozenset({"image", "caption", "tags", "subset"})
     writes = frozenset({"image", "caption", "tags", "subset", "meta"})
     example = "lorakit reg tagged/ with_reg/ --base-model models/anything-v4.5.safetensors --mode captions"
     params = [

@@ -239,3 +239,21 @@ def test_other_model_file_types_are_refused(tmp_path):
 def test_tile_too_small_for_its_overlap_is_a_parameter_error():
     with pytest.raises(ParamError, match="tile"):
         UpscaleStep.configure({"model": "x.pth", "tile": 40, "tile_overlap": 32})
+
+
+def test_a_mask_made_earlier_is_resized_with_the_image(tmp_path, x2_safetensors):
+    from lorakit.plugin_sdk.testing import run_pipeline_dict
+
+    im = Image.new("RGBA", (40, 30), (255, 0, 0, 0))
+    im.paste((255, 0, 0, 255), (10, 5, 30, 25))
+    (tmp_path / "in").mkdir()
+    im.save(tmp_path / "in" / "cut.png")
+    res = run_pipeline_dict({
+        "output": str(tmp_path / "out"), "resolution": 64,
+        "sources": [{"folder": {"path": str(tmp_path / "in")}}],
+        "steps": [{"mask": {"backend": "alpha"}}, {"upscale": {"model": str(x2_safetensors), "downscale": False}}],
+    }, tmp_path)
+    rec = res.by_name("cut")
+    mask = Image.open(res.path(rec.mask))
+    assert (rec.width, rec.height) == (80, 60) and mask.size == (80, 60)
+    assert mask.getpixel((0, 0)) == 0 and mask.getpixel((40, 30)) == 255
