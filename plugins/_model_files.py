@@ -1,29 +1,28 @@
-"""Helpers shared by the model-backed steps (upscale, mask): identifying a model file's content."""
+"""Helpers shared by the model-backed steps (wd14, blip): a cheap, reliable identity for a model file."""
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
 
-_HASHES: dict[tuple[str, int, int], str] = {}
+_memo: dict[tuple[str, int, int], str] = {}
 
 
-def file_hash(path: str | os.PathLike) -> str:
-    """sha256 of a model file, remembered per (path, size, mtime) so each file is read once.
+def model_file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a model file, for cache keys: a result cached with one model is not reused with another.
 
-    Steps return it from ``cache_token()``: replacing a model under the same path invalidates the
-    cached results made with the old one.
+    Files in the Hugging Face cache are symlinks to blobs already named by their sha256, so those
+    cost nothing; local files are hashed once per size and modification time.
     """
-    path = Path(path).expanduser()
-    try:
-        st = path.stat()
-    except OSError:
-        return "missing"
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
+    real = Path(os.path.realpath(path))
+    if real.parent.name == "blobs" and len(real.name) == 64:
+        return real.name
+    stat = real.stat()
+    key = (str(real), stat.st_size, stat.st_mtime_ns)
+    if key not in _memo:
+        digest = hashlib.sha256()
+        with open(real, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        _HASHES[key] = h.hexdigest()
-    return _HASHES[key]
+                digest.update(block)
+        _memo[key] = digest.hexdigest()
+    return _memo[key]

@@ -1,7 +1,167 @@
-"""Built-in step module 'blip' (registered through lorakit's own entry points). Steps land in their issue."""
-from lorakit.plugin_sdk import hookimpl
+"""BLIP captioner: a natural-language sentence for each picture (transformers' BLIP models).
+
+Good for photos and realistic pictures, where booru tags do not fit. The model is a transformers
+folder or a Hugging Face repo id (weights must be ``model.safetensors``: pickled weights can run
+code when loaded, so they are refused).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from lorakit.plugin_sdk import ImageStep, Item, ModelNotFound, Param, ParamError, StepContext, hookimpl
+from lorakit.plugin_sdk import pick_device, resolve_model_files
+from lorakit.plugins._model_files import model_file_digest
+
+DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
+REQUIRED_FILES = ["config.json", "model.safetensors"]
+# Processor and tokenizer files; which of them a model has depends on the transformers version
+# that saved it. Missing ones are simply not there; the processor says if it lacks something.
+OPTIONAL_FILES = ["preprocessor_config.json", "processor_config.json", "tokenizer_config.json", "tokenizer.json",
+                  "vocab.txt", "special_tokens_map.json", "generation_config.json"]
+COMBINE_MODES = ("replace", "keep", "append")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def _flatten_on_white(image: Image.Image) -> Image.Image:
+    """RGB with transparency composited on white (a plain RGB conversion turns it black)."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        flat.alpha_composite(rgba)
+        return flat.convert("RGB")
+    return image.convert("RGB")
+
+
+class BlipStep(ImageStep):
+    """Caption each picture with a sentence from a BLIP model (default: BLIP large).
+
+    The sentence becomes the caption text (after any tags). `prefix` is written before every
+    sentence (e.g. your trigger word); `prompt` is text the model continues ("a photograph of").
+    Beam search with `beams` > 1 gives steadier sentences; `min_length`/`max_length` are in tokens
+    (a word is about 1.3 tokens). Runs on the GPU when there is one (half precision there).
+    """
+
+    name = "blip"
+    summary = "Caption images with a BLIP sentence (transformers), optionally after a prefix."
+    version = "1"
+    workers = 1
+    batch_size = 8
+    reads = frozenset({"image", "caption"})
+    writes = frozenset({"caption"})
+    example = 'lorakit blip photos/ captioned/ --prefix "ohwx woman," --beams 3'
+    params = [
+        Param("model", str, DEFAULT_MODEL,
+              "transformers BLIP captioning folder or Hugging Face repo id (needs model.safetensors)"),
+        Param("prefix", str, "", "text written before every caption, e.g. the trigger: 'ohwx woman,'"),
+        Param("prompt", str, "", "text the model continues, e.g. 'a photograph of' (kept in the caption)"),
+        Param("min_length", int, 5, "shortest caption, in tokens", min=1),
+        Param("max_length", int, 75, "longest caption, in tokens", min=2, max=512),
+        Param("beams", int, 3, "beam search width; 1 = greedy decoding (fastest)", min=1, max=16),
+        Param("repetition_penalty", float, 1.0, "above 1 discourages repeated words (1 = off)", min=1.0, max=5.0),
+        Param("combine", str, "replace",
+              "an existing caption: replace it, keep it (caption only pictures without one), or append after it",
+              choices=COMBINE_MODES),
+        Param("precision", str, "auto", "weights precision: auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16",
+              choices=PRECISIONS),
+    ]
+
+    @classmethod
+    def configure(cls, given=None, where=None) -> "BlipStep":
+        step = super().configure(given, where)
+        o = step.options
+        if o.min_length > o.max_length:
+            raise ParamError(cls.name, "min_length", o.min_length, f"at most max_length ({o.max_length})", where)
+        return step
+
+    # ----- model --------------------------------------------------------------------------------
+    def _model_folder(self) -> Path:
+        files = resolve_model_files(self.options.model, REQUIRED_FILES, "blip captioning model")
+        folder = files["config.json"].parent
+        if not Path(str(self.options.model)).expanduser().is_dir():
+            # A hub repo: fetch the processor files into the same snapshot folder (from the cache when offline).
+            for name in OPTIONAL_FILES:
+                try:
+                    resolve_model_files(self.options.model, [name], "blip captioning model")
+                except ModelNotFound:
+                    pass
+        return folder
+
+    def cache_token(self) -> str:
+        folder = self._model_folder()
+        return "blip:" + ",".join(model_file_digest(folder / name) for name in REQUIRED_FILES)
+
+    def setup(self, ctx: StepContext) -> None:
+        import torch
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        folder = self._model_folder()
+        self.device = pick_device(ctx.device)
+        precision = self.options.precision
+        if precision == "auto":
+            precision = "fp16" if self.device.startswith("cuda") else "fp32"
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        try:
+            self.processor = BlipProcessor.from_pretrained(folder)
+        except Exception as exc:
+            raise ModelNotFound(f"blip captioning model: cannot load the processor/tokenizer from {folder} "
+                                f"({type(exc).__name__}: {exc}); it needs {', '.join(OPTIONAL_FILES[:5])}") from None
+        try:
+            # safetensors only: pickled weights (pytorch_model.bin) can run code when loaded.
+            model = BlipForConditionalGeneration.from_pretrained(folder, use_safetensors=True, dtype=self.dtype)
+        except Exception as exc:
+            raise ModelNotFound(f"blip captioning model: cannot load {folder / 'model.safetensors'} "
+                                f"({type(exc).__name__}: {exc})") from None
+        self.model = model.to(self.device).eval()
+
+    # ----- captions -----------------------------------------------------------------------------
+    def captions(self, images: list[Image.Image]) -> list[str]:
+        """BLIP sentences for a batch of pictures."""
+        import torch
+
+        o = self.options
+        texts = [o.prompt] * len(images) if o.prompt else None
+        inputs = self.processor(images=[_flatten_on_white(im) for im in images], text=texts, return_tensors="pt")
+        inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                  for k, v in inputs.items()}
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, num_beams=o.beams, min_length=o.min_length, max_length=o.max_length,
+                                      repetition_penalty=o.repetition_penalty, do_sample=False)
+        return [" ".join(text.split()) for text in self.processor.batch_decode(out, skip_special_tokens=True)]
+
+    def _apply(self, item: Item, sentence: str) -> Item:
+        o = self.options
+        if o.prefix.strip():
+            sentence = f"{o.prefix.strip()} {sentence}".strip()
+        if o.combine == "append" and item.caption:
+            sentence = f"{item.caption.rstrip()} {sentence}"
+        return item.replace(caption=sentence)
+
+    def process_batch(self, items: list[Item], ctx: StepContext) -> list:
+        results: list = [None] * len(items)
+        images, todo = [], []
+        for n, item in enumerate(items):
+            if self.options.combine == "keep" and item.caption:
+                results[n] = item
+                continue
+            try:
+                images.append(item.open())
+                todo.append(n)
+            except Exception as exc:  # one broken picture is set aside; the batch goes on
+                results[n] = exc
+        if images:
+            for n, sentence in zip(todo, self.captions(images)):
+                results[n] = self._apply(items[n], sentence)
+        return results
+
+    def process(self, item: Item, ctx: StepContext) -> Item:
+        result = self.process_batch([item], ctx)[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
 
 @hookimpl
 def register_steps(register):
-    pass
+    register(BlipStep)

@@ -7,8 +7,6 @@ from the model: NHWC float32, BGR, 0..255, square (448 for the released models).
 from __future__ import annotations
 
 import csv
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from PIL import Image
 
 from lorakit.plugin_sdk import ImageStep, Item, LorakitError, ModelNotFound, Param, StepContext, hookimpl
 from lorakit.plugin_sdk import onnx_providers, resolve_model_files
+from lorakit.plugins._model_files import model_file_digest
 from lorakit.plugins._tagging import COMBINE_MODES, combine_tags, format_tag, style_params
 
 DEFAULT_MODEL = "SmilingWolf/wd-swinv2-tagger-v3"
@@ -82,22 +81,6 @@ def mcut_threshold(scores: np.ndarray) -> float:
     return float((ordered[i] + ordered[i + 1]) / 2)
 
 
-def _file_digest(path: Path, _memo: dict = {}) -> str:
-    """sha256 of a model file (hub cache blobs are already named by it), memoised by size and mtime."""
-    real = Path(os.path.realpath(path))
-    if real.parent.name == "blobs" and len(real.name) == 64:
-        return real.name
-    stat = real.stat()
-    key = (str(real), stat.st_size, stat.st_mtime_ns)
-    if key not in _memo:
-        digest = hashlib.sha256()
-        with open(real, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        _memo[key] = digest.hexdigest()
-    return _memo[key]
-
-
 class WD14Step(ImageStep):
     """Tag anime pictures with Danbooru tags using a WD1.4 / v3 tagger (SmilingWolf's ONNX models).
 
@@ -142,7 +125,7 @@ class WD14Step(ImageStep):
 
     def cache_token(self) -> str:
         files = self._model_files()
-        return "wd14:" + ",".join(_file_digest(files[name]) for name in MODEL_FILES)
+        return "wd14:" + ",".join(model_file_digest(files[name]) for name in MODEL_FILES)
 
     def setup(self, ctx: StepContext) -> None:
         import onnxruntime as ort

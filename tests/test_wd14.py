@@ -254,8 +254,13 @@ def test_a_folder_without_the_model_files_names_what_is_missing(tmp_path):
 
 
 def test_an_uncached_hub_model_offline_says_what_to_download(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    # huggingface_hub reads these once at import: set both the environment and its constants.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     step = WD14Step.configure({"model": "SmilingWolf/wd-vit-tagger-v3"})
     with pytest.raises(ModelNotFound) as err:
         step.setup(make_ctx(tmp_path))
