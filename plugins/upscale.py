@@ -191,6 +191,8 @@ class UpscaleStep(ImageStep):
         return file_hash(self.options.model)
 
     def setup(self, ctx) -> None:
+        import torch
+
         if getattr(self, "_model", None) is not None:
             return
         self._device = pick_device(self.options.device)
@@ -198,7 +200,7 @@ class UpscaleStep(ImageStep):
         self._model = load_upscaler(self.options.model, self._device, half)
         self._dtype = next(self._model.model.parameters()).dtype
         ctx.log(f"model {Path(self.options.model).name}: {self._model.architecture.name} x{self._model.scale} "
-                f"on {self._device}{' (fp16)' if self._dtype != _float32() else ''}")
+                f"on {self._device}{' (fp16)' if self._dtype == torch.float16 else ''}")
 
     # ----- one image ---------------------------------------------------------------------------
     def process(self, item, ctx):
@@ -278,12 +280,6 @@ class UpscaleStep(ImageStep):
         if pixels.shape[2] == 1:
             return Image.fromarray(pixels[:, :, 0], "L")
         return Image.fromarray(pixels[:, :, :3], "RGB")
-
-
-def _float32():
-    import torch
-
-    return torch.float32
 
 
 @hookimpl
