@@ -5,6 +5,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from lorakit.plugin_sdk import Param
+
 _memo: dict[tuple[str, int, int], str] = {}
 
 
@@ -26,3 +28,19 @@ def model_file_digest(path: str | os.PathLike) -> str:
                 digest.update(block)
         _memo[key] = digest.hexdigest()
     return _memo[key]
+
+
+def _check_device(value: str) -> None:
+    if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+        raise ValueError("auto, cpu, cuda or cuda:N")
+
+
+def device_param() -> Param:
+    """The ``device`` option of model steps: where the model runs."""
+    return Param("device", str, "auto", "where the model runs: auto (CUDA when present), cpu, cuda or cuda:N",
+                 validate=_check_device, type_name="auto, cpu, cuda or cuda:N")
+
+
+def chosen_device(option: str, ctx_device: str) -> str:
+    """The step's own device option wins over the run's (both default to auto)."""
+    return ctx_device if option == "auto" else option

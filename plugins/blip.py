@@ -12,7 +12,7 @@ from PIL import Image
 
 from lorakit.plugin_sdk import ImageStep, Item, ModelNotFound, Param, ParamError, StepContext, hookimpl
 from lorakit.plugin_sdk import pick_device, resolve_model_files
-from lorakit.plugins._model_files import model_file_digest
+from lorakit.plugins._model_files import chosen_device, device_param, model_file_digest
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 REQUIRED_FILES = ["config.json", "model.safetensors"]
@@ -65,6 +65,7 @@ class BlipStep(ImageStep):
               choices=COMBINE_MODES),
         Param("precision", str, "auto", "weights precision: auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16",
               choices=PRECISIONS),
+        device_param(),
     ]
 
     @classmethod
@@ -97,7 +98,7 @@ class BlipStep(ImageStep):
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         folder = self._model_folder()
-        self.device = pick_device(ctx.device)
+        self.device = pick_device(chosen_device(self.options.device, ctx.device))
         precision = self.options.precision
         if precision == "auto":
             precision = "fp16" if self.device.startswith("cuda") else "fp32"

@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image
 
 from lorakit.plugin_sdk import ImageStep, Item, LorakitError, ModelNotFound, Param, StepContext, hookimpl
-from lorakit.plugin_sdk import onnx_providers, resolve_model_files
-from lorakit.plugins._model_files import model_file_digest
+from lorakit.plugin_sdk import onnx_providers, pick_device, resolve_model_files
+from lorakit.plugins._model_files import chosen_device, device_param, model_file_digest
 from lorakit.plugins._tagging import COMBINE_MODES, combine_tags, format_tag, style_params
 
 DEFAULT_MODEL = "SmilingWolf/wd-swinv2-tagger-v3"
@@ -117,6 +117,7 @@ class WD14Step(ImageStep):
         Param("rating_tag", bool, False, "also add the rating (e.g. 'general') as the first tag"),
         Param("exclude", list, [], "tags never written (comma-separated), e.g. 'simple_background, white_background'"),
         *style_params("underscores"),
+        device_param(),
     ]
 
     # ----- model --------------------------------------------------------------------------------
@@ -132,8 +133,13 @@ class WD14Step(ImageStep):
 
         files = self._model_files()
         self.tags = read_selected_tags(files["selected_tags.csv"])
+        device = pick_device(chosen_device(self.options.device, ctx.device))  # cuda asked but absent: clear error
+        providers: list = onnx_providers("cpu" if device == "cpu" else "auto")
+        if device.startswith("cuda:"):
+            providers = [("CUDAExecutionProvider", {"device_id": int(device[5:])}) if p == "CUDAExecutionProvider"
+                         else p for p in providers]
         try:
-            self.session = ort.InferenceSession(str(files["model.onnx"]), providers=onnx_providers(ctx.device))
+            self.session = ort.InferenceSession(str(files["model.onnx"]), providers=providers)
         except Exception as exc:
             raise ModelNotFound(f"wd14 tagger model: cannot load {files['model.onnx']}: {exc}") from None
         model_input = self.session.get_inputs()[0]

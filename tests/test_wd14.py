@@ -306,3 +306,11 @@ def test_the_step_is_registered_through_the_entry_point():
 
     host = load_host()
     assert host.steps["wd14"] is WD14Step
+
+
+def test_an_unknown_device_is_refused_before_any_work():
+    from lorakit.plugin_sdk import ParamError
+
+    with pytest.raises(ParamError, match="device"):
+        WD14Step.configure({"device": "gpu"})
+    assert WD14Step.configure({"device": "cuda:1"}).options.device == "cuda:1"
