@@ -29,7 +29,7 @@ from lorakit.plugin_sdk import (
 from lorakit.plugins._image_models import file_hash
 
 BACKENDS = ("transparent-background", "alpha", "color")
-TB_MODES = ("base", "fast")
+TB_MODES = ("base", "fast", "base-nightly")
 # Pixels between these levels count as "grey" (neither clearly ignored nor clearly trained).
 GREY_LOW, GREY_HIGH = 32, 224
 
@@ -112,14 +112,17 @@ def tb_config() -> dict:
         if path.is_file():
             with open(path, encoding="utf-8") as fh:
                 data = yaml.safe_load(fh)
-            if isinstance(data, dict) and all(m in data for m in TB_MODES):
+            if isinstance(data, dict) and "base" in data:
                 return data
     raise LorakitError("transparent-background is not installed (pip install transparent-background)")
 
 
 def tb_checkpoint(mode: str, model: str | os.PathLike | None = None) -> Path:
     """The checkpoint to load: ``model`` if given, else where transparent-background keeps it."""
-    cfg = tb_config()[mode]
+    table = tb_config()
+    if mode not in table:
+        raise LorakitError(f"transparent-background has no mode '{mode}' (modes: {', '.join(table)})")
+    cfg = table[mode]
     if model is not None:
         path = Path(model).expanduser()
         if not path.is_file():
@@ -202,7 +205,8 @@ class MaskStep(ImageStep):
         Param("backend", str, "transparent-background", "how masks are made", choices=BACKENDS),
         Param("model", Path, None, "transparent-background checkpoint (.pth); default: "
               "~/.transparent-background/ckpt_<mode>.pth"),
-        Param("mode", str, "base", "transparent-background model: base (1024 px input, best) or fast (384 px)",
+        Param("mode", str, "base", "transparent-background model: base (1024 px input, best), fast (384 px) "
+              "or base-nightly",
               choices=TB_MODES),
         Param("device", str, "auto", "auto (CUDA when present), cpu, cuda or cuda:N"),
         Param("background", Color, None, "color backend: the background colour (default: the most common "
