@@ -64,6 +64,13 @@ def hash_image(im: Image.Image, method: str, hash_size: int) -> bytes:
     return np.packbits(np.asarray(bits, dtype=bool).ravel()).tobytes()
 
 
+def is_flat(im: Image.Image, spread: float = 2.0) -> bool:
+    """True for a (nearly) single-colour picture: its perceptual hash is all zeros whatever the
+    colour, so it can only be an exact duplicate, never a near one."""
+    small = im.convert("RGB").resize((32, 32), Image.Resampling.BOX)
+    return float(np.asarray(small, dtype=np.float64).std(axis=(0, 1)).max()) < spread
+
+
 def pixel_digest(im: Image.Image) -> str:
     """Identity of the decoded pixels: the same picture saved as PNG and BMP has the same digest."""
     rgba = im.convert("RGBA")
@@ -79,7 +86,7 @@ def hash_file(path: str, method: str, hash_size: int) -> dict:
     except ImageError as exc:
         return {"error": str(exc)}
     fmt = im.format
-    return {"hash": hash_image(im, method, hash_size).hex(), "pixels": pixel_digest(im),
+    return {"hash": hash_image(im, method, hash_size).hex(), "pixels": pixel_digest(im), "flat": is_flat(im),
             "width": im.size[0], "height": im.size[1], "format": fmt, "lossless": _is_lossless(Path(path), fmt)}
 
 
@@ -265,7 +272,7 @@ class DedupeStep(DatasetStep):
 
     name = "dedupe"
     summary = "Set aside exact and near-duplicate images (perceptual hash), keeping the best of each group."
-    version = "1"
+    version = "2"
     params = [
         Param("hash", str, "phash", "perceptual hash: phash (robust default), dhash, whash or ahash", choices=HASH_METHODS),
         Param("hash_size", int, 8, "hash side: 8 gives 64-bit hashes, 16 gives 256-bit ones", choices=(8, 16)),
@@ -297,11 +304,15 @@ class DedupeStep(DatasetStep):
         aside: set[int] = set()
         nbits = o.hash_size * o.hash_size
         for part in partitions:
-            words = hashes_to_words([bytes.fromhex(info[k]["hash"]) for k in part])
+            textured = [k for k in part if not info[k]["flat"]]
+            words = hashes_to_words([bytes.fromhex(info[k]["hash"]) for k in textured])
             labels, _ = group_duplicates(words, o.threshold, nbits)
-            members: dict[int, list[int]] = {}
+            members: dict[object, list[int]] = {}
             for row, label in enumerate(labels):
-                members.setdefault(int(label), []).append(part[row])
+                members.setdefault(int(label), []).append(textured[row])
+            for k in part:  # single-colour pictures: only identical pixels make duplicates
+                if info[k]["flat"]:
+                    members.setdefault(info[k]["pixels"], []).append(k)
             for group in members.values():
                 if len(group) < 2:
                     continue
@@ -353,7 +364,8 @@ class DedupeStep(DatasetStep):
             if item.pending_image is not None:
                 im = item.pending_image
                 results.append({"hash": hash_image(im, o.hash, o.hash_size).hex(), "pixels": pixel_digest(im),
-                                "width": im.size[0], "height": im.size[1], "format": "PNG", "lossless": True})
+                                "flat": is_flat(im), "width": im.size[0], "height": im.size[1], "format": "PNG",
+                                "lossless": True})
                 keys.append(None)
                 continue
             try:
@@ -365,6 +377,8 @@ class DedupeStep(DatasetStep):
                 continue
             keys.append(key)
             hit = cache.get(key)
+            if hit is not None and "flat" not in hit:
+                hit = None
             results.append(hit)
             if hit is None:
                 todo.append(k)

@@ -181,3 +181,13 @@ def test_dedupe_hashes_in_worker_processes(tmp_path):
     res = run_step("dedupe", src, tmp_path / "out", {"hash_workers": 2})
     assert len(res.images) == dedupe.POOL_MIN_IMAGES
     assert res.reasons() == {"zcopy": "exact duplicate of img00"}
+
+
+def test_dedupe_never_calls_single_colour_pictures_near_duplicates(tmp_path):
+    # Every flat picture has an all-zero perceptual hash; only identical pixels make them duplicates.
+    src = make_folder(tmp_path, {"red.png": (Image.new("RGB", (64, 64), "red"), {}),
+                                 "blue.png": (Image.new("RGB", (64, 64), "blue"), {}),
+                                 "blue_again.bmp": (Image.new("RGB", (64, 64), "blue"), {})})
+    res = run_step("dedupe", src, tmp_path / "out", {"threshold": 10})
+    assert sorted(r.path for r in res.images) == ["blue.png", "red.png"]
+    assert res.reasons() == {"blue_again": "exact duplicate of blue"}
