@@ -109,9 +109,19 @@ _CREDENTIAL_WORDS = re.compile(r"pass|secret|token|api[_-]?key|apikey|login|user
 _KEPT_FIELDS = ("id", "md5", "rating", "score", "fav_count", "source", "created_at", "parent_id", "pixiv_id",
                 "image_width", "image_height", "width", "height", "file_url", "file_ext", "extension",
                 "file_size", "search_tags")
-_RATINGS = {"g": "general", "s": "sensitive", "q": "questionable", "e": "explicit",
-            "general": "general", "sensitive": "sensitive", "questionable": "questionable", "explicit": "explicit",
-            "safe": "general"}
+_RATINGS = {"g": "general", "s": "sensitive", "q": "questionable", "e": "explicit", "safe": "general",
+            "general": "general", "sensitive": "sensitive", "questionable": "questionable", "explicit": "explicit"}
+
+
+def normalise_rating(value: Any, engine: str) -> Any:
+    """Danbooru's rating words (general, sensitive, questionable, explicit), as wd14 writes them.
+
+    On Danbooru ``s`` is *sensitive*; on Moebooru and older Gelbooru sites ``s`` is *safe* (general).
+    """
+    key = str(value).strip().lower()
+    if key == "s" and engine != "danbooru":
+        return "general"
+    return _RATINGS.get(key, value)
 
 
 def parse_site(spec: str, engine: str = "danbooru") -> Site:
@@ -187,6 +197,10 @@ class BooruStep(SourceStep):
         Param("site", str, "danbooru", "site name (danbooru, gelbooru, safebooru, yandere, konachan, ...) "
               "or the root URL of a self-hosted instance", validate=_check_site, type_name="a site name or URL"),
         Param("tags", str, help="the search, as typed on the site, e.g. '1girl solo -rating:explicit'"),
+        Param("local_tags", str, "",
+              "more tags checked on this machine instead of by the site (Danbooru searches two tags without "
+              "an account): plain tags, -tag to exclude, rating:x / -rating:x; e.g. 'solo -monochrome'",
+              validate=lambda v: local_filter(v)),
         Param("limit", int, 100, "download at most this many pictures", min=1),
         Param("categories", list, ["character", "copyright", "general"],
               "tag categories written to the caption, in this order (character, copyright, artist, general, meta)",
@@ -225,6 +239,7 @@ class BooruStep(SourceStep):
     def _search_key(self) -> str:
         o = self.options
         spec = {"root": self.site.root, "engine": self.site.engine, "tags": " ".join(o.tags.split()),
+                "local_tags": " ".join(o.local_tags.split()),
                 "limit": o.limit, "extensions": sorted(e.lower().lstrip(".") for e in o.extensions)}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -302,7 +317,7 @@ class BooruStep(SourceStep):
         meta["post_url"] = self.site.post_url(post.get("id"))
         meta["tags"] = post_tags(post)
         if "rating" in meta:
-            meta["rating"] = _RATINGS.get(str(meta["rating"]).lower(), meta["rating"])
+            meta["rating"] = normalise_rating(meta["rating"], self.site.engine)
         item_meta = {"booru": meta}
         if "rating" in meta:
             item_meta["rating"] = meta["rating"]
@@ -353,7 +368,7 @@ class BooruStep(SourceStep):
             "sleep-429": max(o.delay, 60.0) if o.retries else o.delay,
             "retries": o.retries,
             "timeout": 60,
-            "image-filter": f"extension.lower() in {exts!r}",
+            "image-filter": [f"extension.lower() in {exts!r}", *local_filter(o.local_tags)],
             "image-range": f"1-{o.limit}",
             "tags": site.engine != "danbooru",  # other engines: fetch tag categories (one page per post)
             "postprocessors": [{
@@ -444,7 +459,8 @@ def explain_failure(site: Site, options, code: int, stderr_lines: list[str]) -> 
                     "gallery-dl's config file.")
         if status == 422:
             return (f"{where}: the site refused the search (HTTP 422 {reason} for {url}). Danbooru allows two "
-                    "tags per search without an account (six with Gold); use fewer tags or log in.")
+                    "tags per search without an account (six with Gold): move the others to local_tags, "
+                    "or log in.")
         if status >= 500:
             return (f"{where}: the site failed (HTTP {status} {reason} for {url}) after {options.retries} "
                     "retries. Try again later; downloaded files are kept.")
@@ -454,6 +470,48 @@ def explain_failure(site: Site, options, code: int, stderr_lines: list[str]) -> 
     if "ConnectionError" in text or "ConnectTimeout" in text or "NameResolutionError" in text:
         return f"{where}: cannot reach the site ({text}). Check the address and your connection."
     return f"{where}: gallery-dl failed (exit status {code}): {text or 'no message'}"
+
+
+_RATING_LETTERS = {"g": "g", "general": "g", "s": "s", "sensitive": "s", "safe": "s", "q": "q",
+                   "questionable": "q", "e": "e", "explicit": "e"}
+
+
+def local_filter(spec: str) -> list[str]:
+    """gallery-dl filter expressions for tags checked locally (``solo -monochrome -rating:e``).
+
+    Each post's ``tags`` (a list on Danbooru, a space-separated string elsewhere) must hold every
+    plain tag and none of the ``-`` ones; ``rating:`` compares the post's rating letter.
+    """
+    required, excluded, ratings_in, ratings_out = set(), set(), set(), set()
+    for word in spec.split():
+        negated = word.startswith("-")
+        tag = word[1:] if negated else word
+        if not tag:
+            continue
+        head, sep, value = tag.partition(":")
+        if sep and head.lower() == "rating":
+            letters = set()
+            for r in value.lower().split(","):
+                if r not in _RATING_LETTERS:
+                    raise ValueError(f"a rating among general, sensitive, questionable, explicit, not {r!r}")
+                letters.add(_RATING_LETTERS[r])
+            (ratings_out if negated else ratings_in).update(letters)
+        elif is_namespaced(tag):
+            raise ValueError(f"plain tags, -tags and rating: (the site's other metatags such as {tag!r} "
+                             "only work in 'tags')")
+        else:
+            (excluded if negated else required).add(tag.lower())
+    post_tags_expr = "set(tags.split() if isinstance(tags, str) else tags)"
+    exprs = []
+    if required:
+        exprs.append(f"set({sorted(required)!r}) <= {post_tags_expr}")
+    if excluded:
+        exprs.append(f"not (set({sorted(excluded)!r}) & {post_tags_expr})")
+    if ratings_in:
+        exprs.append(f"str(rating)[:1].lower() in {sorted(ratings_in)!r}")
+    if ratings_out:
+        exprs.append(f"str(rating)[:1].lower() not in {sorted(ratings_out)!r}")
+    return exprs
 
 
 def _check_categories(values: list[str]) -> None:

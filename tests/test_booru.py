@@ -9,7 +9,7 @@ import pytest
 
 from lorakit.plugin_sdk import LorakitError, ParamError, StepContext
 from lorakit.plugin_sdk.testing import run_pipeline_dict
-from lorakit.plugins.booru import BooruStep, caption_tags, parse_site
+from lorakit.plugins.booru import BooruStep, caption_tags, normalise_rating, parse_site
 
 from booru_server import MockDanbooru, Post
 
@@ -253,3 +253,26 @@ def test_the_step_is_a_source_registered_through_the_entry_point():
     assert load_host().steps["booru"] is BooruStep
     ctx_fields = StepContext.__dataclass_fields__
     assert "work_dir" in ctx_fields  # downloads live in the persistent work folder
+
+
+def test_ratings_use_danbooru_words_whatever_the_engine():
+    assert normalise_rating("s", "danbooru") == "sensitive"
+    assert normalise_rating("s", "moebooru") == "general"  # Moebooru's s is "safe"
+    assert normalise_rating("e", "gelbooru_v02") == "explicit"
+    assert normalise_rating("questionable", "gelbooru") == "questionable"
+
+
+def test_local_tags_filter_posts_on_this_machine(tmp_path, server):
+    res = grab(tmp_path, server.root, tags="1girl", local_tags="-smile -rating:explicit")
+    assert {Path(r.path).stem for r in res.images} == {server.posts[0].md5}
+    assert server.paths("/posts.json")[0].startswith("/posts.json?tags=1girl&")  # the site saw one tag
+    assert len(file_requests(server)) == 1  # filtered posts were never downloaded
+    res = grab(tmp_path, server.root, out="out2", tags="1girl", local_tags="solo")
+    assert {Path(r.path).stem for r in res.images} == {server.posts[0].md5}
+
+
+def test_local_tags_accept_only_plain_tags_and_ratings():
+    with pytest.raises(ParamError, match="local_tags"):
+        BooruStep.configure({"site": "danbooru", "tags": "1girl", "local_tags": "order:score"})
+    with pytest.raises(ParamError, match="local_tags"):
+        BooruStep.configure({"site": "danbooru", "tags": "1girl", "local_tags": "rating:spicy"})
