@@ -104,3 +104,27 @@ def test_safetensors_that_is_not_a_base_model_is_refused(tmp_path):
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(path))
     with pytest.raises(LorakitError, match="not a Stable Diffusion checkpoint"):
         single_file_kind(path)
+
+
+def _fake_single_file(path, sdxl: bool):
+    from safetensors.torch import save_file
+
+    tensors = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}
+    if sdxl:
+        tensors["conditioner.embedders.1.model.ln_final.weight"] = torch.zeros(4)
+    else:
+        tensors["cond_stage_model.transformer.text_model.final_layer_norm.weight"] = torch.zeros(4)
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_single_file_kind_is_detected_from_tensor_names(tmp_path, sdxl):
+    path = _fake_single_file(tmp_path / "model.safetensors", sdxl)
+    assert single_file_kind(path)["is_sdxl"] is sdxl
+
+
+def test_single_file_offline_without_configs_says_what_to_download(tmp_path, offline):
+    path = _fake_single_file(tmp_path / "model.safetensors", sdxl=False)
+    with pytest.raises(ModelNotFound, match="stable-diffusion-v1-5/stable-diffusion-v1-5.*huggingface-cli download"):
+        load_pipeline(path)
