@@ -185,7 +185,8 @@ class BooruStep(SourceStep):
     missing, and a search that finished once is not asked again unless --refresh is given.
     Requests are at least one second apart. Credentials come from gallery-dl's own config file or
     from LORAKIT_<SITE>_LOGIN / LORAKIT_<SITE>_API_KEY (Gelbooru: _USER_ID / _API_KEY), never
-    from pipeline.yaml. Danbooru allows two search tags without an account.
+    from pipeline.yaml. Danbooru searches two tags without an account: put more in --local-tags,
+    checked on this machine before anything is downloaded.
     """
 
     name = "booru"
