@@ -25,7 +25,6 @@ from typing import Any, Iterator
 from urllib.parse import quote, urlsplit
 
 from lorakit.plugin_sdk import (
-    IMAGE_EXTENSIONS,
     Item,
     LorakitError,
     Param,
@@ -231,6 +230,14 @@ class BooruStep(SourceStep):
             raise ParamError(cls.name, "delay", step.options.delay,
                              "at least 1 second between requests to a public site (be polite)", where)
         return step
+
+    def setup(self, ctx: StepContext) -> None:
+        import importlib.util
+
+        # Look for gallery-dl without importing it (it runs as its own program).
+        if importlib.util.find_spec("gallery_dl") is None:
+            raise LorakitError(f"booru: gallery-dl is not installed for {sys.executable}; "
+                               "install it with: pip install gallery-dl")
 
     @property
     def site(self) -> Site:
@@ -572,4 +579,5 @@ def register_steps(register):
     register(BooruStep)
 
 
-__all__ = ["BooruStep", "Site", "parse_site", "post_tags", "caption_tags", "explain_failure", "IMAGE_EXTENSIONS"]
+__all__ = ["BooruStep", "Site", "parse_site", "post_tags", "caption_tags", "local_filter", "normalise_rating",
+           "explain_failure"]
