@@ -276,3 +276,21 @@ def test_local_tags_accept_only_plain_tags_and_ratings():
         BooruStep.configure({"site": "danbooru", "tags": "1girl", "local_tags": "order:score"})
     with pytest.raises(ParamError, match="local_tags"):
         BooruStep.configure({"site": "danbooru", "tags": "1girl", "local_tags": "rating:spicy"})
+
+
+def test_booru_tags_and_a_tagger_combine_in_one_pipeline(tmp_path, server):
+    pytest.importorskip("onnx")
+    from test_wd14 import build_tagger
+
+    model = build_tagger(tmp_path / "tagger", size=32)
+    res = run_pipeline_dict({
+        "output": str(tmp_path / "out"),
+        "sources": [{"booru": {"site": server.root, "tags": "1girl", "delay": 0, "retries": 0}}],
+        "steps": [{"wd14": {"model": str(model), "combine": "append", "device": "cpu"}}],
+    }, tmp_path)
+    rec = res.by_name(server.posts[0].md5)  # a red picture
+    names = [t["name"] for t in rec.tags]
+    assert names[:5] == ["hatsune_miku", "vocaloid", "1girl", "solo", "long_hair"]  # booru tags first, unscored
+    assert all(t["score"] is None for t in rec.tags[:5])
+    assert "red_theme" in names and rec.tags[names.index("red_theme")]["score"] >= 0.35  # scored by the tagger
+    assert rec.meta["booru"]["id"] == 1 and rec.meta["rating"] == "general"
