@@ -302,7 +302,7 @@ class BooruStep(SourceStep):
     # ----- items ----------------------------------------------------------------------------------
     @staticmethod
     def _file_of(files_dir: Path, post: dict[str, Any]) -> Path:
-        return files_dir / f"{post['md5']}.{post['extension']}"
+        return files_dir / f"{post['md5']}.{str(post['extension']).lower()}"
 
     def _item(self, files_dir: Path, post: dict[str, Any], ctx: StepContext) -> Item | None:
         o = self.options
@@ -369,7 +369,7 @@ class BooruStep(SourceStep):
         options: dict[str, Any] = {
             "base-directory": str(files_dir),
             "directory": [],
-            "filename": "{md5}.{extension}",
+            "filename": "{md5}.{extension!l}",
             "skip": True,
             "sleep-request": o.delay,
             "sleep": o.delay,
@@ -431,7 +431,7 @@ class BooruStep(SourceStep):
                     for line in lines:
                         if line.strip():
                             post = json.loads(line)
-                            name = f"{post.get('md5')}.{post.get('extension')}"
+                            name = f"{post.get('md5')}.{str(post.get('extension')).lower()}"
                             yield post, name in already_here
                 if finished:
                     break

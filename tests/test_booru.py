@@ -294,3 +294,12 @@ def test_booru_tags_and_a_tagger_combine_in_one_pipeline(tmp_path, server):
     assert all(t["score"] is None for t in rec.tags[:5])
     assert "red_theme" in names and rec.tags[names.index("red_theme")]["score"] >= 0.35  # scored by the tagger
     assert rec.meta["booru"]["id"] == 1 and rec.meta["rating"] == "general"
+
+
+def test_upper_case_extensions_are_handled(tmp_path):
+    posts = [Post(1, ["1girl"], ext="JPG")]
+    with MockDanbooru(posts) as srv:
+        res = grab(tmp_path, srv.root)
+        assert [r.path for r in res.images] == [f"{posts[0].md5}.jpg"]
+        again = grab(tmp_path, srv.root, refresh=True)
+        assert len(again.images) == 1 and len(file_requests(srv)) == 1
