@@ -247,7 +247,7 @@ class Runner:
                     stats.computed += len(chunk)
                     progress.update(task, advance=len(chunk))
 
-                if n_workers > 1 and len(todo) >= 2 * n_workers:
+                if n_workers > 1 and len(todo) >= max(16, 4 * n_workers):  # below that, process start-up costs more
                     self._run_pool(step, ctx, states, chunks, min(n_workers, len(chunks)), done)
                 else:
                     for chunk in chunks:

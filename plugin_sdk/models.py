@@ -45,6 +45,7 @@ def resolve_model_files(spec: str | os.PathLike, filenames: list[str], what: str
             raise ModelNotFound(
                 f"{what}: cannot get {name} from the hub repo {spec} ({type(exc).__name__}). "
                 f"Download {', '.join(filenames)} from https://huggingface.co/{spec} into a folder and pass "
-                "that folder instead, or run once while online to fill the Hugging Face cache."
+                "that folder instead, or run once while online to fill the Hugging Face cache "
+                "(set HF_HUB_OFFLINE=1 on a machine without network to fail fast)."
             ) from None
     return found
