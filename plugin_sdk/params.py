@@ -126,8 +126,8 @@ class Param:
     ``type`` is one of str, int, float, bool, Path, list (of strings), Percent, Color, or any
     callable that converts a value and raises ValueError when it cannot. ``choices`` restricts the
     value; ``min``/``max`` bound numbers; ``validate`` is an extra check that raises ValueError with
-    a message. ``secret`` parameters are refused in pipeline.yaml (credentials come from the
-    environment).
+    a message. Never declare credentials as parameters (pipeline files get shared): read them from
+    the environment or the tool's own config, as the booru step does.
     """
 
     name: str
