@@ -189,6 +189,7 @@ def test_transparent_background_network_makes_a_mask_of_the_image_size(tmp_path,
     assert any("transparent-background fast" in m for s in res.stats for m in s.messages)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch.meshgrid inside the package's Swin backbone
 def test_saliency_map_equals_what_transparent_backgrounds_remover_makes(tmp_path, monkeypatch, random_inspyrenet):
     import sys
 
