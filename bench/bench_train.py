@@ -167,6 +167,17 @@ def run_diffusers_example(model: str, dataset: str, size: int, batch: int, steps
     return {"seconds_per_step": _median_interval(stamps[1:])}
 
 
+def _peak_rss_gb() -> float:
+    """This process's own peak resident memory (VmHWM; ru_maxrss would carry the parent's over exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024 ** 2
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
 def child(args) -> None:
     import torch
 
@@ -174,7 +185,7 @@ def child(args) -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     result = fn(args.model, args.dataset, args.size, args.batch, args.steps, args.precision, args.checkpointing)
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    result["peak_rss_gb"] = _peak_rss_gb()
     if torch.cuda.is_available():
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1024 ** 3
     print("RESULT " + json.dumps(result))
