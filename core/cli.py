@@ -127,8 +127,10 @@ def print_summary(result) -> None:
                       f"{s.cached}/{s.inputs}" if s.inputs else "", f"{s.seconds:.1f}")
     console.print(table)
     for s in result.stats:
-        for m in s.messages:
+        for m in s.messages[:12]:
             console.print(f"  [cyan]{s.name}[/]: {m}", highlight=False)
+        if len(s.messages) > 12:
+            console.print(f"  [cyan]{s.name}[/]: ... and {len(s.messages) - 12} more lines", highlight=False)
     if result.set_aside:
         reasons = Counter((r.step, r.reason) for r in result.set_aside)
         console.print(f"[yellow]{len(result.set_aside)} image(s) set aside[/] (copies in {result.output_dir / 'set_aside'}):")

@@ -66,8 +66,11 @@ def _init_worker(step: ImageStep, ctx: StepContext, store_root: str) -> None:
     step.setup(ctx)
 
 
-def _worker_chunk(states: list[State]) -> list[dict]:
-    return apply_image_step(_WORKER["step"], _WORKER["ctx"], _WORKER["store"], states)
+def _worker_chunk(states: list[State]) -> tuple[list[dict], list[str]]:
+    ctx = _WORKER["ctx"]
+    results = apply_image_step(_WORKER["step"], ctx, _WORKER["store"], states)
+    messages, ctx.messages[:] = list(ctx.messages), []
+    return results, messages  # log lines travel back to the main process with the results
 
 
 def apply_image_step(step: ImageStep, ctx: StepContext, store: Store, states: list[State]) -> list[dict]:
@@ -284,7 +287,8 @@ class Runner:
                     for fut in finished:
                         chunk = pending.pop(fut)
                         try:
-                            chunk_results = fut.result()
+                            chunk_results, messages = fut.result()
+                            ctx.messages.extend(messages)
                         except Exception as exc:  # a worker crashed (segfault, OOM): retry next run
                             chunk_results = [{"aside": f"worker process failed: {reason_of(exc)}", "final": False}] * len(chunk)
                         done(chunk, chunk_results)

@@ -16,7 +16,7 @@
     def register_steps(register):
         register(Sepia)
 """
-from .devices import onnx_providers, pick_device
+from .devices import chosen_device, device_param, onnx_providers, pick_device
 from .errors import LorakitError, ModelNotFound, ParamError, SkipImage
 from .hookspecs import hookimpl, hookspec
 from .images import (
@@ -33,7 +33,7 @@ from .images import (
     verify_image,
 )
 from .item import Item
-from .models import resolve_model_files
+from .models import model_file_digest, resolve_model_files
 from .params import REQUIRED, Color, Param, Params, Percent, validate_params
 from .steps import DatasetStep, ImageStep, SourceStep, Step, StepContext, reason_of
 from .subset import Subset
@@ -46,5 +46,5 @@ __all__ = [
     "LorakitError", "ParamError", "SkipImage", "ModelNotFound", "ImageError",
     "open_image", "verify_image", "save_image", "image_size", "atomic_path", "atomic_write_bytes", "atomic_write_text",
     "IMAGE_EXTENSIONS", "MAX_PIXELS", "PNG_COMPRESS_LEVEL",
-    "pick_device", "onnx_providers", "resolve_model_files",
+    "pick_device", "onnx_providers", "device_param", "chosen_device", "resolve_model_files", "model_file_digest",
 ]

@@ -38,3 +38,21 @@ def onnx_providers(preference: str = "auto") -> list[str]:
             providers.append("CUDAExecutionProvider")
     providers.append("CPUExecutionProvider")
     return providers
+
+
+def _check_device(value: str) -> None:
+    if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+        raise ValueError("auto, cpu, cuda or cuda:N")
+
+
+def device_param():
+    """The ``device`` option of a model-backed step: where the model runs (default auto)."""
+    from .params import Param
+
+    return Param("device", str, "auto", "where the model runs: auto (CUDA when present), cpu, cuda or cuda:N",
+                 validate=_check_device, type_name="auto, cpu, cuda or cuda:N")
+
+
+def chosen_device(option: str, ctx_device: str) -> str:
+    """The step's own device option wins over the run's (both default to auto)."""
+    return ctx_device if option == "auto" else option

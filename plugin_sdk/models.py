@@ -5,6 +5,7 @@ hub cache, ``ModelNotFound`` says exactly what to download and where to put it.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -49,3 +50,30 @@ def resolve_model_files(spec: str | os.PathLike, filenames: list[str], what: str
                 "(set HF_HUB_OFFLINE=1 on a machine without network to fail fast)."
             ) from None
     return found
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def model_file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a model file, for ``cache_token()``: results made with one model are not reused with another.
+
+    Files in the Hugging Face cache are symlinks to blobs already named by their sha256, so those
+    cost nothing; other files are hashed once per (path, size, modification time). A missing file
+    gives ``"missing"`` (the step's setup() reports it properly).
+    """
+    real = Path(os.path.realpath(Path(path).expanduser()))
+    if real.parent.name == "blobs" and len(real.name) == 64:
+        return real.name
+    try:
+        stat = real.stat()
+    except OSError:
+        return "missing"
+    key = (str(real), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(real, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]

@@ -11,8 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from lorakit.plugin_sdk import ImageStep, Item, ModelNotFound, Param, ParamError, StepContext, hookimpl
-from lorakit.plugin_sdk import pick_device, resolve_model_files
-from lorakit.plugins._model_files import chosen_device, device_param, model_file_digest
+from lorakit.plugin_sdk import chosen_device, device_param, model_file_digest, pick_device, resolve_model_files
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 REQUIRED_FILES = ["config.json", "model.safetensors"]

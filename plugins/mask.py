@@ -26,7 +26,7 @@ from PIL import Image
 from lorakit.plugin_sdk import (
     Color, ImageStep, LorakitError, ModelNotFound, Param, Percent, SkipImage, hookimpl, pick_device,
 )
-from lorakit.plugins._image_models import file_hash
+from lorakit.plugin_sdk import model_file_digest
 
 BACKENDS = ("transparent-background", "alpha", "color")
 TB_MODES = ("base", "fast", "base-nightly")
@@ -230,7 +230,7 @@ class MaskStep(ImageStep):
         if self.options.backend != "transparent-background":
             return ""
         try:
-            return file_hash(tb_checkpoint(self.options.mode, self.options.model))
+            return model_file_digest(tb_checkpoint(self.options.mode, self.options.model))
         except LorakitError:
             return "missing"  # setup() reports the missing checkpoint before any image is processed
 

@@ -115,6 +115,10 @@ class TriggersStep(DatasetStep):
         for subset_name in sorted(by_subset):
             indexes = by_subset[subset_name]
             subset = ctx.subset(subset_name)
+            if subset.is_reg and not subset.triggers and subset_name not in o.outfit_triggers:
+                # regularisation images show the class without the subject: the global trigger is not theirs
+                ctx.log(f"subset {subset_name}: regularisation images, left without a trigger ({len(indexes)} images)")
+                continue
             outfit = _unique(o.outfit_triggers.get(subset_name, []))
             outfit_keys = {key(t) for t in outfit}
             character = [t for t in _unique(list(o.trigger) + list(subset.triggers)) if key(t) not in outfit_keys]

@@ -19,7 +19,7 @@ from PIL import Image
 from lorakit.plugin_sdk import (
     ImageStep, LorakitError, ModelNotFound, Param, ParamError, hookimpl, pick_device,
 )
-from lorakit.plugins._image_models import file_hash
+from lorakit.plugin_sdk import model_file_digest
 
 MODEL_SUFFIXES = (".safetensors", ".pth")
 
@@ -188,7 +188,7 @@ class UpscaleStep(ImageStep):
         _check_tiling(self.name, self.options.tile, self.options.tile_overlap)
 
     def cache_token(self) -> str:
-        return file_hash(self.options.model)
+        return model_file_digest(self.options.model)
 
     def setup(self, ctx) -> None:
         import torch

@@ -14,8 +14,9 @@ import numpy as np
 from PIL import Image
 
 from lorakit.plugin_sdk import ImageStep, Item, LorakitError, ModelNotFound, Param, StepContext, hookimpl
-from lorakit.plugin_sdk import onnx_providers, pick_device, resolve_model_files
-from lorakit.plugins._model_files import chosen_device, device_param, model_file_digest
+from lorakit.plugin_sdk import (
+    chosen_device, device_param, model_file_digest, onnx_providers, pick_device, resolve_model_files,
+)
 from lorakit.plugins._tagging import COMBINE_MODES, combine_tags, format_tag, style_params
 
 DEFAULT_MODEL = "SmilingWolf/wd-swinv2-tagger-v3"

@@ -65,3 +65,17 @@ class CountSubset(DatasetStep):
 
 
 TEST_STEPS = [InvertStep, TagStep, InterruptAfter, CountSubset]
+
+
+class LoggingStep(ImageStep):
+    """Logs one line per image (to check that log lines from worker processes reach the summary)."""
+
+    name = "logline"
+    summary = "Log a line per image (test step)."
+
+    def process(self, item, ctx):
+        ctx.log(f"saw {item.name}")
+        return item
+
+
+TEST_STEPS.append(LoggingStep)

@@ -173,3 +173,12 @@ def test_written_manifest_matches_its_schema_and_the_files(tmp_path, images_dir)
     (tmp_path / "out" / "a" / "red.txt").write_text("changed")
     with pytest.raises(AssertionError, match="caption file differs"):
         assert_valid_manifest(tmp_path / "out")
+
+
+def test_log_lines_from_worker_processes_reach_the_summary(tmp_path, images_dir):
+    for i in range(20):
+        Image.new("RGB", (20, 20), (i, 0, 0)).save(images_dir / f"n{i:02}.png")
+    res = run_pipeline_dict(_pipeline(tmp_path, images_dir, ["logline"]), tmp_path, TEST_STEPS, workers=2)
+    expected = {"saw red", "saw blue", "saw green"} | {f"saw n{i:02}" for i in range(20)}
+    messages = _stat(res, "logline").messages
+    assert len(messages) == 23 and set(messages) == expected

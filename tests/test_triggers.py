@@ -254,3 +254,13 @@ def test_category_rules_leave_composition_actions_and_garment_states_alone():
                "navel cleavage collarbone full_body speech_bubble signature watermark monochrome light_smile "
                "open_jacket holding_hat wet_clothes skirt_lift covering_ears torn_clothes").split()
     assert {t: tag_rules.categories_of(t) for t in neutral if tag_rules.categories_of(t)} == {}
+
+
+def test_the_global_trigger_is_not_added_to_regularisation_subsets(tmp_path):
+    from lorakit.plugin_sdk import Subset
+
+    out, ctx = run_direct([item("1girl, green_hair, smile", "mychar", "a"), item("1girl, smile", "reg_1girl", "r")],
+                          {"trigger": "CharaA"}, subsets={"reg_1girl": Subset("reg_1girl", is_reg=True)}, tmp=tmp_path)
+    assert tags_of(out[0]).startswith("CharaA")
+    assert tags_of(out[1]) == "1girl, smile"
+    assert ctx.subsets["reg_1girl"].triggers == []
