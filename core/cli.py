@@ -83,7 +83,7 @@ def _load(path: str):
     if pipeline.train is not None:
         from lorakit.trainer.api import validate_settings
 
-        train_config = validate_settings(pipeline.train, f"{path}: train")
+        train_config = validate_settings(pipeline.train, f"{path}: train", base_dir=Path(path).resolve().parent)
     return pipeline, train_config
 
 
