@@ -44,6 +44,39 @@ def _register_avif() -> None:
 _register_avif()
 
 
+@contextmanager
+def _guarded(path: Path, limit: int) -> Iterator[None]:
+    """Decode under a pixel cap; turn every way a file can be unusable into one clear ImageError."""
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(f"{path}: empty file (0 bytes)")
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read file ({exc.strerror})") from None
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{path}: refused as a possible decompression bomb ({exc})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image (unrecognised content, whatever the extension says)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct_error) as exc:
+        raise ImageError(f"{path}: broken or truncated image ({exc})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _check_size(path: Path, im: Image.Image, limit: int) -> None:
+    w, h = im.size
+    if w * h > limit:
+        raise ImageError(f"{path}: {w}x{h} = {w * h} pixels is over the decode limit of {limit} "
+                         "(possible decompression bomb; raise LORAKIT_MAX_PIXELS if it is genuine)")
+
+
 def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
     """Open and fully decode an image, refusing empty, broken, non-image and oversized files.
 
@@ -52,36 +85,10 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     """
     path = Path(path)
     limit = MAX_PIXELS if max_pixels is None else max_pixels
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read file ({exc.strerror})") from None
-    if size == 0:
-        raise ImageError(f"{path}: empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            old = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = limit
-            try:
-                im = Image.open(path)
-                w, h = im.size
-                if w * h > limit:
-                    raise ImageError(
-                        f"{path}: {w}x{h} = {w * h} pixels is over the decode limit of {limit} "
-                        "(possible decompression bomb; raise LORAKIT_MAX_PIXELS if it is genuine)"
-                    )
-                im.load()
-            finally:
-                Image.MAX_IMAGE_PIXELS = old
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{path}: refused as a possible decompression bomb ({exc})") from None
-    except Image.UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image (unrecognised content, whatever the extension says)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{path}: broken or truncated image ({exc})") from None
+    with _guarded(path, limit):
+        im = Image.open(path)
+        _check_size(path, im, limit)
+        im.load()
     return im
 
 
@@ -138,30 +145,9 @@ def verify_image(path: str | os.PathLike, max_pixels: int | None = None) -> tupl
     """
     path = Path(path)
     limit = MAX_PIXELS if max_pixels is None else max_pixels
-    try:
-        if path.stat().st_size == 0:
-            raise ImageError(f"{path}: empty file (0 bytes)")
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read file ({exc.strerror})") from None
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = limit
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-                if w * h > limit:
-                    raise ImageError(f"{path}: {w}x{h} = {w * h} pixels is over the decode limit of {limit} "
-                                     "(possible decompression bomb; raise LORAKIT_MAX_PIXELS if it is genuine)")
-                im.verify()
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{path}: refused as a possible decompression bomb ({exc})") from None
-    except Image.UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image (unrecognised content, whatever the extension says)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct_error) as exc:
-        raise ImageError(f"{path}: broken or truncated image ({exc})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
-    return w, h
+    with _guarded(path, limit):
+        with Image.open(path) as im:
+            _check_size(path, im, limit)
+            size = im.size
+            im.verify()
+    return size
