@@ -58,19 +58,22 @@ class RunResult:
 
 
 # ----- worker side --------------------------------------------------------------------------
-_WORKER: dict[str, Any] = {}
+_WORKER: dict[str, Any] = {"steps": {}}
 
 
-def _init_worker(step: ImageStep, ctx: StepContext, store_root: str) -> None:
-    _WORKER["step"], _WORKER["ctx"], _WORKER["store"] = step, ctx, Store(Path(store_root))
-    step.setup(ctx)
+def _init_worker(store_root: str) -> None:
+    _WORKER["store"] = Store(Path(store_root))
 
 
-def _worker_chunk(states: list[State]) -> tuple[list[dict], list[str]]:
-    ctx = _WORKER["ctx"]
-    results = apply_image_step(_WORKER["step"], ctx, _WORKER["store"], states)
-    messages, ctx.messages[:] = list(ctx.messages), []
-    return results, messages  # log lines travel back to the main process with the results
+def _worker_chunk(step: ImageStep, step_key: str, ctx: StepContext, states: list[State]) -> tuple[list[dict], list[str]]:
+    """Run one chunk in a worker. The pool outlives a step, so each configured step is set up once
+    per worker process and kept (its models stay loaded) for the rest of the run."""
+    steps = _WORKER["steps"]
+    if step_key not in steps:
+        step.setup(ctx)
+        steps[step_key] = step
+    results = apply_image_step(steps[step_key], ctx, _WORKER["store"], states)
+    return results, list(ctx.messages)  # log lines travel back to the main process with the results
 
 
 def apply_image_step(step: ImageStep, ctx: StepContext, store: Store, states: list[State]) -> list[dict]:
@@ -111,6 +114,8 @@ class Runner:
         self.subsets: dict[str, Subset] = {}
         self.set_aside: list[tuple[State, str, str]] = []  # (state, step, reason)
         self.stats: list[StepStats] = []
+        self._executor: ProcessPoolExecutor | None = None
+        self._executor_size = 0
 
     def _ctx(self, step) -> StepContext:
         work = self.store.root / "steps" / step.name
@@ -126,6 +131,15 @@ class Runner:
 
     # ----- main entry ------------------------------------------------------------------------
     def run(self) -> RunResult:
+        try:
+            return self._run()
+        except BaseException:
+            self._shutdown_pool(cancel=True)
+            raise
+        finally:
+            self._shutdown_pool()
+
+    def _run(self) -> RunResult:
         self.output.mkdir(parents=True, exist_ok=True)
         states = self._run_sources()
         self._apply_subset_config(states)
@@ -274,27 +288,39 @@ class Runner:
         self.stats.append(stats)
         return out
 
+    def _pool(self, n_workers: int) -> ProcessPoolExecutor:
+        """One pool of spawned workers for the whole run (starting processes costs about a second)."""
+        if self._executor is None or self._executor_size < n_workers:
+            self._shutdown_pool()
+            self._executor = ProcessPoolExecutor(max_workers=n_workers, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_init_worker, initargs=(str(self.store.root),))
+            self._executor_size = n_workers
+        return self._executor
+
+    def _shutdown_pool(self, cancel: bool = False) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=not cancel, cancel_futures=cancel)
+            self._executor = None
+
     def _run_pool(self, step, ctx, states, chunks, n_workers, done) -> None:
-        mp = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=n_workers, mp_context=mp, initializer=_init_worker,
-                                 initargs=(step, ctx, str(self.store.root))) as pool:
-            pending = {}
-            try:
-                for chunk in chunks:
-                    pending[pool.submit(_worker_chunk, [states[i] for i in chunk])] = chunk
-                while pending:
-                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        chunk = pending.pop(fut)
-                        try:
-                            chunk_results, messages = fut.result()
-                            ctx.messages.extend(messages)
-                        except Exception as exc:  # a worker crashed (segfault, OOM): retry next run
-                            chunk_results = [{"aside": f"worker process failed: {reason_of(exc)}", "final": False}] * len(chunk)
-                        done(chunk, chunk_results)
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+        pool = self._pool(n_workers)
+        step_key = digest({"class": f"{type(step).__module__}.{type(step).__qualname__}",
+                           "options": step.options.as_json(), "token": step.cache_token()})
+        worker_ctx = StepContext(**{**ctx.__dict__, "messages": [], "set_aside_items": [], "reports": {}})
+        pending = {}
+        for chunk in chunks:
+            pending[pool.submit(_worker_chunk, step, step_key, worker_ctx, [states[i] for i in chunk])] = chunk
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                chunk = pending.pop(fut)
+                try:
+                    chunk_results, messages = fut.result()
+                    ctx.messages.extend(messages)
+                except Exception as exc:  # a worker crashed (segfault, OOM): these images are retried next run
+                    chunk_results = [{"aside": f"worker process failed: {reason_of(exc)}", "final": False}] * len(chunk)
+                    self._shutdown_pool(cancel=True)
+                done(chunk, chunk_results)
 
     # ----- dataset steps ---------------------------------------------------------------------
     def _run_dataset_step(self, cfg: ConfiguredStep, states: list[State]) -> list[State]:
