@@ -21,6 +21,8 @@ from lorakit.plugin_sdk import hookspecs
 ENTRY_POINT_GROUP = "lorakit"
 ENV_LOAD_PLUGINS = "LORAKIT_LOAD_PLUGINS"
 BUILTIN_DISTRIBUTION = "lorakit"
+# Options every generated command or pipeline entry already has; a step cannot declare them.
+RESERVED_PARAMS = frozenset({"subset", "workers", "resolution", "input_dir", "output_dir", "input_path"})
 
 
 @dataclass
@@ -70,6 +72,10 @@ def _valid_step_class(cls) -> str | None:
         return f"{cls.__name__}.name must be a non-empty word (letters, digits, - or _), not {cls.name!r}"
     if not cls.summary:
         return f"{cls.__name__} (step '{cls.name}') has no summary"
+    taken = {p.name for p in cls.params} & RESERVED_PARAMS
+    if taken:
+        return (f"{cls.__name__} (step '{cls.name}') declares parameter(s) {', '.join(sorted(taken))}, "
+                f"reserved by the host ({', '.join(sorted(RESERVED_PARAMS))})")
     return None
 
 

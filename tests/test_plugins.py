@@ -111,3 +111,21 @@ def test_two_plugins_claiming_one_step_name_the_second_is_refused():
     host = load_host(extra_plugins=[First(), Second()])
     assert host.steps["invert"] is InvertStep
     assert "already taken" in host.plugins[-1].error
+
+
+def test_a_step_declaring_a_host_reserved_parameter_is_refused():
+    from lorakit.plugin_sdk import ImageStep, Param
+
+    class Clash(ImageStep):
+        name = "clash"
+        summary = "Declares --workers (test)."
+        params = [Param("workers", int, 2, "clashes with the host's --workers")]
+
+    class Plugin:
+        @hookimpl
+        def register_steps(self, register):
+            register(Clash)
+
+    host = load_host(extra_plugins=[Plugin()])
+    assert "clash" not in host.steps
+    assert "reserved by the host" in host.plugins[-1].error
