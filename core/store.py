@@ -20,17 +20,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lorakit.plugin_sdk import PNG_COMPRESS_LEVEL, Item, atomic_path, atomic_write_text
+from lorakit.plugin_sdk import PNG_COMPRESS_LEVEL, Item, atomic_path, atomic_write_text, file_digest
 
 State = dict[str, Any]
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path)
 
 
 def digest(data: Any) -> str:

@@ -27,6 +27,7 @@ from .images import (
     atomic_path,
     atomic_write_bytes,
     atomic_write_text,
+    file_digest,
     image_size,
     open_image,
     save_image,
@@ -44,7 +45,7 @@ __all__ = [
     "Item", "Subset",
     "Param", "Params", "Percent", "Color", "REQUIRED", "validate_params",
     "LorakitError", "ParamError", "SkipImage", "ModelNotFound", "ImageError",
-    "open_image", "verify_image", "save_image", "image_size", "atomic_path", "atomic_write_bytes", "atomic_write_text",
+    "file_digest", "open_image", "verify_image", "save_image", "image_size", "atomic_path", "atomic_write_bytes", "atomic_write_text",
     "IMAGE_EXTENSIONS", "MAX_PIXELS", "PNG_COMPRESS_LEVEL",
     "pick_device", "onnx_providers", "device_param", "chosen_device", "resolve_model_files", "model_file_digest",
 ]

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tempfile
@@ -90,6 +91,15 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
         _check_size(path, im, limit)
         im.load()
     return im
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks (sha256 by default; md5 for booru checks)."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -5,11 +5,11 @@ hub cache, ``ModelNotFound`` says exactly what to download and where to put it.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from .errors import ModelNotFound
+from .images import file_digest
 
 
 def _looks_like_repo(spec: str) -> bool:
@@ -71,9 +71,5 @@ def model_file_digest(path: str | os.PathLike) -> str:
         return "missing"
     key = (str(real), stat.st_size, stat.st_mtime_ns)
     if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with open(real, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        _DIGESTS[key] = digest.hexdigest()
+        _DIGESTS[key] = file_digest(real)
     return _DIGESTS[key]

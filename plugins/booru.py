@@ -26,6 +26,7 @@ from urllib.parse import quote, urlsplit
 
 from lorakit.plugin_sdk import (
     Item,
+    file_digest,
     LorakitError,
     Param,
     ParamError,
@@ -529,11 +530,7 @@ def _check_categories(values: list[str]) -> None:
 
 
 def _md5_of(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 def _user_config_files(explicit: Path | None) -> list[Path]:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lorakit.buckets import make_buckets, select_bucket
-from lorakit.plugin_sdk import LorakitError, open_image
+from lorakit.plugin_sdk import LorakitError, file_digest, open_image
 
 
 @dataclass
@@ -227,11 +227,7 @@ def load_mask(image: TrainImage, latent_size: tuple[int, int], flip: bool) -> to
 
 # ----- latent cache -----------------------------------------------------------------------------
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path)
 
 
 def vae_fingerprint(vae) -> str:
