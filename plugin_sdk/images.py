@@ -25,6 +25,9 @@ MAX_PIXELS = int(os.environ.get("LORAKIT_MAX_PIXELS", str(16384 * 16384)))
 # and the files are a few percent larger: a good trade for a dataset that is rewritten often.
 PNG_COMPRESS_LEVEL = 3
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".jxl"}
 
 
@@ -114,6 +117,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=target.suffix, dir=target.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -182,3 +182,15 @@ def test_log_lines_from_worker_processes_reach_the_summary(tmp_path, images_dir)
     expected = {"saw red", "saw blue", "saw green"} | {f"saw n{i:02}" for i in range(20)}
     messages = _stat(res, "logline").messages
     assert len(messages) == 23 and set(messages) == expected
+
+
+def test_written_files_get_the_usual_permissions_not_private_temp_ones(tmp_path, images_dir):
+    import os
+    import stat
+
+    run_step(InvertStep, images_dir, tmp_path / "out")
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("red.png", "red.txt", "manifest.json"):
+        mode = stat.S_IMODE((tmp_path / "out" / name).stat().st_mode)
+        assert mode == 0o666 & ~umask, (name, oct(mode))
