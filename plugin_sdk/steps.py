@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import inspect
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 from .errors import SkipImage
 from .item import Item
@@ -60,6 +61,24 @@ class StepContext:
         target = self.output_dir / "reports" / f"{self.step_name}-{name}.json"
         atomic_write_text(target, json.dumps(data, indent=2, ensure_ascii=False, default=str))
         return target
+
+    @contextmanager
+    def progress(self, total: int, description: str = "") -> Iterator[Callable[[int], None]]:
+        """A progress bar for long work inside a dataset or source step; yields ``advance(n=1)``.
+
+            with ctx.progress(len(todo), "hashing") as advance:
+                for path in todo:
+                    ...
+                    advance()
+        """
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        label = f"[bold]{self.step_name}[/]" + (f" {description}" if description else "")
+        columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(self.step_name, total=total)
+            yield lambda n=1: bar.advance(task, n)
 
     def subset(self, name: str) -> Subset:
         """The subset called ``name``, created with defaults if it is new."""

@@ -250,14 +250,6 @@ def group_duplicates(words: np.ndarray, threshold: int, nbits: int | None = None
 
 
 # ----- the step ------------------------------------------------------------------------------
-def _progress(total: int, description: str):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), transient=True, disable=total < 200)
-
-
 class DedupeStep(DatasetStep):
     """Find exact and near-duplicate images and keep one of each group. Exact duplicates have the
     same decoded pixels (whatever the file format); near duplicates have perceptual hashes within
@@ -385,8 +377,7 @@ class DedupeStep(DatasetStep):
         if todo:
             args = [(str(items[k].path), o.hash, o.hash_size) for k in todo]
             workers = o.hash_workers or os.cpu_count() or 1
-            with _progress(len(todo), f"dedupe: hashing {len(todo)} images") as progress:
-                task = progress.add_task("hash", total=len(todo))
+            with ctx.progress(len(todo), f"hashing {len(todo)} images") as advance:
                 if workers > 1 and len(todo) >= POOL_MIN_IMAGES:
                     import multiprocessing
 
@@ -394,11 +385,11 @@ class DedupeStep(DatasetStep):
                     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
                         for k, res in zip(todo, pool.map(_hash_file_star, args, chunksize=chunksize)):
                             results[k] = res
-                            progress.update(task, advance=1)
+                            advance()
                 else:
                     for k, a in zip(todo, args):
                         results[k] = hash_file(*a)
-                        progress.update(task, advance=1)
+                        advance()
             for k in todo:
                 if "error" not in results[k]:  # errors are not cached: a fixed file is retried
                     cache[keys[k]] = results[k]

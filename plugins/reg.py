@@ -257,8 +257,6 @@ class RegStep(DatasetStep):
 
     def _generate(self, todo: list[RegJob], targets: dict[int, Path], ctx) -> None:
         import torch
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         from lorakit.trainer.models import load_pipeline
 
@@ -278,9 +276,7 @@ class RegStep(DatasetStep):
             else:
                 batches.append([job])
 
-        columns = (TextColumn("[bold]reg[/] generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-            task = progress.add_task("reg", total=len(todo))
+        with ctx.progress(len(todo), "generating") as advance:
             for batch in batches:
                 generators = [torch.Generator(device="cpu").manual_seed(job.seed) for job in batch]
                 result = pipe(
@@ -292,7 +288,7 @@ class RegStep(DatasetStep):
                 )
                 for job, image in zip(batch, result.images):
                     save_image(image.convert("RGB"), targets[job.index])
-                progress.advance(task, len(batch))
+                advance(len(batch))
         del pipe
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
