@@ -261,7 +261,7 @@ def step_command(cls: type[Step]) -> click.Command:
                                help="training resolution the step may use (512 SD1.5, 1024 SDXL)"))
 
     def callback(output_dir, input_dir=None, input_path=None, workers=None, resolution=512, **values):
-        from .pipeline import parse_pipeline
+        from .pipeline import _Lines, parse_pipeline
         from .runner import Runner
 
         host = get_host()
@@ -275,7 +275,7 @@ def step_command(cls: type[Step]) -> click.Command:
             source = "dataset" if (src / "manifest.json").is_file() else "folder"
             data = {"output": output_dir, "resolution": resolution, "sources": [{source: {"path": str(src)}}],
                     "steps": [{cls.name: given}]}
-        pipeline = parse_pipeline(data, host, Path.cwd(), path=None)
+        pipeline = parse_pipeline(data, host, Path.cwd(), lines=_Lines(None, f"lorakit {cls.name}"), path=None)
         result = Runner(pipeline, console=console, workers=workers).run()
         print_summary(result)
 
