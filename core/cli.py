@@ -283,5 +283,12 @@ def step_command(cls: type[Step]) -> click.Command:
     return click.Command(cls.name, params=params, callback=callback, help=help_text, short_help=cls.summary)
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # `kill` ends a run like Ctrl-C: finished results stay cached
+
+
 def main():
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="lorakit")

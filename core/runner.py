@@ -141,6 +141,7 @@ class Runner:
 
     def _run(self) -> RunResult:
         self.output.mkdir(parents=True, exist_ok=True)
+        _remove_partial_files(self.output)
         states = self._run_sources()
         self._apply_subset_config(states)
         for cfg in self.pipeline.steps:
@@ -448,6 +449,13 @@ class Runner:
             images=images, set_aside=aside_records, pipeline=_jsonable(self.pipeline.raw),
             resolution=self.pipeline.resolution,
         )
+
+
+def _remove_partial_files(folder: Path) -> None:
+    """Delete temporary files a killed run left behind (atomic writes never leave them otherwise)."""
+    for tmp in folder.rglob(".tmp-*"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
 
 
 def _folder(sub: Subset) -> str:

@@ -194,3 +194,43 @@ def test_written_files_get_the_usual_permissions_not_private_temp_ones(tmp_path,
     for name in ("red.png", "red.txt", "manifest.json"):
         mode = stat.S_IMODE((tmp_path / "out" / name).stat().st_mode)
         assert mode == 0o666 & ~umask, (name, oct(mode))
+
+
+def test_a_killed_run_resumes_and_its_partial_files_are_cleaned_up(tmp_path, images_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for i in range(60):
+        Image.new("RGB", (400, 400), (i, 2 * i, 3 * i)).save(images_dir / f"k{i:02}.png")
+    (tmp_path / "pipeline.yaml").write_text(
+        f"output: out\nworkers: 1\nsources:\n  - folder: {{path: {images_dir}}}\nsteps:\n  - slow: {{seconds: 0.1}}\n")
+    (tmp_path / "slowplugin.py").write_text(
+        "import time\nfrom lorakit.plugin_sdk import ImageStep, Param, hookimpl\n"
+        "class Slow(ImageStep):\n    name='slow'; summary='Sleep per image (test).'; workers=1\n"
+        "    params=[Param('seconds', float, 0.1, 'sleep')]\n"
+        "    def process(self, item, ctx):\n        time.sleep(self.options.seconds)\n        return item\n"
+        "@hookimpl\ndef register_steps(register):\n    register(Slow)\n")
+    (tmp_path / "run.py").write_text(
+        "import sys\nsys.path.insert(0, sys.argv[1])\nimport slowplugin\nfrom lorakit.host import get_host, load_host\n"
+        "import lorakit.host as h\nhost = load_host(extra_plugins=[slowplugin])\nh.get_host = lambda: host\n"
+        "import lorakit.cli as c\nc.get_host = lambda: host\nsys.argv = ['lorakit', 'run', sys.argv[2]]\nc.main()\n")
+    (tmp_path / "out" / "sub").mkdir(parents=True)
+    (tmp_path / "out" / "sub" / ".tmp-leftover.png").write_bytes(b"partial")
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(tmp_path), str(tmp_path / "pipeline.yaml")],
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(6)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Interrupted" in err
+    done = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path), str(tmp_path / "pipeline.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    import json
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert len(manifest["images"]) == 63
+    assert not list((tmp_path / "out").rglob(".tmp-*"))
+    import re
+    cached = int(re.search(r"slow\W+image\W+63\W+63\W+(\d+)/63", done.stderr).group(1))
+    assert 0 < cached < 63  # the killed run's finished images were not redone
