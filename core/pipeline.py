@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from lorakit.plugin_sdk import LorakitError, ParamError, SourceStep, Step, Subset
+from lorakit.plugin_sdk import LorakitError, ModelRef, SourceStep, Step, Subset
 from lorakit.plugin_sdk.subset import SUBSET_FIELDS
 
 from .host import Host
@@ -119,8 +119,11 @@ def _resolve_paths(step_cls: type[Step], params: dict[str, Any], base: Path) -> 
     """Relative Path parameters are relative to the pipeline file's folder."""
     out = dict(params)
     for p in step_cls.params:
-        if p.type is Path and isinstance(out.get(p.name), str) and not os.path.isabs(os.path.expanduser(out[p.name])):
-            out[p.name] = str(base / out[p.name])
+        value = out.get(p.name)
+        if not isinstance(value, str) or os.path.isabs(os.path.expanduser(value)):
+            continue
+        if p.type is Path or (p.type is ModelRef and (base / value).exists()):
+            out[p.name] = str(base / value)  # a ModelRef that is no local path stays a hub id
     return out
 
 

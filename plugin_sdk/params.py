@@ -26,6 +26,14 @@ class Percent(float):
     """A percentage such as ``20%`` (ImageMagick style) or ``20``; the value is the number of percent."""
 
 
+class ModelRef(str):
+    """A model given as a local file or folder, or as a Hugging Face hub repo id (``owner/name``).
+
+    In pipeline.yaml a relative value that names an existing path next to the pipeline file is made
+    absolute; anything else is kept as written (a hub id).
+    """
+
+
 class Color(tuple):
     """An RGB colour: a name (``white``), ``#rrggbb``, ``#rgb`` or ``rgb(r,g,b)``; the value is (r, g, b)."""
 
@@ -38,6 +46,7 @@ _TYPE_NAMES = {
     Path: "a path",
     Percent: "a percentage such as 20%",
     Color: "a colour such as white or #ffffff",
+    ModelRef: "a model file or folder, or a hub repo id",
     list: "a list of strings",
 }
 
@@ -49,6 +58,7 @@ _JSON_TYPES = {
     Path: {"type": "string"},
     Percent: {"type": ["string", "number"], "pattern": r"^\s*[0-9.]+\s*%?\s*$"},
     Color: {"type": "string"},
+    ModelRef: {"type": "string"},
     list: {"type": ["array", "string"], "items": {"type": "string"}},
 }
 
@@ -100,6 +110,10 @@ def _coerce(type_: type, value: Any) -> Any:
             if m:
                 return Percent(float(m.group(1)))
         raise ValueError
+    if type_ is ModelRef:
+        if isinstance(value, (str, Path)) and str(value).strip():
+            return ModelRef(str(value).strip())
+        raise ValueError
     if type_ is Color:
         from PIL import ImageColor
 
@@ -123,7 +137,7 @@ def _coerce(type_: type, value: Any) -> Any:
 class Param:
     """One parameter of a step.
 
-    ``type`` is one of str, int, float, bool, Path, list (of strings), Percent, Color, or any
+    ``type`` is one of str, int, float, bool, Path, list (of strings), Percent, Color, ModelRef, or any
     callable that converts a value and raises ValueError when it cannot. ``choices`` restricts the
     value; ``min``/``max`` bound numbers; ``validate`` is an extra check that raises ValueError with
     a message. Never declare credentials as parameters (pipeline files get shared): read them from
@@ -205,7 +219,7 @@ class Param:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, Path):
+    if isinstance(value, (Path, ModelRef)):
         return str(value)
     if isinstance(value, Percent):
         return f"{float(value):g}%"
@@ -270,4 +284,4 @@ def validate_params(step: str, declared: Sequence[Param], given: dict[str, Any],
     return Params(values)
 
 
-__all__ = ["Param", "Params", "Percent", "Color", "REQUIRED", "validate_params", "field"]
+__all__ = ["Param", "Params", "Percent", "Color", "ModelRef", "REQUIRED", "validate_params", "field"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from lorakit.plugin_sdk import ImageStep, Item, ModelNotFound, Param, ParamError, StepContext, hookimpl
+from lorakit.plugin_sdk import ImageStep, Item, ModelNotFound, ModelRef, Param, ParamError, StepContext, hookimpl
 from lorakit.plugin_sdk import chosen_device, device_param, model_file_digest, pick_device, resolve_model_files
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
@@ -51,7 +51,7 @@ class BlipStep(ImageStep):
     writes = frozenset({"caption"})
     example = 'lorakit blip photos/ captioned/ --prefix "ohwx woman," --beams 3'
     params = [
-        Param("model", str, DEFAULT_MODEL,
+        Param("model", ModelRef, DEFAULT_MODEL,
               "transformers BLIP captioning folder or Hugging Face repo id (needs model.safetensors)"),
         Param("prefix", str, "", "text written before every caption, e.g. the trigger: 'ohwx woman,'"),
         Param("prompt", str, "", "text the model continues, e.g. 'a photograph of' (kept in the caption)"),

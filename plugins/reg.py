@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorakit.plugin_sdk import DatasetStep, Item, LorakitError, Param, hookimpl, open_image, pick_device, save_image
+from lorakit.plugin_sdk import DatasetStep, Item, LorakitError, ModelRef, Param, hookimpl, open_image, pick_device, save_image
 
 MODES = ("dreambooth", "captions")
 DEFAULT_NEGATIVE = "lowres, worst quality, low quality, bad anatomy, bad hands, watermark, signature, text"
@@ -130,9 +130,9 @@ class RegStep(DatasetStep):
     writes = frozenset({"image", "caption", "tags", "subset", "meta"})
     example = "lorakit reg tagged/ with_reg/ --base-model models/anything-v4.5.safetensors --mode captions"
     params = [
-        Param("base_model", str, help="the base model: a .safetensors checkpoint, a diffusers folder or a hub id "
+        Param("base_model", ModelRef, help="the base model: a .safetensors checkpoint, a diffusers folder or a hub id "
               "(use the model you will train on)"),
-        Param("vae", str, None, "a VAE to use instead of the model's own (.safetensors, folder or hub id)"),
+        Param("vae", ModelRef, None, "a VAE to use instead of the model's own (.safetensors, folder or hub id)"),
         Param("mode", str, "dreambooth", "dreambooth: N images of the class prompt; captions: one image per "
               "training caption without its triggers", choices=MODES),
         Param("class_subset", list, [], "the training subset(s) to regularise (default: every non-reg subset)"),

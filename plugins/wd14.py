@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lorakit.plugin_sdk import ImageStep, Item, LorakitError, ModelNotFound, Param, StepContext, hookimpl
+from lorakit.plugin_sdk import ImageStep, Item, LorakitError, ModelNotFound, ModelRef, Param, StepContext, hookimpl
 from lorakit.plugin_sdk import (
     chosen_device, device_param, model_file_digest, onnx_providers, pick_device, resolve_model_files,
 )
@@ -101,7 +101,7 @@ class WD14Step(ImageStep):
     writes = frozenset({"tags", "meta"})
     example = "lorakit wd14 raw/ tagged/ --general-threshold 0.35 --combine union"
     params = [
-        Param("model", str, DEFAULT_MODEL,
+        Param("model", ModelRef, DEFAULT_MODEL,
               "folder with model.onnx and selected_tags.csv, or a Hugging Face repo id such as "
               "SmilingWolf/wd-vit-tagger-v3 or SmilingWolf/wd-v1-4-moat-tagger-v2"),
         Param("general_threshold", float, 0.35, "keep general tags scoring at least this", min=0, max=1),

@@ -83,3 +83,12 @@ def test_schema_command_prints_json():
     proc = run_cli("schema")
     assert proc.returncode == 0
     assert json.loads(proc.stdout)["title"] == "lorakit pipeline"
+
+
+def test_model_references_resolve_local_paths_and_keep_hub_ids(tmp_path, images_dir):
+    (tmp_path / "models" / "tagger").mkdir(parents=True)
+    p = _write(tmp_path, f"output: out\nsources:\n  - folder: {{path: {images_dir}}}\n"
+                         "steps:\n  - wd14: {model: models/tagger}\n  - blip: {model: Salesforce/blip-image-captioning-large}\n")
+    pipeline = load_pipeline(p, get_host())
+    assert pipeline.steps[0].step.options.model == str(tmp_path / "models" / "tagger")
+    assert pipeline.steps[1].step.options.model == "Salesforce/blip-image-captioning-large"
