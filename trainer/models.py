@@ -156,12 +156,15 @@ def _load_vae(vae: str | os.PathLike, dtype):
     raise ModelNotFound(f"VAE: {vae} is neither an existing file or folder nor a hub repo id (owner/name)")
 
 
-def _single_file_error(path: Path, what: str, exc: Exception, is_sdxl: bool | None = None) -> LorakitError:
+def _single_file_error(path: Path, what: str, exc: Exception, is_sdxl: bool | None = None,
+                       config: str | None = None) -> LorakitError:
     text = f"{type(exc).__name__}: {exc}"
     offline_words = ("offline", "connect", "resolve", "Cannot find", "LocalEntryNotFound", "couldn't", "Max retries",
                      "HF_HUB_OFFLINE", "not found in the cache", "Network")
-    if any(w.lower() in text.lower() for w in offline_words):
-        repo = DEFAULT_CONFIG_REPOS[bool(is_sdxl)]
+    # A local config folder needs no download, so only a hub config (the user's or the standard one)
+    # can be what is missing offline.
+    if not (config and os.path.isdir(config)) and any(w.lower() in text.lower() for w in offline_words):
+        repo = config or DEFAULT_CONFIG_REPOS[bool(is_sdxl)]
         return ModelNotFound(
             f"{what}: loading the single-file checkpoint {path} needs the model configuration of {repo} "
             f"(a few kB of JSON), which is not in the Hugging Face cache and cannot be downloaded now. Run once "
@@ -194,13 +197,14 @@ def load_pipeline(spec: str | os.PathLike, *, vae: str | os.PathLike | None = No
         cls = _pipeline_class(kind["is_sdxl"])
         kwargs: dict[str, Any] = {_dtype_kw(): dtype, **extra}
         if config is not None:
-            kwargs["config"] = str(config)
+            # diffusers takes a string that is not an existing folder for a hub id, so expand ``~``.
+            kwargs["config"] = os.path.expanduser(str(config))
         if not kind["is_sdxl"]:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         try:
             pipe = cls.from_single_file(str(path), **kwargs)
         except Exception as exc:
-            raise _single_file_error(path, "base model", exc, kind["is_sdxl"]) from None
+            raise _single_file_error(path, "base model", exc, kind["is_sdxl"], kwargs.get("config")) from None
         if v_prediction is None and kind["v_prediction"]:
             v_prediction = True
     elif path.is_dir():
