@@ -6,11 +6,12 @@ is noise; tests use them to prove loading, training and LoRA round trips, never 
 
     from tests.tiny_models import build_tiny_sd15, build_tiny_sdxl
     folder = build_tiny_sd15(tmp_path / "sd15")           # a diffusers folder
-    single = export_tiny_sd15_single_file(folder, tmp_path / "sd15.safetensors")
+    single = save_tiny_sd15_single_file(folder, tmp_path / "sd15.safetensors")   # original LDM layout
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -160,6 +161,122 @@ def build_tiny_sdxl(path: str | Path, *, seed: int = 0, prediction_type: str = "
     pipe.save_pretrained(path, safe_serialization=True)
     _remove_tree(tok_dir)
     return path
+
+
+# ----- single-file checkpoints in the original (LDM / "CompVis") key layout --------------------------
+# What model sites distribute: one .safetensors with ``model.diffusion_model.*`` (UNet),
+# ``first_stage_model.*`` (VAE) and ``cond_stage_model.transformer.*`` (CLIP text encoder). The
+# mapping below is the inverse of diffusers' single-file conversion (convert_ldm_unet_checkpoint,
+# convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint), written for the block counts of the
+# model's own config so that tiny non-standard UNets and VAEs get the right LDM block indices.
+_UNET_RESNET_PARTS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
+                      "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_UNET_TOP_LEVEL = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                   "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_VAE_ATTENTION_PARTS = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _unet_key_to_ldm(key: str, config: dict) -> str:
+    """One diffusers UNet2DConditionModel key -> its name under ``model.diffusion_model.``."""
+    per_block = config["layers_per_block"]
+    if not isinstance(per_block, int):
+        raise ValueError(f"layers_per_block must be one number for the LDM layout, got {per_block!r}")
+    for diffusers_name, ldm_name in _UNET_TOP_LEVEL.items():
+        if key.startswith(diffusers_name + "."):
+            return ldm_name + key[len(diffusers_name):]
+
+    def resnet(rest: str) -> str:
+        part, _, tail = rest.partition(".")
+        return f"{_UNET_RESNET_PARTS[part]}.{tail}"
+
+    # LDM numbers the down path as one flat list: input_blocks.0 is conv_in, then each level has
+    # layers_per_block (resnet [+ attention]) entries and, except the last level, a downsampler.
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        level, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = 1 + level * (per_block + 1) + layer
+        return f"input_blocks.{index}.0.{resnet(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"input_blocks.{1 + int(m[1]) * (per_block + 1) + per_block}.0.op.{m[2]}"
+    # The middle block is resnet, attention, resnet.
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"middle_block.{2 * int(m[1])}.{resnet(m[2])}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+        return f"middle_block.1.{m[1]}"
+    # The up path has layers_per_block + 1 entries per level; a level's upsampler sits in its last
+    # entry, after the resnet (slot 1) or after the resnet and the attention (slot 2).
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        level, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = level * (per_block + 1) + layer
+        return f"output_blocks.{index}.0.{resnet(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        level = int(m[1])
+        slot = 2 if "CrossAttn" in config["up_block_types"][level] else 1
+        return f"output_blocks.{level * (per_block + 1) + per_block}.{slot}.conv.{m[2]}"
+    raise ValueError(f"no LDM name for UNet weight {key}")
+
+
+def _vae_key_to_ldm(key: str, tensor: torch.Tensor, config: dict) -> tuple[str, torch.Tensor]:
+    """One diffusers AutoencoderKL key (and tensor) -> its name under ``first_stage_model.``."""
+    key = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(.+)", key):
+        return f"encoder.down.{m[1]}.block.{m[2]}", tensor
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.+)", key):
+        return f"encoder.down.{m[1]}.downsample.{m[2]}", tensor
+    # The decoder's up levels are numbered the other way round in LDM.
+    last = len(config["up_block_types"]) - 1
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(.+)", key):
+        return f"decoder.up.{last - int(m[1])}.block.{m[2]}", tensor
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key):
+        return f"decoder.up.{last - int(m[1])}.upsample.{m[2]}", tensor
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}", tensor
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key):
+        part = _VAE_ATTENTION_PARTS[m[2]]
+        # LDM's attention projections are 1x1 convolutions, diffusers' are linear layers.
+        if m[3] == "weight" and part != "norm":
+            tensor = tensor[:, :, None, None]
+        return f"{m[1]}.mid.attn_1.{part}.{m[3]}", tensor
+    if re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out|norm_out)\.(weight|bias)", key) \
+            or re.fullmatch(r"(post_)?quant_conv\.(weight|bias)", key):
+        return key, tensor
+    raise ValueError(f"no LDM name for VAE weight {key}")
+
+
+def save_tiny_sd15_single_file(pipeline_folder: str | Path, target_file: str | Path) -> Path:
+    """Write the SD1.5 diffusers pipeline in ``pipeline_folder`` as ONE original-layout .safetensors.
+
+    The result is what a model site distributes (and what ``from_single_file`` converts back):
+    ``model.diffusion_model.*``, ``first_stage_model.*`` and ``cond_stage_model.transformer.*``.
+    """
+    from safetensors.torch import load_file, save_file
+
+    folder, target = Path(pipeline_folder), Path(target_file)
+    tensors: dict[str, torch.Tensor] = {}
+
+    def weights(part: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        config = json.loads((folder / part / "config.json").read_text(encoding="utf-8"))
+        state: dict[str, torch.Tensor] = {}
+        for file in sorted((folder / part).glob("*.safetensors")):
+            state.update(load_file(str(file)))
+        if not state:
+            raise FileNotFoundError(f"{folder / part}: no .safetensors weights")
+        return config, state
+
+    config, unet = weights("unet")
+    for key, tensor in unet.items():
+        tensors["model.diffusion_model." + _unet_key_to_ldm(key, config)] = tensor
+    config, vae = weights("vae")
+    for key, tensor in vae.items():
+        name, tensor = _vae_key_to_ldm(key, tensor, config)
+        tensors["first_stage_model." + name] = tensor
+    _, text_encoder = weights("text_encoder")
+    for key, tensor in text_encoder.items():
+        # transformers >= 5.6 saves CLIPTextModel without the ``text_model.`` level; LDM files have it.
+        name = key if key.startswith("text_model.") else "text_model." + key
+        tensors["cond_stage_model.transformer." + name] = tensor
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(target))
+    return target
 
 
 def _remove_tree(folder: Path) -> None:
