@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,15 @@ def run_cli(*args: str, env_extra: dict | None = None, cwd: Path | None = None, 
     env["COLUMNS"] = "200"
     return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=600)
+
+
+def write_png_bomb(path: Path, side: int) -> None:
+    """A real PNG of side x side black 1-bit pixels: tiny on disk, huge when decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\x00" * (1 + (side + 7) // 8)
+    comp = zlib.compressobj(9)
+    body = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))

@@ -1,8 +1,6 @@
 """convert: every input format to an 8-bit RGB/RGBA PNG, animations to one PNG per frame."""
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +8,7 @@ import pytest
 from PIL import Image
 
 from lorakit.plugin_sdk import ImageError, Item, StepContext
+from conftest import write_png_bomb
 from lorakit.plugin_sdk.testing import run_step
 from lorakit.plugins.convert import ConvertStep
 
@@ -190,19 +189,8 @@ def test_convert_sets_aside_bad_files_and_converts_the_rest(tmp_path):
     assert not list((tmp_path / "out").rglob(".tmp-*"))
 
 
-def _png_bomb(path: Path, side: int) -> None:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    row = b"\x00" * (1 + (side + 7) // 8)
-    comp = zlib.compressobj(9)
-    body = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
-
-
 def test_convert_refuses_a_decompression_bomb_before_decoding_it(tmp_path):
-    _png_bomb(tmp_path / "bomb.png", 20000)
+    write_png_bomb(tmp_path / "bomb.png", 20000)
     ctx = StepContext("convert", tmp_path / "work", tmp_path / "tmp", tmp_path / "out")
     with pytest.raises(ImageError, match="decompression bomb"):
         ConvertStep().process(Item(name="bomb", path=tmp_path / "bomb.png"), ctx)

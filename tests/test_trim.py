@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import zlib
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 from PIL import Image
 
 from lorakit.plugin_sdk import ParamError
+from conftest import write_png_bomb
 from lorakit.plugin_sdk.testing import run_step
 from lorakit.plugins._imageops import fuzz_from_percent, trim_array, trim_box
 from lorakit.plugins.trim import TrimStep
@@ -174,18 +173,6 @@ def test_trim_accepts_imagemagick_fuzz_syntax_and_refuses_nonsense():
         TrimStep.configure({"fuzz": "150%"})
 
 
-def _png_bomb(path: Path, side: int) -> None:
-    """A real PNG of side x side black 1-bit pixels: tiny on disk, huge when decoded."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    row = b"\x00" * (1 + (side + 7) // 8)
-    comp = zlib.compressobj(9)
-    body = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
-
-
 def test_trim_sets_aside_broken_files_and_processes_the_rest(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
@@ -196,7 +183,7 @@ def test_trim_sets_aside_broken_files_and_processes_the_rest(tmp_path):
     (src / "notes.jpg").write_text("this is not a picture")
     data = (src / "good.png").read_bytes()
     (src / "cut.png").write_bytes(data[: len(data) // 2])
-    _png_bomb(src / "bomb.png", 20000)
+    write_png_bomb(src / "bomb.png", 20000)
     res = run_step("trim", src, tmp_path / "out", {"fuzz": "5%"})
     assert [Path(r.path).stem for r in res.images] == ["good"]
     reasons = res.reasons()
