@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -266,7 +267,7 @@ class Runner:
                     progress.update(task, advance=len(chunk))
 
                 if n_workers > 1 and len(todo) >= max(16, 4 * n_workers):  # below that, process start-up costs more
-                    self._run_pool(step, ctx, states, chunks, min(n_workers, len(chunks)), done)
+                    self._run_pool(step, base, ctx, states, chunks, min(n_workers, len(chunks)), done)
                 else:
                     for chunk in chunks:
                         done(chunk, apply_image_step(step, ctx, self.store, [states[i] for i in chunk]))
@@ -303,10 +304,10 @@ class Runner:
             self._executor.shutdown(wait=not cancel, cancel_futures=cancel)
             self._executor = None
 
-    def _run_pool(self, step, ctx, states, chunks, n_workers, done) -> None:
+    def _run_pool(self, step, base, ctx, states, chunks, n_workers, done) -> None:
         pool = self._pool(n_workers)
-        step_key = digest({"class": f"{type(step).__module__}.{type(step).__qualname__}",
-                           "options": step.options.as_json(), "token": step.cache_token()})
+        # ``base`` already holds options and cache token: cache_token() may hash or resolve a model
+        step_key = digest({"class": f"{type(step).__module__}.{type(step).__qualname__}", **base})
         worker_ctx = StepContext(**{**ctx.__dict__, "messages": [], "set_aside_items": [], "reports": {}})
         pending = {}
         for chunk in chunks:
@@ -390,8 +391,7 @@ class Runner:
                 new_ledger[rel] = prev
                 return
             with atomic_path(target) as tmp:
-                with open(blob_path, "rb") as src, open(tmp, "wb") as dst:
-                    dst.write(src.read())
+                shutil.copyfile(blob_path, tmp)  # streamed; a large image is never read whole into memory
             st = target.stat()
             new_ledger[rel] = [blob_path.name, st.st_size, st.st_mtime_ns]
 
