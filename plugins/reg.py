@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.plugin_sdk import DatasetStep, Item, LorakitError, ModelRef, Param, hookimpl, open_image, pick_device, save_image
+from lorakit.plugins._tagging import tag_key
 
 MODES = ("dreambooth", "captions")
 DEFAULT_NEGATIVE = "lowres, worst quality, low quality, bad anatomy, bad hands, watermark, signature, text"
@@ -46,11 +47,6 @@ class RegJob:
 
 
 # ----- captions without triggers ----------------------------------------------------------------
-def tag_key(tag: str) -> str:
-    """Tags compare case-insensitively, with ``_`` and spaces equal and A1111 escapes ignored."""
-    return " ".join(tag.replace("\\", "").replace("_", " ").lower().split())
-
-
 def remove_words(sentence: str, words: list[str]) -> str:
     """Remove each of ``words`` from a free-text caption as a whole word (``_`` or space inside it),
     then tidy the commas and spaces that are left."""

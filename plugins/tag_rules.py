@@ -1,6 +1,6 @@
 """Tag rules as data: the default blacklist and the categories the trigger pruner works with.
 
-Every rule is written for canonical Danbooru tags (see ``_tagtext``): lower case, underscores. A
+Every rule is written for canonical Danbooru tags (``_tagging.tag_key``): lower case, underscores. A
 category is a set of exact tags plus regular expressions (matched against the whole tag). The
 categories follow Danbooru's own tag groups (``tag_group:hair_color``, ``hair_styles``,
 ``eyes_tags``, ``attire``, ``footwear``...) and the pruning advice of the guides:

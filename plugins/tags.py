@@ -17,8 +17,7 @@ from pathlib import Path
 from lorakit.plugin_sdk import DatasetStep, Item, LorakitError, Param, StepContext, hookimpl
 
 from . import tag_rules
-from ._tagging import style_params
-from ._tagtext import TagPatterns, canonical, is_namespaced, key, styled
+from ._tagging import TagPatterns, format_tag, is_namespaced, style_params, tag_key
 
 SEPARATOR_TAG = "|||"
 
@@ -67,7 +66,7 @@ def _read_pairs(path: str, _mtime: int, _size: int) -> tuple[tuple[str, str], ..
             )
         if status is not None and status < len(cells) and cells[status].lower() not in ("", "active"):
             continue
-        a, c = canonical(cells[ante]), canonical(cells[cons])
+        a, c = tag_key(cells[ante]), tag_key(cells[cons])
         if not a or not c:
             raise ValueError(f"a CSV of antecedent,consequent rows ({path} line {line_no} has an empty tag)")
         pairs.append((a, c))
@@ -172,10 +171,10 @@ class TagsStep(DatasetStep):
         o = self.options
         blacklist = TagPatterns(list(tag_rules.DEFAULT_BLACKLIST if o.default_blacklist else ()) + list(o.blacklist))
         pairs = list(self._pairs(o.aliases, "aliases"))
-        pairs += [(canonical(a), canonical(b)) for a, _, b in (v.partition("=") for v in o.alias)]
+        pairs += [(tag_key(a), tag_key(b)) for a, _, b in (v.partition("=") for v in o.alias)]
         aliases = Aliases(pairs)
         implications = Implications(self._pairs(o.implications, "implications"))
-        protected = {key(t) for s in ctx.subsets.values() for t in s.triggers} | {SEPARATOR_TAG}
+        protected = {tag_key(t) for s in ctx.subsets.values() for t in s.triggers} | {SEPARATOR_TAG}
 
         removed: Counter = Counter()            # blacklisted tag -> images
         renamed: Counter = Counter()            # (old, new) -> images
@@ -187,11 +186,11 @@ class TagsStep(DatasetStep):
             tags: dict[str, float | None] = {}
             kept_verbatim: dict[str, str] = {}
             for raw, score in item.tags.items():
-                if key(raw) in protected:
-                    tag = key(raw)
+                if tag_key(raw) in protected:
+                    tag = tag_key(raw)
                     kept_verbatim.setdefault(tag, raw)
                 else:
-                    tag = canonical(raw)
+                    tag = tag_key(raw)
                     if not tag:
                         continue
                     if tag not in decided:  # (renamed to, blacklisted?) once per distinct tag
@@ -215,11 +214,11 @@ class TagsStep(DatasetStep):
                 del tags[tag]
             cleaned.append((item, [(kept_verbatim.get(t, t), s, t in protected) for t, s in tags.items()]))
 
-        frequency, image_counts = _frequency((item.subset, [key(t) for t, _, p in entries if not p]) for item, entries in cleaned)
+        frequency, image_counts = _frequency((item.subset, [tag_key(t) for t, _, p in entries if not p]) for item, entries in cleaned)
         out = []
         for item, entries in cleaned:
             entries = self._sorted(entries, frequency.get(item.subset, {}))
-            new_tags = {t if p else styled(t, o.tag_style, o.escape_parentheses): s for t, s, p in entries}
+            new_tags = {t if p else format_tag(t, o.tag_style, o.escape_parentheses): s for t, s, p in entries}
             out.append(item.replace(tags=new_tags))
 
         self._report(ctx, len(items), frequency, image_counts, removed, renamed, generic, duplicates)
@@ -262,7 +261,7 @@ class TagsStep(DatasetStep):
         if order == "score":
             rest.sort(key=lambda e: -(e[1] if e[1] is not None else float("-inf")))
         elif order == "frequency":
-            rest.sort(key=lambda e: -frequency.get(key(e[0]), 0))
+            rest.sort(key=lambda e: -frequency.get(tag_key(e[0]), 0))
         elif order == "alphabetical":
             rest.sort(key=lambda e: e[0])
         return front + rest

@@ -22,7 +22,7 @@ from lorakit.plugin_sdk import DatasetStep, Item, Param, Percent, StepContext, h
 
 from . import tag_rules
 from ._mappings import SubsetMapping, one_of, string_list
-from ._tagtext import TagPatterns, canonical, key
+from ._tagging import TagPatterns, tag_key
 
 MODES = ("fluid", "semi-static", "static", "style")
 KEEP_TOKENS = ("count", "separator", "none")
@@ -120,8 +120,8 @@ class TriggersStep(DatasetStep):
                 ctx.log(f"subset {subset_name}: regularisation images, left without a trigger ({len(indexes)} images)")
                 continue
             outfit = _unique(o.outfit_triggers.get(subset_name, []))
-            outfit_keys = {key(t) for t in outfit}
-            character = [t for t in _unique(list(o.trigger) + list(subset.triggers)) if key(t) not in outfit_keys]
+            outfit_keys = {tag_key(t) for t in outfit}
+            character = [t for t in _unique(list(o.trigger) + list(subset.triggers)) if tag_key(t) not in outfit_keys]
             triggers = character + outfit
             mode = o.subset_modes.get(subset_name, o.mode)
             if not triggers:
@@ -154,16 +154,16 @@ class TriggersStep(DatasetStep):
 
     def _warn_known_triggers(self, ctx, subset_name, triggers, items) -> None:
         """Guide 002: a trigger the base model already knows drags its concept in; say so."""
-        trigger_keys = {key(t) for t in triggers}
+        trigger_keys = {tag_key(t) for t in triggers}
         found: Counter = Counter()
         for item in items:
-            keys = [key(t) for t in item.tags]
+            keys = [tag_key(t) for t in item.tags]
             lead = 0
             while lead < len(keys) and keys[lead] in trigger_keys:  # triggers a previous run put first
                 lead += 1
             found.update(trigger_keys & set(keys[lead:]))
         for trigger in triggers:
-            hits = found[key(trigger)]
+            hits = found[tag_key(trigger)]
             if hits:
                 ctx.log(f"warning: trigger '{trigger}' is already a tag in {hits} image(s) of subset {subset_name}: "
                         "the base model knows it, so it brings its own concept; a made-up word is safer")
@@ -189,7 +189,7 @@ class _SubsetPlan:
         self.keep_categories = tuple(options.keep_categories)
         self.frequent: dict[str, float] = {}
         if float(options.frequency) > 0 and items:
-            counts = Counter(t for item in items for t in {canonical(x) for x in item.tags})
+            counts = Counter(t for item in items for t in {tag_key(x) for x in item.tags})
             for tag, n in counts.items():
                 share = 100.0 * n / len(items)
                 if share >= float(options.frequency):
@@ -222,11 +222,11 @@ class _SubsetPlan:
         return why
 
     def apply(self, item: Item, triggers: list[str]) -> Item:
-        trigger_keys = {key(t) for t in triggers}
+        trigger_keys = {tag_key(t) for t in triggers}
         separator = self.o.separator if self.o.keep_tokens == "separator" else None
         rest: dict[str, float | None] = {}
         for tag, score in item.tags.items():
-            k = canonical(tag)
+            k = tag_key(tag)
             if k in trigger_keys or tag.strip() == self.o.separator:
                 continue
             why = self.reason(k)
@@ -286,8 +286,8 @@ def _unique(tags) -> list[str]:
     out = []
     for t in tags:
         t = str(t).strip()
-        if t and key(t) not in seen:
-            seen.add(key(t))
+        if t and tag_key(t) not in seen:
+            seen.add(tag_key(t))
             out.append(t)
     return out
 

@@ -8,7 +8,7 @@ import pytest
 
 from lorakit.plugin_sdk import Item, LorakitError, ParamError, StepContext, Subset
 from lorakit.plugin_sdk.testing import make_image, run_pipeline_dict, run_step
-from lorakit.plugins._tagtext import TagPatterns, canonical, styled
+from lorakit.plugins._tagging import TagPatterns, format_tag, tag_key
 from lorakit.plugins.tags import TagsStep
 
 
@@ -33,16 +33,16 @@ def item(tags, subset="default", name="a"):
 
 # ----- tag text -----------------------------------------------------------------------------------
 def test_canonical_spelling_unifies_case_spaces_and_escaped_parentheses():
-    assert canonical(r"Hatsune Miku \(Cosplay\)") == "hatsune_miku_(cosplay)"
-    assert canonical("  Long   Hair ") == "long_hair"
-    assert canonical("long_hair") == canonical("long hair") == canonical("LONG_HAIR")
+    assert tag_key(r"Hatsune Miku \(Cosplay\)") == "hatsune_miku_(cosplay)"
+    assert tag_key("  Long   Hair ") == "long_hair"
+    assert tag_key("long_hair") == tag_key("long hair") == tag_key("LONG_HAIR")
 
 
 def test_emoticons_keep_their_underscores_in_space_style():
-    assert styled(canonical("^_^"), "spaces") == "^_^"
-    assert styled(canonical(">_<"), "spaces") == ">_<"
-    assert styled("long_hair", "spaces") == "long hair"
-    assert styled("hatsune_miku_(cosplay)", "spaces", escape=True) == r"hatsune miku \(cosplay\)"
+    assert format_tag(tag_key("^_^"), "spaces") == "^_^"
+    assert format_tag(tag_key(">_<"), "spaces") == ">_<"
+    assert format_tag("long_hair", "spaces") == "long hair"
+    assert format_tag("hatsune_miku_(cosplay)", "spaces", escape_parentheses=True) == r"hatsune miku \(cosplay\)"
 
 
 def test_tag_patterns_match_wildcards_after_normalising():
