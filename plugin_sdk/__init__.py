@@ -35,7 +35,7 @@ from .images import (
 )
 from .item import Item
 from .models import model_file_digest, resolve_model_files
-from .params import REQUIRED, Color, ModelRef, Param, Params, Percent, validate_params
+from .params import REQUIRED, Color, Fuzz, ModelRef, Param, Params, Percent, validate_params
 from .steps import DatasetStep, ImageStep, SourceStep, Step, StepContext, reason_of
 from .subset import Subset
 
@@ -43,7 +43,7 @@ __all__ = [
     "hookimpl", "hookspec",
     "Step", "ImageStep", "DatasetStep", "SourceStep", "StepContext", "reason_of",
     "Item", "Subset",
-    "Param", "Params", "Percent", "Color", "ModelRef", "REQUIRED", "validate_params",
+    "Param", "Params", "Percent", "Fuzz", "Color", "ModelRef", "REQUIRED", "validate_params",
     "LorakitError", "ParamError", "SkipImage", "ModelNotFound", "ImageError",
     "file_digest", "open_image", "verify_image", "save_image", "image_size", "atomic_path", "atomic_write_bytes", "atomic_write_text",
     "IMAGE_EXTENSIONS", "MAX_PIXELS", "PNG_COMPRESS_LEVEL",

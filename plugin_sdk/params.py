@@ -26,6 +26,28 @@ class Percent(float):
     """A percentage such as ``20%`` (ImageMagick style) or ``20``; the value is the number of percent."""
 
 
+class Fuzz(float):
+    """A colour distance spelled as ImageMagick's ``-fuzz`` reads it: ``20%`` is a percentage of the
+    colour range, a bare number such as ``20`` is in absolute units of a 16-bit channel (0..65535).
+
+    The value is the percentage (``20`` absolute is about 0.03%); ``text`` keeps the spelling, so the
+    cache key and the help show what the user wrote.
+    """
+
+    QUANTUM = 65535.0
+
+    def __new__(cls, percent: float, text: str | None = None):
+        obj = super().__new__(cls, percent)
+        obj.text = text if text is not None else f"{float(percent):g}%"
+        return obj
+
+    def __reduce__(self):
+        return (Fuzz, (float(self), self.text))
+
+    def __repr__(self) -> str:
+        return repr(self.text)
+
+
 class ModelRef(str):
     """A model given as a local file or folder, or as a Hugging Face hub repo id (``owner/name``).
 
@@ -45,6 +67,7 @@ _TYPE_NAMES = {
     bool: "true or false",
     Path: "a path",
     Percent: "a percentage such as 20%",
+    Fuzz: "20% (of the colour range) or 20 (of 65535), as ImageMagick's -fuzz",
     Color: "a colour such as white or #ffffff",
     ModelRef: "a model file or folder, or a hub repo id",
     list: "a list of strings",
@@ -57,6 +80,7 @@ _JSON_TYPES = {
     bool: {"type": "boolean"},
     Path: {"type": "string"},
     Percent: {"type": ["string", "number"], "pattern": r"^\s*[0-9.]+\s*%?\s*$"},
+    Fuzz: {"type": ["string", "number"], "pattern": r"^\s*[0-9.]+\s*%?\s*$"},
     Color: {"type": "string"},
     ModelRef: {"type": "string"},
     list: {"type": ["array", "string"], "items": {"type": "string"}},
@@ -110,6 +134,20 @@ def _coerce(type_: type, value: Any) -> Any:
             if m:
                 return Percent(float(m.group(1)))
         raise ValueError
+    if type_ is Fuzz:
+        if isinstance(value, Fuzz):
+            return value
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, (int, float)):
+            return Fuzz(float(value) / (Fuzz.QUANTUM + 1.0) * 100.0, f"{value:g}")
+        if isinstance(value, str):
+            m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%?)\s*", value)
+            if m and m.group(2):
+                return Fuzz(float(m.group(1)), f"{float(m.group(1)):g}%")
+            if m:
+                return Fuzz(float(m.group(1)) / (Fuzz.QUANTUM + 1.0) * 100.0, f"{float(m.group(1)):g}")
+        raise ValueError
     if type_ is ModelRef:
         if isinstance(value, (str, Path)) and str(value).strip():
             return ModelRef(str(value).strip())
@@ -137,7 +175,7 @@ def _coerce(type_: type, value: Any) -> Any:
 class Param:
     """One parameter of a step.
 
-    ``type`` is one of str, int, float, bool, Path, list (of strings), Percent, Color, ModelRef, or any
+    ``type`` is one of str, int, float, bool, Path, list (of strings), Percent, Fuzz, Color, ModelRef, or any
     callable that converts a value and raises ValueError when it cannot. ``choices`` restricts the
     value; ``min``/``max`` bound numbers; ``validate`` is an extra check that raises ValueError with
     a message. Never declare credentials as parameters (pipeline files get shared): read them from
@@ -221,6 +259,8 @@ class Param:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (Path, ModelRef)):
         return str(value)
+    if isinstance(value, Fuzz):
+        return value.text
     if isinstance(value, Percent):
         return f"{float(value):g}%"
     if isinstance(value, Color):
@@ -284,4 +324,4 @@ def validate_params(step: str, declared: Sequence[Param], given: dict[str, Any],
     return Params(values)
 
 
-__all__ = ["Param", "Params", "Percent", "Color", "ModelRef", "REQUIRED", "validate_params", "field"]
+__all__ = ["Param", "Params", "Percent", "Fuzz", "Color", "ModelRef", "REQUIRED", "validate_params", "field"]

@@ -1,7 +1,7 @@
 """The ``trim`` step: ImageMagick's ``-fuzz N% -trim``, the same crop, without ImageMagick."""
 from __future__ import annotations
 
-from lorakit.plugin_sdk import ImageStep, Param, Percent, SkipImage, hookimpl
+from lorakit.plugin_sdk import Fuzz, ImageStep, Param, SkipImage, hookimpl
 
 from ._imageops import fuzz_from_percent, trim_array, trim_box
 
@@ -19,8 +19,8 @@ class TrimStep(ImageStep):
     summary = "Cut uniform borders like ImageMagick's -fuzz N% -trim (same bounding box)."
     version = "1"
     params = [
-        Param("fuzz", Percent, Percent(20), "colour distance still counted as border, as in ImageMagick's -fuzz",
-              min=0, max=100),
+        Param("fuzz", Fuzz, Fuzz(20), "colour distance still counted as border, ImageMagick's -fuzz: 20% is "
+              "a percentage, a bare 20 is 20 of 65535 as in ImageMagick", min=0, max=100),
     ]
     reads = frozenset({"image"})
     writes = frozenset({"image"})
@@ -30,7 +30,7 @@ class TrimStep(ImageStep):
         im = item.open()
         result = trim_box(trim_array(im), fuzz_from_percent(float(self.options.fuzz)))
         if result.box is None:
-            raise SkipImage(f"the whole image is within fuzz {float(self.options.fuzz):g}% of its corner colour "
+            raise SkipImage(f"the whole image is within fuzz {self.options.fuzz.text} of its corner colour "
                             "(nothing left after trimming)")
         if result.unchanged:
             return item

@@ -166,7 +166,7 @@ def test_trim_cuts_transparent_border_whatever_colour_is_hidden_under_it(tmp_pat
 
 def test_trim_accepts_imagemagick_fuzz_syntax_and_refuses_nonsense():
     assert float(TrimStep.configure({"fuzz": "20%"}).options.fuzz) == 20.0
-    assert float(TrimStep.configure({"fuzz": 35}).options.fuzz) == 35.0
+    assert float(TrimStep.configure({"fuzz": 35}).options.fuzz) == pytest.approx(35 / 65536 * 100)  # absolute
     with pytest.raises(ParamError, match="fuzz"):
         TrimStep.configure({"fuzz": "lots"})
     with pytest.raises(ParamError, match="fuzz"):
@@ -193,3 +193,31 @@ def test_trim_sets_aside_broken_files_and_processes_the_rest(tmp_path):
     assert "decompression bomb" in reasons["bomb"]
     leftovers = [p for p in (tmp_path / "out").rglob(".tmp-*")]
     assert not leftovers
+
+
+@needs_imagemagick
+@pytest.mark.parametrize("spelling", ["20", "3000", "20%"])
+def test_trim_fuzz_spellings_mean_what_imagemagick_means(tmp_path, spelling):
+    # `-fuzz 20` is 20 of 65535 in ImageMagick, `-fuzz 20%` a percentage: a user copying a command
+    # line gets ImageMagick's crop with either spelling, through the standalone command.
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    arr = np.full((60, 80, 3), 200, np.uint8)
+    arr[:, :6] += rng.integers(0, 12, (60, 6, 1)).astype(np.uint8)  # a faint, noisy left margin
+    arr[15:45, 20:60] = rng.integers(0, 256, (30, 40, 3))
+    Image.fromarray(arr).save(src / "photo.png")
+    out = subprocess.run([CONVERT, str(src / "photo.png"), "-fuzz", spelling, "-trim", "-format", "%w %h", "info:"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    res = run_step("trim", src, tmp_path / "out", {"fuzz": spelling})
+    assert list(res.open(res.by_name("photo")).size) == [int(v) for v in out]
+
+
+def test_trim_fuzz_bare_number_is_absolute_and_keeps_its_spelling():
+    from lorakit.plugin_sdk import Fuzz, Param
+
+    param = Param("fuzz", Fuzz, Fuzz(20))
+    absolute, percent = param.convert("20", "trim"), param.convert("20%", "trim")
+    assert fuzz_from_percent(float(absolute)) == pytest.approx(20.0)
+    assert float(percent) == 20.0
+    assert (absolute.text, percent.text, param.convert(20, "trim").text) == ("20", "20%", "20")
