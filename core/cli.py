@@ -236,6 +236,11 @@ def export(format, dataset, output, repeat_lines):
     console.print(f"[green]Exported[/] {len(manifest.images)} image(s) -> {target}", highlight=False)
 
 
+from .review.command import review as _review  # noqa: E402  (the review page: core/review/)
+
+cli.add_command(_review)
+
+
 # ----- one command per step ---------------------------------------------------------------------
 def step_command(cls: type[Step]) -> click.Command:
     """``lorakit <step> INPUT_DIR OUTPUT_DIR [--param value ...]`` built from the step's declared params."""
