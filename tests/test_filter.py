@@ -86,3 +86,53 @@ def test_filter_refuses_min_aspect_above_max_aspect():
         FilterStep.configure({"min_aspect": 3, "max_aspect": 2})
     with pytest.raises(ParamError, match="monochrome"):
         FilterStep.configure({"monochrome": "sometimes"})
+
+
+def smooth_field(rng, size=(160, 120)) -> np.ndarray:
+    """A smooth random field in 0..1, like the slow variations of a photograph."""
+    coarse = Image.fromarray((rng.random((size[1] // 8 + 1, size[0] // 8 + 1)) * 255).astype(np.uint8))
+    return np.asarray(coarse.resize(size, Image.BICUBIC), dtype=float) / 255
+
+
+def warm_photo(seed: int) -> Image.Image:
+    """A warm-toned photo (a ginger cat, a cup of coffee): every pixel orange-brown, hue within 20
+    degrees, but saturation varying independently of lightness, as real surfaces do."""
+    rng = np.random.default_rng(seed)
+    hue = (20 + 20 * smooth_field(rng)) / 360 * 255
+    saturation = (0.25 + 0.65 * smooth_field(rng)) * 255
+    value = (0.3 + 0.7 * smooth_field(rng)) * 255
+    return Image.fromarray(np.dstack([hue, saturation, value]).astype(np.uint8), "HSV").convert("RGB")
+
+
+def toned(im: Image.Image, tint) -> Image.Image:
+    """The picture printed in one tint: its grey levels times an RGB tint (sepia, cyanotype)."""
+    grey = np.asarray(im.convert("L"), dtype=float)[..., None]
+    return Image.fromarray((grey * np.array(tint)).astype(np.uint8))
+
+
+def test_warm_toned_photos_are_colour_not_single_tint(tmp_path):
+    for seed in range(3):
+        photo = warm_photo(seed)
+        photo.save(tmp_path / f"warm{seed}.jpg", quality=85)
+        for im in (photo, Image.open(tmp_path / f"warm{seed}.jpg")):
+            mono, why = monochrome_stats(im, 12)
+            assert not mono, why
+            assert "share one hue" in why and "colour spread" in why
+
+
+def test_the_same_photo_printed_sepia_or_cyanotype_is_monochrome(tmp_path):
+    for seed, tint in ((0, (1.0, 0.85, 0.62)), (1, (0.45, 0.7, 1.0)), (2, (1.0, 0.92, 0.78))):
+        print_ = toned(warm_photo(seed), tint)
+        print_.save(tmp_path / "print.jpg", quality=70)
+        for im in (print_, Image.open(tmp_path / "print.jpg")):
+            mono, why = monochrome_stats(im, 12)
+            assert mono and why.startswith("single tint"), why
+
+
+def test_filter_keeps_a_warm_photo_when_dropping_monochrome(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    warm_photo(7).save(src / "cat.png")
+    toned(warm_photo(7), (1.0, 0.85, 0.62)).save(src / "sepia.png")
+    res = run_step("filter", src, tmp_path / "out", {"monochrome": "drop"})
+    assert kept(res) == ["cat"] and res.reasons()["sepia"].startswith("monochrome: single tint")
