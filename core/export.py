@@ -5,7 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
-from lorakit.plugin_sdk import atomic_path, atomic_write_text
+from lorakit.plugin_sdk import atomic_path, atomic_write_text, confined_path
 
 from .kohya import export_kohya
 from .manifest import Manifest
@@ -24,7 +24,7 @@ def export_diffusers(manifest: Manifest, out: Path, repeat_lines: bool = False) 
             continue
         src = manifest.abspath(r.path)
         rel = f"{r.subset}/{src.name}"
-        with atomic_path(out / rel) as tmp:
+        with atomic_path(confined_path(out, rel, f"export of {r.path}")) as tmp:
             shutil.copyfile(src, tmp)
         line = json.dumps({"file_name": rel, "text": r.caption}, ensure_ascii=False)
         lines += [line] * (r.repeats if repeat_lines else 1)

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import tomli_w
 
-from lorakit.plugin_sdk import IMAGE_EXTENSIONS, LorakitError, Subset, atomic_path, atomic_write_text
+from lorakit.plugin_sdk import (
+    IMAGE_EXTENSIONS, LorakitError, Subset, atomic_path, atomic_write_text, confined_path, is_within,
+)
 
 from .manifest import Manifest, split_caption
 
@@ -26,7 +28,8 @@ class KohyaImage:
 
 
 def _safe_name(text: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", text).strip("_") or "subset"
+    """A folder name from a label: word characters, dots and dashes; never '.', '..' or hidden."""
+    return re.sub(r"[^\w.-]+", "_", text).strip("_.") or "subset"
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -37,12 +40,15 @@ def _read_folder(folder: Path, subset: Subset, caption_ext: str, mask_dir: Path 
     out = []
     for img in _images_in(folder):
         cap_file = img.with_suffix(caption_ext)
-        caption = cap_file.read_text(encoding="utf-8", errors="replace").strip() if cap_file.is_file() else None
+        # A caption or mask that is a symlink to a file outside its folder is not read.
+        caption = (cap_file.read_text(encoding="utf-8", errors="replace").strip()
+                   if cap_file.is_file() and is_within(cap_file, folder) else None)
         mask = None
         if mask_dir is not None:
             for ext in (".png", img.suffix):
-                if (mask_dir / (img.stem + ext)).is_file():
-                    mask = mask_dir / (img.stem + ext)
+                cand = mask_dir / (img.stem + ext)
+                if cand.is_file() and is_within(cand, mask_dir):
+                    mask = cand
                     break
         out.append(KohyaImage(img, caption, mask, subset.name))
     return out
@@ -155,7 +161,7 @@ def manifest_from_kohya(path: Path, reg: Path | None = None) -> Manifest:
             source=str(img.path), steps=["kohya"],
         ))
     return Manifest(root=Path(path).resolve().parent if Path(path).is_file() else Path(path).resolve(),
-                    subsets=subsets, images=records)
+                    subsets=subsets, images=records, external_paths=True)
 
 
 def export_kohya(manifest: Manifest, out: Path) -> Path:
@@ -167,8 +173,8 @@ def export_kohya(manifest: Manifest, out: Path) -> Path:
         if not records:
             continue
         label = _safe_name(sub.class_tokens or name.removeprefix("reg_")) if sub.is_reg else _safe_name(name)
-        folder = out / ("reg" if sub.is_reg else "img") / f"{sub.repeats}_{label}"
-        mask_folder = out / "mask" / f"{sub.repeats}_{label}"
+        folder = confined_path(out, f"{'reg' if sub.is_reg else 'img'}/{sub.repeats}_{label}", "export folder")
+        mask_folder = confined_path(out, f"mask/{sub.repeats}_{label}", "export folder")
         for r in records:
             src = manifest.abspath(r.path)
             _copy(src, folder / src.name)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorakit.plugin_sdk import LorakitError, Subset, atomic_write_text
+from lorakit.plugin_sdk import LorakitError, PathEscape, Subset, atomic_write_text, check_relative, confined_path
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -74,6 +74,9 @@ class Manifest:
     lorakit_version: str = ""
     created: str = ""
     resolution: int | None = None
+    # True only for manifests lorakit builds in memory over files where they are (a kohya import):
+    # their paths are absolute. A manifest read from a file has relative paths confined to ``root``.
+    external_paths: bool = False
 
     # ----- reading and writing -------------------------------------------------------------
     @classmethod
@@ -96,7 +99,7 @@ class Manifest:
                 f"{path}: manifest version {version} is newer than this lorakit understands "
                 f"({MANIFEST_VERSION}); upgrade lorakit"
             )
-        return cls(
+        manifest = cls(
             root=path.parent,
             subsets={name: Subset.from_dict({"name": name, **s}) for name, s in data.get("subsets", {}).items()},
             images=[ImageRecord.from_dict(r) for r in data.get("images", [])],
@@ -106,6 +109,22 @@ class Manifest:
             created=data.get("created", ""),
             resolution=data.get("resolution"),
         )
+        manifest._check_paths(path)
+        return manifest
+
+    def _check_paths(self, path: Path) -> None:
+        """Every path in a manifest read from a file stays inside its folder (a shared dataset can be hostile)."""
+        try:
+            for name, sub in self.subsets.items():
+                check_relative(name, "subset name")
+                check_relative(sub.folder or ".", f"subset '{name}': folder")
+            for i, r in enumerate(self.images):
+                for key in ("path", "caption_path", "mask"):
+                    value = getattr(r, key)
+                    if value is not None:
+                        check_relative(value, f"images[{i}].{key}")
+        except PathEscape as exc:
+            raise PathEscape(f"{path}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         from lorakit import __version__
@@ -129,7 +148,10 @@ class Manifest:
 
     # ----- what the trainer asks -----------------------------------------------------------
     def abspath(self, relative: str) -> Path:
-        return (self.root / relative).resolve()
+        """The file a manifest path names; it must stay inside ``root`` (symlinks included)."""
+        if self.external_paths and Path(relative).is_absolute():
+            return Path(relative).resolve()
+        return confined_path(self.root, relative, f"{self.root / 'manifest.json'}: path").resolve()
 
     def images_in(self, subset: str) -> list[ImageRecord]:
         return [r for r in self.images if r.subset == subset]

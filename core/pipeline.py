@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from lorakit.plugin_sdk import LorakitError, ModelRef, SourceStep, Step, Subset
+from lorakit.plugin_sdk import LorakitError, ModelRef, PathEscape, SourceStep, Step, Subset, check_relative
 from lorakit.plugin_sdk.subset import SUBSET_FIELDS
 
 from .host import Host
@@ -161,6 +161,8 @@ def parse_pipeline(data: Any, host: Host, base: Path, lines: _Lines | None = Non
         if cls.kind != "source":
             raise LorakitError(f"{where}: '{name}' is a {cls.kind} step, not a source; put it under 'steps'")
         subset = params.pop("subset", None)
+        if subset is not None:
+            _check_subset_name(str(subset), where)
         step = cls.configure(_resolve_paths(cls, params, base), where=where)
         sources.append(ConfiguredStep(step, where, str(subset) if subset is not None else None))
 
@@ -188,6 +190,7 @@ def parse_pipeline(data: Any, host: Host, base: Path, lines: _Lines | None = Non
         bad = set(cfg) - (set(SUBSET_FIELDS) - {"name"})
         if bad:
             raise LorakitError(f"{where}: subset '{name}': unknown setting '{sorted(bad)[0]}' (known: {', '.join(f for f in SUBSET_FIELDS if f != 'name')})")
+        _check_subset_name(str(name), where)
         _check_subset(str(name), cfg, where)
         subsets[str(name)] = dict(cfg)
 
@@ -202,9 +205,25 @@ def parse_pipeline(data: Any, host: Host, base: Path, lines: _Lines | None = Non
     return pipeline
 
 
+def _check_subset_name(name: str, where: str) -> None:
+    """A subset's name is its default folder inside the output: it must stay inside."""
+    try:
+        check_relative(name, "subset name")
+    except PathEscape as exc:
+        raise PathEscape(f"{where}: {exc}") from None
+
+
 def _check_subset(name: str, cfg: dict[str, Any], where: str) -> None:
     def bad(key, expected):
         raise LorakitError(f"{where}: subset '{name}': {key} = {cfg[key]!r} is invalid: expected {expected}")
+
+    if "folder" in cfg and cfg["folder"] is not None:
+        if not isinstance(cfg["folder"], str):
+            bad("folder", "a folder name inside the output")
+        try:
+            check_relative(cfg["folder"], f"subset '{name}': folder")
+        except PathEscape as exc:
+            raise PathEscape(f"{where}: {exc}") from None
 
     if "repeats" in cfg and (not isinstance(cfg["repeats"], int) or isinstance(cfg["repeats"], bool) or cfg["repeats"] < 1):
         bad("repeats", "a positive integer")

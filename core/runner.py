@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lorakit.plugin_sdk import (
-    DatasetStep, ImageError, ImageStep, Item, LorakitError, SkipImage, SourceStep, StepContext, Subset,
-    atomic_path, atomic_write_text, reason_of, verify_image,
+    DatasetStep, ImageError, ImageStep, Item, LorakitError, PathEscape, SkipImage, SourceStep, StepContext, Subset,
+    atomic_path, atomic_write_text, check_relative, confined_path, reason_of, verify_image,
 )
 
 from .manifest import MANIFEST_NAME, ImageRecord, Manifest, SetAsideRecord
@@ -384,7 +384,7 @@ class Runner:
         new_ledger: dict[str, list] = {}
 
         def place(blob_path: Path, rel: str) -> None:
-            target = out / rel
+            target = confined_path(out, rel, "output file")
             st = target.stat() if target.exists() else None
             prev = ledger.get(rel)
             if st and prev and prev[0] == blob_path.name and prev[1] == st.st_size and prev[2] == st.st_mtime_ns:
@@ -396,15 +396,21 @@ class Runner:
             new_ledger[rel] = [blob_path.name, st.st_size, st.st_mtime_ns]
 
         def place_text(text: str, rel: str) -> None:
-            target = out / rel
+            target = confined_path(out, rel, "output file")
             if not (target.exists() and target.read_text(encoding="utf-8") == text):
                 atomic_write_text(target, text)
             new_ledger[rel] = ["text", 0, 0]
 
         images: list[ImageRecord] = []
-        for s in states:
+        for s in list(states):
             sub = self.subsets[s["subset"]]
             folder = _folder(sub)
+            try:
+                check_relative(s["name"], "image name")
+            except PathEscape as exc:  # a step or a data file chose a name outside the output
+                self.set_aside.append((dict(s, name=Path(s["image"]).stem), s["steps"][-1] if s.get("steps") else "output", str(exc)))
+                states.remove(s)
+                continue
             blob = self.store.blob_path(s["image"])
             rel = _join(folder, s["name"] + Path(s["image"]).suffix)
             place(blob, rel)
@@ -459,8 +465,8 @@ def _remove_partial_files(folder: Path) -> None:
 
 
 def _folder(sub: Subset) -> str:
-    folder = (sub.folder or ".").strip("/")
-    return "" if folder in ("", ".") else folder
+    """The subset's folder inside the output (refused when it would leave the output)."""
+    return check_relative((sub.folder or ".").strip("/") or ".", f"subset '{sub.name}': folder")
 
 
 def _join(*parts: str) -> str:

@@ -35,6 +35,7 @@ from .images import (
 )
 from .item import Item
 from .models import model_file_digest, resolve_model_files
+from .paths import PathEscape, check_relative, confined_path, is_within
 from .params import REQUIRED, Color, Fuzz, ModelRef, Param, Params, Percent, validate_params
 from .steps import DatasetStep, ImageStep, SourceStep, Step, StepContext, reason_of
 from .subset import Subset
@@ -44,7 +45,8 @@ __all__ = [
     "Step", "ImageStep", "DatasetStep", "SourceStep", "StepContext", "reason_of",
     "Item", "Subset",
     "Param", "Params", "Percent", "Fuzz", "Color", "ModelRef", "REQUIRED", "validate_params",
-    "LorakitError", "ParamError", "SkipImage", "ModelNotFound", "ImageError",
+    "LorakitError", "ParamError", "SkipImage", "ModelNotFound", "ImageError", "PathEscape",
+    "confined_path", "check_relative", "is_within",
     "file_digest", "open_image", "verify_image", "save_image", "image_size", "atomic_path", "atomic_write_bytes", "atomic_write_text",
     "IMAGE_EXTENSIONS", "MAX_PIXELS", "PNG_COMPRESS_LEVEL",
     "pick_device", "onnx_providers", "device_param", "chosen_device", "resolve_model_files", "model_file_digest",

@@ -56,9 +56,10 @@ class StepContext:
     def report(self, name: str, data: Any) -> Path:
         """Write a JSON report ``reports/<step>-<name>.json`` in the output folder and return its path."""
         from .images import atomic_write_text
+        from .paths import confined_path
 
         self.reports[name] = data
-        target = self.output_dir / "reports" / f"{self.step_name}-{name}.json"
+        target = confined_path(self.output_dir / "reports", f"{self.step_name}-{name}.json", "report name")
         atomic_write_text(target, json.dumps(data, indent=2, ensure_ascii=False, default=str))
         return target
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorakit.kohya import read_kohya
-from lorakit.plugin_sdk import IMAGE_EXTENSIONS, Item, LorakitError, Param, SourceStep, hookimpl
+from lorakit.plugin_sdk import IMAGE_EXTENSIONS, Item, LorakitError, Param, SourceStep, hookimpl, is_within
 
 
 def _existing(path: Path) -> None:
@@ -54,7 +54,12 @@ class FolderSource(SourceStep):
             if self.options.subfolders_as_subsets and len(rel.parts) > 1:
                 subset, name = rel.parts[0], Path(*rel.parts[1:]).as_posix()
             cap = path.with_suffix(self.options.caption_extension)
-            text = cap.read_text(encoding="utf-8", errors="replace").strip() if cap.is_file() else None
+            text = None
+            if cap.is_file():
+                if is_within(cap, root):
+                    text = cap.read_text(encoding="utf-8", errors="replace").strip()
+                else:  # a symlink out of the source: its text could be anything on this machine
+                    ctx.log(f"{cap}: not read, it is a link to {cap.resolve()}, outside {root}")
             yield Item(name=name, path=path, subset=subset, tags=_caption_tags(text), source=str(path))
 
 
