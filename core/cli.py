@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from lorakit import __version__
 from lorakit.plugin_sdk import LorakitError, Step
 
+from .helptext import click_help, print_plain
 from .host import Host, get_host, warn_failed
 
 console = Console(stderr=True)
@@ -21,7 +25,8 @@ out_console = Console()
 
 
 def _fail(message: str, code: int = 1):
-    console.print(f"[bold red]Error:[/] {message}", highlight=False)
+    # soft_wrap: the terminal wraps the line itself, so paths and URLs copy whole
+    console.print(f"[bold red]Error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
@@ -128,22 +133,42 @@ def print_summary(result) -> None:
     console.print(table)
     for s in result.stats:
         for m in s.messages[:12]:
-            console.print(f"  [cyan]{s.name}[/]: {m}", highlight=False)
+            console.print(Text.assemble(("  " + s.name, "cyan"), ": " + m), highlight=False)
         if len(s.messages) > 12:
-            console.print(f"  [cyan]{s.name}[/]: ... and {len(s.messages) - 12} more lines", highlight=False)
+            console.print(Text.assemble(("  " + s.name, "cyan"), f": ... and {len(s.messages) - 12} more lines"))
     if result.set_aside:
-        reasons = Counter((r.step, r.reason) for r in result.set_aside)
-        console.print(f"[yellow]{len(result.set_aside)} image(s) set aside[/] (copies in {result.output_dir / 'set_aside'}):")
-        for (step, reason), n in reasons.most_common(15):
-            console.print(f"  {n} x [cyan]{step}[/]: {reason}", highlight=False)
-        if len(reasons) > 15:
-            console.print(f"  ... and {len(reasons) - 15} more reasons: see the manifest's set_aside list")
+        print_set_aside(result)
     n = len(result.manifest.images)
     subsets = Counter(r.subset for r in result.manifest.images)
-    console.print(f"[green]{n} image(s)[/] in {len(subsets)} subset(s) -> {result.output_dir}  (manifest: {result.manifest_path})",
-                  highlight=False)
+    console.print(Text.assemble((f"{n} image(s)", "green"), f" in {len(subsets)} subset(s) -> {result.output_dir}  "
+                                f"(manifest: {result.manifest_path})"), soft_wrap=True)
     if result.nothing_changed:
         console.print("Nothing changed since the last run: every result came from the cache.")
+
+
+def print_set_aside(result, reasons_shown: int = 15, names_shown: int = 3) -> None:
+    """What was set aside, grouped by step and reason, naming the first few images of each group."""
+    records = result.set_aside
+    copies = sum(1 for r in records if r.path)
+    where = f"copies of {copies} in {result.output_dir / 'set_aside'}" if copies else "no copies: the files could not be read"
+    if copies and copies < len(records):
+        where += f"; {len(records) - copies} unreadable file(s) have none"
+    console.print(Text.assemble((f"{len(records)} image(s) set aside", "yellow"), f" ({where}):"), soft_wrap=True)
+    groups: dict[tuple[str, str], list] = {}
+    for r in records:  # a reason that starts with its file's path is grouped without it (the names follow)
+        reason = r.reason[len(r.source) + 2:] if r.source and r.reason.startswith(r.source + ": ") else r.reason
+        groups.setdefault((r.step, reason), []).append(r)
+    ordered = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    for (step, reason), members in ordered[:reasons_shown]:
+        names = ", ".join(Path(m.source).name if m.source else m.name for m in members[:names_shown])
+        more = f" and {len(members) - names_shown} more" if len(members) > names_shown else ""
+        console.print(Text.assemble(f"  {len(members)} x ", (step, "cyan"), f": {reason}  ({names}{more})"),
+                      highlight=False)
+    if len(ordered) > reasons_shown:
+        console.print(f"  ... and {len(ordered) - reasons_shown} more reasons: every image is in the set_aside "
+                      f"list of {result.manifest_path}", highlight=False)
+    elif any(len(m) > names_shown for _, m in ordered):
+        console.print(f"  every image is in the set_aside list of {result.manifest_path}", highlight=False)
 
 
 # ----- plugins and steps ------------------------------------------------------------------------
@@ -165,7 +190,7 @@ def plugins(as_json):
         table.add_column(col)
     for p in data:
         table.add_row(p["name"], p["distribution"], p["version"], ", ".join(p["steps"]), ", ".join(p["hooks"]),
-                      "[red]failed: " + p["error"] + "[/]" if p["error"] else "[green]ok[/]")
+                      "[red]failed: " + escape(p["error"]) + "[/]" if p["error"] else "[green]ok[/]")
     out_console.print(table)
 
 
@@ -188,19 +213,22 @@ def steps(name, as_json):
         click.echo(json.dumps([_step_info(c) for c in classes], indent=2))
         return
     for cls in classes:
-        out_console.print(f"[bold cyan]{cls.name}[/] [dim]({cls.kind} step)[/] {cls.summary}", highlight=False)
-        if name:
-            out_console.print(cls.describe() + "\n", highlight=False)
+        header = Text.assemble((cls.name, "bold cyan"), (f"  {cls.kind} step", "dim"))
+        out_console.print(header)
+        print_plain(out_console, cls.describe() if name else cls.summary, indent=2)
         if cls.params:
-            table = Table(box=None, show_header=False, padding=(0, 1), pad_edge=False)
-            table.add_column(no_wrap=True, style="green")
-            table.add_column(no_wrap=True, style="dim")
-            table.add_column()
-            for p in cls.params:
-                table.add_row(f"  --{p.name.replace('_', '-')}", p.default_text(), f"{p.help} [dim]({p.expected})[/]")
-            out_console.print(table)
+            out_console.print()
+        for p in cls.params:
+            flag = "  --" + p.name.replace("_", "-")
+            line = Text(textwrap.fill(f"{flag}  {p.default_text()}", width=out_console.width - 1,
+                                      subsequent_indent=" " * 6, break_long_words=False, break_on_hyphens=False),
+                        style="dim")
+            line.stylize("green", 0, len(flag))
+            out_console.print(line, soft_wrap=True, highlight=False)
+            print_plain(out_console, f"{p.help} ({p.expected})" if p.help else f"({p.expected})", indent=6)
         if name and cls.example:
-            out_console.print("\nExample:\n" + cls.example, highlight=False)
+            out_console.print("\nExample:")
+            out_console.print(Text(cls.example), soft_wrap=True)  # one line: copy-pasteable
         out_console.print()
 
 
@@ -233,7 +261,14 @@ def export(format, dataset, output, repeat_lines):
         target = export_kohya(manifest, Path(output))
     else:
         target = export_diffusers(manifest, Path(output), repeat_lines=repeat_lines)
-    console.print(f"[green]Exported[/] {len(manifest.images)} image(s) -> {target}", highlight=False)
+    exported = len(manifest.images)
+    note = ""
+    if format == "diffusers":
+        reg = sum(1 for r in manifest.images if r.is_reg)
+        exported -= reg
+        if reg:
+            note = f" ({reg} regularisation image(s) left out: diffusers' scripts take them as a class folder)"
+    console.print(Text.assemble(("Exported", "green"), f" {exported} image(s) -> {target}{note}"), soft_wrap=True)
 
 
 from .review.command import review as _review  # noqa: E402  (the review page: core/review/)
@@ -284,7 +319,7 @@ def step_command(cls: type[Step]) -> click.Command:
         result = Runner(pipeline, console=console, workers=workers).run()
         print_summary(result)
 
-    help_text = (cls.describe() + ("\n\nExample:\n\n\b\n" + cls.example if cls.example else "")).replace("\n\n\b\n", "\n\n\b\n")
+    help_text = click_help(cls.describe()) + ("\n\nExample:\n\n\b\n" + cls.example if cls.example else "")
     return click.Command(cls.name, params=params, callback=callback, help=help_text, short_help=cls.summary)
 
 

@@ -368,7 +368,9 @@ class Runner:
             o["name"] = _unique(o["subset"], o["name"], used)
             out.append(o)
         stats.outputs, stats.set_aside = len(out), len(hit["aside"])
-        stats.messages.extend(hit.get("messages", []))
+        messages = hit.get("messages", [])
+        # a cached result's log lines describe the run that computed it, not this one
+        stats.messages.extend(messages if stats.computed else [f"(earlier run) {m}" for m in messages])
         stats.seconds = time.perf_counter() - t0
         self.stats.append(stats)
         return out
