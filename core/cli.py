@@ -276,6 +276,11 @@ from .review.command import review as _review  # noqa: E402  (the review page: c
 cli.add_command(_review)
 
 
+from .curate_cli import curate  # noqa: E402  (the command group lives in its own module)
+
+cli.add_command(curate)
+
+
 # ----- one command per step ---------------------------------------------------------------------
 def step_command(cls: type[Step]) -> click.Command:
     """``lorakit <step> INPUT_DIR OUTPUT_DIR [--param value ...]`` built from the step's declared params."""

@@ -39,6 +39,8 @@ class ImageRecord:
     source: str | None = None
     steps: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    id: str | None = None  # survives re-runs: source file's SHA-256 + frame/crop suffix (docs/curation.md)
+    edited: bool = False  # some edit of the curation file touches this image
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ImageRecord":
@@ -55,6 +57,8 @@ class SetAsideRecord:
     reason: str
     source: str | None = None
     path: str | None = None
+    id: str | None = None
+    subset: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SetAsideRecord":
@@ -77,6 +81,7 @@ class Manifest:
     # True only for manifests lorakit builds in memory over files where they are (a kohya import):
     # their paths are absolute. A manifest read from a file has relative paths confined to ``root``.
     external_paths: bool = False
+    curation: str | None = None  # the curation file (relative to root when it can be)
 
     # ----- reading and writing -------------------------------------------------------------
     @classmethod
@@ -108,6 +113,7 @@ class Manifest:
             lorakit_version=data.get("lorakit_version", ""),
             created=data.get("created", ""),
             resolution=data.get("resolution"),
+            curation=data.get("curation"),
         )
         manifest._check_paths(path)
         return manifest
@@ -136,6 +142,7 @@ class Manifest:
             "created": self.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "resolution": self.resolution,
             "pipeline": self.pipeline,
+            "curation": self.curation,
             "subsets": {name: {k: v for k, v in s.to_dict().items() if k != "name"} for name, s in self.subsets.items()},
             "images": [dataclasses.asdict(r) for r in self.images],
             "set_aside": [dataclasses.asdict(r) for r in self.set_aside],
@@ -177,15 +184,43 @@ def load_dataset(path: str | Path) -> Manifest:
     (``N_name`` folders or ``dataset_config.toml``), imported in memory without copying."""
     path = Path(path)
     if path.is_file() and path.suffix == ".json":
-        return Manifest.load(path)
+        return _as_on_disk(Manifest.load(path))
     if path.is_dir() and (path / MANIFEST_NAME).is_file():
-        return Manifest.load(path)
+        return _as_on_disk(Manifest.load(path))
     if path.exists():
         from .kohya import manifest_from_kohya
 
         return manifest_from_kohya(path)
     raise LorakitError(f"{path}: no dataset here (expected a lorakit dataset folder, a manifest.json, "
                        "a kohya folder of N_name folders, or a dataset_config.toml)")
+
+
+def _as_on_disk(manifest: Manifest) -> Manifest:
+    """The dataset as its folder holds it now: a caption .txt edited by hand wins over the manifest
+    (as the next run would keep it), and a listed image or mask missing from disk is an error that
+    names it, before anything (an export, a training) starts."""
+    missing = []
+    for r in manifest.images:
+        for rel in (r.path, r.mask):
+            if rel and not manifest.abspath(rel).is_file():
+                missing.append(rel)
+        if r.caption_path and manifest.abspath(r.caption_path).is_file():
+            try:
+                text = manifest.abspath(r.caption_path).read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError):
+                continue
+            if text != r.caption.strip():
+                scores = {t["name"]: t.get("score") for t in r.tags}
+                r.caption, r.sentence = text, None
+                r.tags = [{"name": t, "score": scores.get(t)} for t in split_caption(text)]
+                r.edited = True
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise LorakitError(
+            f"{manifest.abspath(missing[0])}: listed in {manifest.root / MANIFEST_NAME} but missing from disk{more}. "
+            f"If it was deleted on purpose, run `lorakit curate apply {manifest.root}` (it is then excluded) or "
+            "run the pipeline again; else put the file back")
+    return manifest
 
 
 _NULLABLE_STR = {"type": ["string", "null"]}
@@ -201,6 +236,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "created": {"type": "string"},
         "resolution": {"type": ["integer", "null"]},
         "pipeline": {"type": ["object", "null"]},
+        "curation": _NULLABLE_STR,
         "subsets": {"type": "object", "additionalProperties": {
             "type": "object",
             "properties": {
@@ -225,12 +261,14 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 "sentence": _NULLABLE_STR, "repeats": {"type": "integer", "minimum": 1},
                 "is_reg": {"type": "boolean"}, "mask": _NULLABLE_STR, "source": _NULLABLE_STR,
                 "steps": {"type": "array", "items": {"type": "string"}}, "meta": {"type": "object"},
+                "id": _NULLABLE_STR, "edited": {"type": "boolean"},
             },
         }},
         "set_aside": {"type": "array", "items": {
             "type": "object", "required": ["name", "step", "reason"],
             "properties": {"name": {"type": "string"}, "step": {"type": "string"}, "reason": {"type": "string"},
-                           "source": _NULLABLE_STR, "path": _NULLABLE_STR},
+                           "source": _NULLABLE_STR, "path": _NULLABLE_STR, "id": _NULLABLE_STR,
+                           "subset": _NULLABLE_STR},
         }},
     },
 }

@@ -25,11 +25,14 @@ from lorakit.plugin_sdk import (
     atomic_path, atomic_write_text, check_relative, confined_path, reason_of, verify_image,
 )
 
+from . import curation as curation_stage
 from .manifest import MANIFEST_NAME, ImageRecord, Manifest, SetAsideRecord
 from .pipeline import ConfiguredStep, Pipeline
 from .store import State, Store, content_of, digest, sha256_file
 
 STORE_DIR = ".lorakit"
+CURATION_INPUT = "curation-input.json"  # the states before the curation stage (apply_to_dataset redoes it)
+ID_META = "_lorakit_id"  # carries image ids through dataset steps
 
 
 @dataclass
@@ -52,6 +55,7 @@ class RunResult:
     manifest: Manifest
     stats: list[StepStats]
     set_aside: list[SetAsideRecord]
+    curation: curation_stage.CurationResult | None = None
 
     @property
     def nothing_changed(self) -> bool:
@@ -117,6 +121,10 @@ class Runner:
         self.stats: list[StepStats] = []
         self._executor: ProcessPoolExecutor | None = None
         self._executor_size = 0
+        curation_file = (curation_stage.curation_path_for(pipeline.path) if pipeline.path is not None
+                         else self.output / curation_stage.DATASET_CURATION_NAME)
+        self.curation = curation_stage.Curation(curation_file, self.output)
+        self._restored: set[str] = set()
 
     def _ctx(self, step) -> StepContext:
         work = self.store.root / "steps" / step.name
@@ -143,18 +151,76 @@ class Runner:
     def _run(self) -> RunResult:
         self.output.mkdir(parents=True, exist_ok=True)
         _remove_partial_files(self.output)
+        # hand edits in the folder go into the curation file before anything rewrites the folder
+        hand = curation_stage.take_hand_edits(self.output, self.curation, self._ledger())
+        self._restored = curation_stage.restored_ids(self.curation.edits())
         states = self._run_sources()
         self._apply_subset_config(states)
+        states = curation_stage.early_moves(states, self.curation.edits())
+        self._ensure_subsets(states)
         for cfg in self.pipeline.steps:
             if isinstance(cfg.step, ImageStep):
                 states = self._run_image_step(cfg, states)
             elif isinstance(cfg.step, DatasetStep):
                 states = self._run_dataset_step(cfg, states)
             self._ensure_subsets(states)
+        manifest, curated = self.finish(states, hand)
+        return RunResult(self.output, self.output / MANIFEST_NAME, manifest, self.stats,
+                         manifest.set_aside, curated)
+
+    # ----- the curation stage (last of every run) ---------------------------------------------
+    def finish(self, states: list[State], hand=None, save_input: bool = True):
+        """Apply the curation file to the final states, then write the dataset folder and manifest."""
+        t0 = time.perf_counter()
+        input_path = self.output / STORE_DIR / CURATION_INPUT
+        try:
+            previous = json.loads(input_path.read_text(encoding="utf-8")).get("applied")
+        except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+            previous = None
+        edits = self.curation.edits()
+        digest_now = self.curation.digest()
+        if save_input:
+            self._save_curation_input(input_path, states, digest_now)
+        else:
+            _set_applied(input_path, digest_now)
+        n_in = len(states)
+        states, self.set_aside, result = curation_stage.apply_to_states(states, self.set_aside, edits,
+                                                                        self.curation.path)
+        result.hand = hand
+        result.changed = digest_now != previous or bool(hand)
+        self._ensure_subsets(states)
+        stats = StepStats("curation", "curation", inputs=n_in, outputs=len(states), set_aside=len(result.excluded),
+                          computed=int(result.changed), cached=0 if result.changed else n_in)
+        stats.messages = result.messages()
         manifest = self._materialise(states)
-        path = manifest.save()
-        return RunResult(self.output, path, manifest, self.stats,
-                         manifest.set_aside)
+        try:
+            manifest.curation = os.path.relpath(self.curation.path.resolve(), self.output.resolve())
+        except ValueError:  # another drive (Windows)
+            manifest.curation = str(self.curation.path.resolve())
+        manifest.save()
+        stats.seconds = time.perf_counter() - t0
+        self.stats.append(stats)
+        return manifest, result
+
+    def _save_curation_input(self, path: Path, states: list[State], applied: str) -> None:
+        atomic_write_text(path, json.dumps({
+            "version": 1, "applied": applied, "store": str(self.store.root.resolve()), "states": states,
+            "set_aside": [list(x) for x in self.set_aside],
+            "subsets": {n: s.to_dict() for n, s in self.subsets.items()},
+            "pipeline_subsets": self.pipeline.subsets, "resolution": self.pipeline.resolution,
+            "pipeline": _jsonable(self.pipeline.raw),
+        }, ensure_ascii=False, default=str))
+
+    def _ledger(self) -> dict[str, list]:
+        """The files earlier runs wrote into the output folder (relative path -> [blob, size, mtime])."""
+        try:
+            return json.loads((self.store.root / "written.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def _keep_restored(self, state: State, step: str) -> bool:
+        """True when the curation restores an image that ``step`` set aside: it then goes on as kept."""
+        return bool(state.get("id")) and state["id"] in self._restored and bool(state.get("image"))
 
     # ----- sources ---------------------------------------------------------------------------
     def _run_sources(self) -> list[State]:
@@ -165,6 +231,7 @@ class Runner:
             index = {}
         states: list[State] = []
         used_names: set[tuple[str, str]] = set()
+        used_ids: set[str] = set()
         for cfg in self.pipeline.sources:
             step: SourceStep = cfg.step  # type: ignore[assignment]
             stats = StepStats(step.name, "source")
@@ -182,6 +249,7 @@ class Runner:
                     item.name = _unique(item.subset, item.name, used_names)
                     state = self._ingest_source(Path(item.path), item, index, stats)
                     if state is not None:
+                        state["id"] = _unique_id(curation_stage.source_id(Path(state["image"]).stem), used_ids)
                         states.append(state)
                         stats.outputs += 1
                     progress.update(task, advance=1)
@@ -277,10 +345,16 @@ class Runner:
         for state, r in zip(states, results):
             assert r is not None
             if "outputs" in r:
-                for o in r["outputs"]:
+                many = len(r["outputs"]) > 1
+                for k, o in enumerate(r["outputs"]):
                     o = dict(o, steps=state.get("steps", []) + [step.name], source=o.get("source") or state.get("source"))
+                    if state.get("id"):
+                        o["id"] = curation_stage.child_id(state["id"], state["name"], o["name"], k) if many else state["id"]
                     o["name"] = _unique(o["subset"], o["name"], used)
                     out.append(o)
+            elif self._keep_restored(state, step.name):
+                out.append(state)
+                stats.messages.append(f"{state['name']}: kept (restored by hand; the step said: {r['aside']})")
             else:
                 stats.set_aside += 1
                 self.set_aside.append((state, step.name, r["aside"]))
@@ -339,16 +413,21 @@ class Runner:
             with self.console.status(f"[bold]{step.name}[/] over {len(states)} images"):
                 step.setup(ctx)
                 items = [self.store.item_from_state(s) for s in states]
+                for item, s in zip(items, states):
+                    item.meta[ID_META] = s.get("id")
+                by_name = {s["name"]: s.get("id") for s in states}
                 produced = step.run(items, ctx)
                 if produced is None or not all(isinstance(i, Item) for i in produced):
                     raise LorakitError(f"step '{step.name}' returned {type(produced).__name__}; run() must return a list of Items")
                 outputs = []
+                used_ids: set[str] = set()
                 for item in produced:
-                    st = self.store.state_from_item(item)
+                    st = _with_id(self.store.state_from_item(item), by_name, used_ids)
                     if not st["steps"] or st["steps"][-1] != step.name:
                         st["steps"] = st["steps"] + [step.name]
                     outputs.append(st)
-                aside = [[self.store.state_from_item(i), reason] for i, reason in ctx.set_aside_items]
+                aside = [[_with_id(self.store.state_from_item(i), by_name, used_ids), reason]
+                         for i, reason in ctx.set_aside_items]
                 hit = {"outputs": outputs, "aside": aside, "messages": ctx.messages, "reports": ctx.reports,
                        "subsets": {n: s.to_dict() for n, s in ctx.subsets.items()}}
                 self.store.cache_put(key, hit)
@@ -359,15 +438,20 @@ class Runner:
                 ctx.report(name, data)
         self.subsets.clear()
         self.subsets.update({n: Subset.from_dict(d) for n, d in hit["subsets"].items()})
-        for state, reason in hit["aside"]:
-            self.set_aside.append((state, step.name, reason))
         used: set[tuple[str, str]] = set()
         out = []
+        for state, reason in hit["aside"]:
+            if self._keep_restored(state, step.name):
+                out.append(dict(state, steps=state.get("steps", []) + [step.name]))
+                stats.messages.append(f"{state['name']}: kept (restored by hand; the step said: {reason})")
+            else:
+                self.set_aside.append((state, step.name, reason))
+                stats.set_aside += 1
         for o in hit["outputs"]:
             o = dict(o)
             o["name"] = _unique(o["subset"], o["name"], used)
             out.append(o)
-        stats.outputs, stats.set_aside = len(out), len(hit["aside"])
+        stats.outputs = len(out)
         messages = hit.get("messages", [])
         # a cached result's log lines describe the run that computed it, not this one
         stats.messages.extend(messages if stats.computed else [f"(earlier run) {m}" for m in messages])
@@ -417,7 +501,7 @@ class Runner:
             rel = _join(folder, s["name"] + Path(s["image"]).suffix)
             place(blob, rel)
             item = self.store.item_from_state(s)
-            text = item.text
+            text = s["text"] if s.get("text") is not None else item.text  # a caption set by hand is verbatim
             caption_rel = None
             if text:
                 caption_rel = _join(folder, s["name"] + ".txt")
@@ -426,6 +510,10 @@ class Runner:
             if s.get("mask"):
                 mask_rel = _join("masks", folder, s["name"] + ".png")
                 place(self.store.blob_path(s["mask"]), mask_rel)
+            meta = s.get("meta", {})
+            if s.get("rejected_mask"):  # kept for the review page (and for accepting it again)
+                meta = dict(meta, rejected_mask=_join("set_aside", "masks", folder, s["name"] + ".png"))
+                place(self.store.blob_path(s["rejected_mask"]), meta["rejected_mask"])
             with Image.open(blob) as im:
                 width, height = im.size
             images.append(ImageRecord(
@@ -433,7 +521,7 @@ class Runner:
                 sha256=Path(s["image"]).stem, caption_path=caption_rel,
                 tags=[{"name": t, "score": sc} for t, sc in s.get("tags", [])], sentence=s.get("caption"),
                 repeats=sub.repeats, is_reg=sub.is_reg, mask=mask_rel, source=s.get("source"),
-                steps=s.get("steps", []), meta=s.get("meta", {}),
+                steps=s.get("steps", []), meta=meta, id=s.get("id"), edited=bool(s.get("edited")),
             ))
 
         aside_records: list[SetAsideRecord] = []
@@ -444,7 +532,8 @@ class Runner:
                             state["name"] + Path(state["image"]).suffix)
                 place(self.store.blob_path(state["image"]), rel)
             aside_records.append(SetAsideRecord(name=state["name"], step=step, reason=reason,
-                                                source=state.get("source") or state.get("raw_path"), path=rel))
+                                                source=state.get("source") or state.get("raw_path"), path=rel,
+                                                id=state.get("id"), subset=state.get("subset")))
 
         for rel in set(ledger) - set(new_ledger):  # files an earlier run wrote that are no longer wanted
             (out / rel).unlink(missing_ok=True)
@@ -457,6 +546,101 @@ class Runner:
             images=images, set_aside=aside_records, pipeline=_jsonable(self.pipeline.raw),
             resolution=self.pipeline.resolution,
         )
+
+
+def _unique_id(image_id: str, used: set[str]) -> str:
+    """The same bytes read twice get ``~2``, ``~3``... (in source order, so it is stable)."""
+    candidate, n = image_id, 1
+    while candidate in used:
+        n += 1
+        candidate = f"{image_id}~{n}"
+    used.add(candidate)
+    return candidate
+
+
+def _with_id(state: State, by_name: dict[str, str | None], used: set[str]) -> State:
+    """A dataset step's output state gets back the id its input carried (through meta, else by name)."""
+    image_id = state["meta"].pop(ID_META, None) or by_name.get(state["name"])
+    if not image_id:
+        image_id = curation_stage.source_id(Path(state["image"]).stem)  # an image the step made
+    state["id"] = _unique_id(image_id, used)
+    return state
+
+
+def _set_applied(path: Path, applied: str) -> None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return
+    data["applied"] = applied
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False, default=str))
+
+
+def reapply_curation(dataset: Path, curation: "curation_stage.Curation", take_hand: bool = True,
+                     console: Console | None = None) -> "curation_stage.CurationResult":
+    """Redo only the curation stage of the last run over ``dataset`` (no step runs): what
+    ``lorakit.curation.apply_to_dataset`` does for the review page and ``lorakit curate apply``."""
+    from .pipeline import Pipeline
+
+    dataset = Path(dataset)
+    input_path = dataset / STORE_DIR / CURATION_INPUT
+    try:
+        saved = json.loads(input_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        saved = None
+    except json.JSONDecodeError as exc:
+        raise LorakitError(f"{input_path}: damaged ({exc.msg}); run the pipeline again") from None
+    if saved is None:
+        saved = _input_from_manifest(dataset)
+    pipeline = Pipeline(path=None, output=dataset, sources=[], steps=[], subsets=saved.get("pipeline_subsets") or {},
+                        resolution=saved.get("resolution") or 512, raw=saved.get("pipeline") or {},
+                        cache_dir=Path(saved["store"]))
+    runner = Runner(pipeline, console=console or Console(stderr=True, quiet=True), workers=1)
+    runner.curation = curation
+    runner.subsets = {n: Subset.from_dict(d) for n, d in saved.get("subsets", {}).items()}
+    runner.set_aside = [(s, step, reason) for s, step, reason in saved.get("set_aside", [])]
+    hand = curation_stage.take_hand_edits(dataset, curation, runner._ledger()) if take_hand else None
+    _, result = runner.finish(saved["states"], hand, save_input=False)
+    return result
+
+
+def _input_from_manifest(dataset: Path) -> dict:
+    """Without the saved states (an older dataset, or .lorakit/ deleted) the manifest is the base: its
+    files are taken into a work store and its images become the states the curation applies to."""
+    manifest = Manifest.load(dataset)
+    store = Store(dataset / STORE_DIR)
+    states: list[State] = []
+    aside = []
+    records = [(r, None, None) for r in manifest.images]
+    records += [(r, r.step, r.reason) for r in manifest.set_aside if r.path]
+    for r, step, reason in records:
+        path = manifest.abspath(r.path)
+        if not path.is_file():
+            if step is None:
+                raise LorakitError(f"{path}: image listed in {dataset / MANIFEST_NAME} is missing")
+            continue
+        subset = getattr(r, "subset", None) or "default"
+        sub = manifest.subsets.get(subset) or Subset(subset)
+        folder = _folder(sub)
+        stem = Path(r.path).with_suffix("").as_posix()
+        if step is not None:
+            stem = r.name
+        elif folder and stem.startswith(folder + "/"):
+            stem = stem[len(folder) + 1:]
+        state = {"name": stem, "image": store.add_file(path), "mask": None, "subset": subset,
+                 "caption": getattr(r, "sentence", None),
+                 "tags": [[t["name"], t.get("score")] for t in getattr(r, "tags", [])],
+                 "meta": dict(getattr(r, "meta", {}) or {}), "source": r.source, "steps": list(getattr(r, "steps", [])),
+                 "id": curation_stage.record_id(r) if step is None else r.id}
+        if getattr(r, "mask", None) and manifest.abspath(r.mask).is_file():
+            state["mask"] = store.add_file(manifest.abspath(r.mask))
+        if step is None or step == "curation":  # excluded by hand: the curation decides again
+            states.append(state)
+        else:
+            aside.append([state, step, reason])
+    return {"store": str(store.root.resolve()), "states": states, "set_aside": aside,
+            "subsets": {n: s.to_dict() for n, s in manifest.subsets.items()},
+            "pipeline_subsets": {}, "resolution": manifest.resolution, "pipeline": manifest.pipeline}
 
 
 def _remove_partial_files(folder: Path) -> None:

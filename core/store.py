@@ -142,5 +142,5 @@ class Store:
 
 
 def content_of(state: State) -> State:
-    """The part of a state that decides a step's result (provenance fields excluded)."""
-    return {k: v for k, v in state.items() if k not in ("steps", "source")}
+    """The part of a state that decides a step's result (provenance and identity excluded)."""
+    return {k: v for k, v in state.items() if k not in ("steps", "source", "id")}
