@@ -2,6 +2,7 @@
 generated command per step (``lorakit <step> INPUT_DIR OUTPUT_DIR [--option value ...]``)."""
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 import textwrap
@@ -86,7 +87,7 @@ def _load(path: str):
     pipeline = load_pipeline(Path(path), host)
     train_config = None
     if pipeline.train is not None:
-        from lorakit.trainer.api import validate_settings
+        from lorakit.trainer.config import validate_settings  # no torch import just to check settings
 
         train_config = validate_settings(pipeline.train, f"{path}: train", base_dir=Path(path).resolve().parent)
     return pipeline, train_config
@@ -138,12 +139,27 @@ def print_summary(result) -> None:
             console.print(Text.assemble(("  " + s.name, "cyan"), f": ... and {len(s.messages) - 12} more lines"))
     if result.set_aside:
         print_set_aside(result)
+    _warn_empty_subsets(result)
     n = len(result.manifest.images)
     subsets = Counter(r.subset for r in result.manifest.images)
     console.print(Text.assemble((f"{n} image(s)", "green"), f" in {len(subsets)} subset(s) -> {result.output_dir}  "
                                 f"(manifest: {result.manifest_path})"), soft_wrap=True)
     if result.nothing_changed:
         console.print("Nothing changed since the last run: every result came from the cache.")
+
+
+def _warn_empty_subsets(result) -> None:
+    """A subset configured in pipeline.yaml that no image reached is most often a typo of a real one."""
+    configured = (result.manifest.pipeline or {}).get("subsets") or {}
+    used = sorted({r.subset for r in result.manifest.images})
+    for name in configured:
+        if str(name) in used:
+            continue
+        close = difflib.get_close_matches(str(name), used, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        console.print(Text.assemble(("Warning:", "yellow"), f" subsets: '{name}' has no images (the images are in "
+                                    f"{', '.join(used) or 'no subset'}); its settings were not used.{hint}"),
+                      soft_wrap=True)
 
 
 def print_set_aside(result, reasons_shown: int = 15, names_shown: int = 3) -> None:

@@ -17,6 +17,7 @@ its parameters. ``subset`` in a source's mapping puts all its images in that sub
 """
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from lorakit.plugin_sdk import LorakitError, ModelRef, PathEscape, SourceStep, Step, Subset, check_relative
+from lorakit.plugin_sdk import LorakitError, ManyErrors, ModelRef, PathEscape, SourceStep, Step, Subset, check_relative
 from lorakit.plugin_sdk.subset import SUBSET_FIELDS
 
 from .host import Host
@@ -128,33 +129,47 @@ def _resolve_paths(step_cls: type[Step], params: dict[str, Any], base: Path) -> 
 
 
 def parse_pipeline(data: Any, host: Host, base: Path, lines: _Lines | None = None, path: Path | None = None) -> Pipeline:
-    """Validate a pipeline mapping completely: every step known, every parameter valid."""
+    """Validate a pipeline mapping completely: every step known, every parameter valid.
+
+    Independent mistakes (each source, step and subset, the top-level settings) are all collected
+    and reported together, so one `lorakit validate` shows everything there is to fix.
+    """
     lines = lines or _Lines(None, str(path or "pipeline"))
     if not isinstance(data, dict):
         raise LorakitError(f"{lines.at()}: a pipeline is a mapping with output, sources and steps")
-    unknown = set(data) - TOP_LEVEL_KEYS
-    if unknown:
-        key = sorted(unknown)[0]
-        raise LorakitError(f"{lines.at(key)}: unknown key '{key}' (known: {', '.join(sorted(TOP_LEVEL_KEYS))})")
+    errors: list[LorakitError] = []
+
+    def check(fn, *args):
+        try:
+            return fn(*args)
+        except LorakitError as exc:
+            errors.append(exc)
+            return None
+
+    for key in sorted(set(data) - TOP_LEVEL_KEYS):
+        close = difflib.get_close_matches(key, sorted(TOP_LEVEL_KEYS), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        errors.append(LorakitError(f"{lines.at(key)}: unknown key '{key}' ({hint}known: {', '.join(sorted(TOP_LEVEL_KEYS))})"))
+    output = None
     if not data.get("output"):
-        raise LorakitError(f"{lines.at()}: 'output' is required (the folder the dataset is written to)")
-    output = Path(os.path.expanduser(str(data["output"])))
-    if not output.is_absolute():
-        output = base / output
+        errors.append(LorakitError(f"{lines.at()}: 'output' is required (the folder the dataset is written to)"))
+    else:
+        output = Path(os.path.expanduser(str(data["output"])))
+        if not output.is_absolute():
+            output = base / output
     resolution = data.get("resolution", 512)
     if not isinstance(resolution, int) or isinstance(resolution, bool) or not 64 <= resolution <= 4096 or resolution % 8:
-        raise LorakitError(f"{lines.at('resolution')}: resolution must be a multiple of 8 between 64 and 4096, not {resolution!r}")
+        errors.append(LorakitError(f"{lines.at('resolution')}: resolution must be a multiple of 8 between 64 and 4096, "
+                                   f"not {resolution!r}"))
+        resolution = 512
     workers = data.get("workers")
     if workers in (None, "auto"):
         workers = None
     elif not isinstance(workers, int) or workers < 1:
-        raise LorakitError(f"{lines.at('workers')}: workers must be a positive integer or auto, not {workers!r}")
+        errors.append(LorakitError(f"{lines.at('workers')}: workers must be a positive integer or auto, not {workers!r}"))
+        workers = None
 
-    sources_raw = data.get("sources")
-    if not sources_raw or not isinstance(sources_raw, list):
-        raise LorakitError(f"{lines.at('sources')}: 'sources' must be a non-empty list (e.g. - folder: {{path: images/}})")
-    sources = []
-    for i, entry in enumerate(sources_raw):
+    def source(i, entry):
         where = lines.at("sources", i)
         name, params = _entry(entry, where)
         cls = _known(host, name, where)
@@ -163,46 +178,89 @@ def parse_pipeline(data: Any, host: Host, base: Path, lines: _Lines | None = Non
         subset = params.pop("subset", None)
         if subset is not None:
             _check_subset_name(str(subset), where)
-        step = cls.configure(_resolve_paths(cls, params, base), where=where)
-        sources.append(ConfiguredStep(step, where, str(subset) if subset is not None else None))
+        params = _resolve_paths(cls, params, base)
+        step = cls.configure(params, where=where)
+        _check_model_paths(cls, step, where)
+        return ConfiguredStep(step, where, str(subset) if subset is not None else None)
 
-    steps_raw = data.get("steps") or []
-    if not isinstance(steps_raw, list):
-        raise LorakitError(f"{lines.at('steps')}: 'steps' must be a list")
-    steps = []
-    for i, entry in enumerate(steps_raw):
+    sources_raw = data.get("sources")
+    sources = []
+    if not sources_raw or not isinstance(sources_raw, list):
+        errors.append(LorakitError(f"{lines.at('sources')}: 'sources' must be a non-empty list "
+                                   "(e.g. - folder: {path: images/})"))
+    else:
+        sources = [c for c in (check(source, i, e) for i, e in enumerate(sources_raw)) if c is not None]
+
+    def step_entry(i, entry):
         where = lines.at("steps", i)
         name, params = _entry(entry, where)
         cls = _known(host, name, where)
         if cls.kind == "source":
             raise LorakitError(f"{where}: '{name}' is a source; put it under 'sources'")
-        steps.append(ConfiguredStep(cls.configure(_resolve_paths(cls, params, base), where=where), where))
+        step = cls.configure(_resolve_paths(cls, params, base), where=where)
+        _check_model_paths(cls, step, where)
+        return ConfiguredStep(step, where)
 
-    subsets_raw = data.get("subsets") or {}
-    if not isinstance(subsets_raw, dict):
-        raise LorakitError(f"{lines.at('subsets')}: 'subsets' must be a mapping of subset name to settings")
-    subsets = {}
-    for name, cfg in subsets_raw.items():
+    steps_raw = data.get("steps") or []
+    steps = []
+    if not isinstance(steps_raw, list):
+        errors.append(LorakitError(f"{lines.at('steps')}: 'steps' must be a list"))
+    else:
+        steps = [c for c in (check(step_entry, i, e) for i, e in enumerate(steps_raw)) if c is not None]
+
+    def subset_entry(name, cfg):
         cfg = cfg or {}
         where = lines.at("subsets", name)
         if not isinstance(cfg, dict):
             raise LorakitError(f"{where}: settings of subset '{name}' must be a mapping")
         bad = set(cfg) - (set(SUBSET_FIELDS) - {"name"})
         if bad:
-            raise LorakitError(f"{where}: subset '{name}': unknown setting '{sorted(bad)[0]}' (known: {', '.join(f for f in SUBSET_FIELDS if f != 'name')})")
+            known = [f for f in SUBSET_FIELDS if f != "name"]
+            close = difflib.get_close_matches(sorted(bad)[0], known, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise LorakitError(f"{where}: subset '{name}': unknown setting '{sorted(bad)[0]}' ({hint}known: {', '.join(known)})")
         _check_subset_name(str(name), where)
         _check_subset(str(name), cfg, where)
-        subsets[str(name)] = dict(cfg)
+        return dict(cfg)
+
+    subsets_raw = data.get("subsets") or {}
+    subsets = {}
+    if not isinstance(subsets_raw, dict):
+        errors.append(LorakitError(f"{lines.at('subsets')}: 'subsets' must be a mapping of subset name to settings"))
+    else:
+        for name, cfg in subsets_raw.items():
+            checked = check(subset_entry, name, cfg)
+            if checked is not None:
+                subsets[str(name)] = checked
 
     train = data.get("train")
     if train is not None and not isinstance(train, dict):
-        raise LorakitError(f"{lines.at('train')}: 'train' must be a mapping of trainer settings")
+        errors.append(LorakitError(f"{lines.at('train')}: 'train' must be a mapping of trainer settings"))
+    if errors:
+        raise errors[0] if len(errors) == 1 else ManyErrors(errors, f"{lines.filename}: {{n}} problems")
     cache_dir = data.get("cache_dir")
     pipeline = Pipeline(path=path, output=output, sources=sources, steps=steps, subsets=subsets,
                         resolution=resolution, workers=workers, train=train, raw=data,
                         cache_dir=(base / cache_dir) if cache_dir else None)
     _check_folders(pipeline)
     return pipeline
+
+
+_MODEL_SUFFIXES = {".safetensors", ".onnx", ".pth", ".pt", ".ckpt", ".bin", ".csv", ".json"}
+
+
+def _check_model_paths(cls: type[Step], step: Step, where: str) -> None:
+    """A model parameter that is clearly a local path (not a hub id) must exist before any work."""
+    for p in cls.params:
+        if p.type is not ModelRef or step.options[p.name] is None:
+            continue
+        value = step.options[p.name]
+        text = str(value)
+        local = (Path(text).is_absolute() or text.startswith((".", "~")) or Path(text).suffix.lower() in _MODEL_SUFFIXES
+                 or text.count("/") > 1)
+        if local and not Path(os.path.expanduser(text)).exists():
+            raise LorakitError(f"{where}: step '{cls.name}': {p.name} = {text!r}: no such file or folder "
+                               "(a local model path must exist; a hub id is written owner/name)")
 
 
 def _check_subset_name(name: str, where: str) -> None:
@@ -244,7 +302,9 @@ def _check_subset(name: str, cfg: dict[str, Any], where: str) -> None:
 
 def _known(host: Host, name: str, where: str) -> type[Step]:
     if name not in host.steps:
-        raise LorakitError(f"{where}: unknown step '{name}'. Installed steps: {', '.join(sorted(host.steps))}")
+        close = difflib.get_close_matches(name, sorted(host.steps), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise LorakitError(f"{where}: unknown step '{name}'. {hint}Installed steps: {', '.join(sorted(host.steps))}")
     return host.steps[name]
 
 

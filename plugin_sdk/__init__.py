@@ -17,7 +17,7 @@
         register(Sepia)
 """
 from .devices import chosen_device, device_param, onnx_providers, pick_device
-from .errors import LorakitError, ModelNotFound, ParamError, SkipImage
+from .errors import LorakitError, ManyErrors, ModelNotFound, ParamError, SkipImage
 from .hookspecs import hookimpl, hookspec
 from .images import (
     IMAGE_EXTENSIONS,
@@ -45,7 +45,7 @@ __all__ = [
     "Step", "ImageStep", "DatasetStep", "SourceStep", "StepContext", "reason_of",
     "Item", "Subset",
     "Param", "Params", "Percent", "Fuzz", "Color", "ModelRef", "REQUIRED", "validate_params",
-    "LorakitError", "ParamError", "SkipImage", "ModelNotFound", "ImageError", "PathEscape",
+    "LorakitError", "ManyErrors", "ParamError", "SkipImage", "ModelNotFound", "ImageError", "PathEscape",
     "confined_path", "check_relative", "is_within",
     "file_digest", "open_image", "verify_image", "save_image", "image_size", "atomic_path", "atomic_write_bytes", "atomic_write_text",
     "IMAGE_EXTENSIONS", "MAX_PIXELS", "PNG_COMPRESS_LEVEL",

@@ -18,6 +18,17 @@ class ParamError(LorakitError):
         super().__init__(f"{loc}step '{step}': parameter '{key}' = {value!r} is invalid: expected {expected}")
 
 
+class ManyErrors(LorakitError):
+    """Several independent mistakes found in one check (a pipeline, a step's parameters), reported
+    together so the user fixes them in one go. ``errors`` holds each one; the message lists them all.
+    ``title`` may hold ``{n}``, the number of errors."""
+
+    def __init__(self, errors: list[LorakitError], title: str | None = None):
+        self.errors = [e for err in errors for e in (err.errors if isinstance(err, ManyErrors) else [err])]
+        head = (title or "{n} problems").format(n=len(self.errors))
+        Exception.__init__(self, head + ":\n" + "\n".join(f"  - {e}" for e in self.errors))
+
+
 class SkipImage(Exception):
     """Raised by a step to set one image aside with a reason; the run goes on with the others.
 

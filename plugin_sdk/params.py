@@ -5,12 +5,23 @@ command's options from these declarations, and exports them to the pipeline JSON
 """
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import ParamError
+from .errors import ManyErrors, ParamError
+
+
+class ParamErrors(ManyErrors, ParamError):
+    """Every invalid parameter of one step (a ``ParamError`` too, for callers that catch that)."""
+
+    def __init__(self, errors: list[ParamError]):
+        ManyErrors.__init__(self, errors, f"step '{errors[0].step}': {{n}} invalid parameters")
+        first = errors[0]
+        self.step, self.key, self.value, self.expected, self.where = (first.step, first.key, first.value,
+                                                                       first.expected, first.where)
 
 
 class _Required:
@@ -309,18 +320,28 @@ def validate_params(step: str, declared: Sequence[Param], given: dict[str, Any],
     known = {p.name: p for p in declared}
     # Accept dashes as in the command line (``--min-side``) for underscores (``min_side``).
     given = {str(k).replace("-", "_"): v for k, v in (given or {}).items()}
+    errors: list[ParamError] = []
     for key in given:
         if key not in known:
             names = ", ".join(sorted(known)) or "none"
-            raise ParamError(step, key, given[key], f"a known parameter (this step takes: {names})", where)
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            errors.append(ParamError(step, key, given[key], f"a known parameter ({hint}this step takes: {names})", where))
     values = {}
     for p in declared:
-        if p.name in given:
-            values[p.name] = p.convert(given[p.name], step, where)
-        elif p.required:
-            raise ParamError(step, p.name, None, f"a value ({p.expected}); this parameter is required", where)
-        else:
-            values[p.name] = p.default
+        try:
+            if p.name in given:
+                values[p.name] = p.convert(given[p.name], step, where)
+            elif p.required:
+                raise ParamError(step, p.name, None, f"a value ({p.expected}); this parameter is required", where)
+            else:
+                values[p.name] = p.default
+        except ParamError as exc:
+            errors.append(exc)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ParamErrors(errors)
     return Params(values)
 
 

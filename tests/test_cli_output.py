@@ -104,3 +104,48 @@ def test_export_diffusers_counts_what_it_wrote_and_names_reg_images_left_out(tmp
     written = (tmp_path / "exp" / "metadata.jsonl").read_text().splitlines()
     assert len(written) == 2
     assert "Exported 2 image(s)" in proc.stderr and "1 regularisation image(s) left out" in proc.stderr
+
+
+def test_validate_reports_every_problem_at_once_with_the_closest_names(tmp_path):
+    (tmp_path / "raw").mkdir()
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({
+        "sources": [{"folder": {"path": "raw"}}], "output": "out", "resolutoin": 512,
+        "steps": [{"trimm": {"fuzz": "20%"}}, {"dedupe": {"treshold": 8, "method": "nope"}},
+                  {"wd14": {"model": "models/wd14/model.onnx"}}],
+        "subsets": {"a": {"repeat": 3}},
+    }, sort_keys=False))
+    proc = lorakit("validate", str(path), columns=200)
+    assert proc.returncode == 1
+    err = proc.stderr
+    assert "problems" in err
+    assert "did you mean 'resolution'?" in err
+    assert "unknown step 'trimm'. did you mean 'trim'?" in err
+    assert "'treshold'" in err and "did you mean 'threshold'?" in err and "'method'" in err
+    assert "models/wd14/model.onnx" in err and "no such file or folder" in err
+    assert "did you mean 'repeats'?" in err
+
+
+def test_validate_with_a_train_section_does_not_import_torch(tmp_path):
+    (tmp_path / "raw").mkdir()
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"sources": [{"folder": {"path": "raw"}}], "output": "out",
+                                    "train": {"base_model": "owner/model", "max_train_steps": 10}}))
+    code = ("import sys\nsys.argv = ['lorakit', 'validate', sys.argv[1]]\nimport lorakit.cli as c\n"
+            "try:\n    c.main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_a_configured_subset_that_gets_no_images_is_named_as_a_likely_typo(tmp_path):
+    raw = tmp_path / "raw" / "mychar"
+    raw.mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(raw / "a.png")
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"sources": [{"folder": {"path": "raw/mychar", "subset": "mychar"}}],
+                                    "output": "out", "subsets": {"mychr": {"repeats": 5}}}))
+    proc = lorakit("run", str(path), columns=200)
+    assert proc.returncode == 0, proc.stderr
+    assert "subsets: 'mychr' has no images" in proc.stderr and "Did you mean 'mychar'?" in proc.stderr
