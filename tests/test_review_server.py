@@ -293,3 +293,134 @@ def test_review_command_serves_the_page_on_loopback_at_the_printed_url(project):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+# ----- edits go through the curation API ----------------------------------------------------------------
+@pytest.fixture
+def fresh(project, tmp_path) -> Path:
+    """A copy of the generated project that a test may change."""
+    import shutil
+
+    shutil.copytree(project.parent, tmp_path / "p", symlinks=True)
+    return tmp_path / "p" / project.name
+
+
+def curation_edits(pipeline: Path) -> list[dict]:
+    path = pipeline.with_name(pipeline.stem + ".curation.jsonl")
+    return [e for e in map(json.loads, path.read_text(encoding="utf-8").splitlines()) if "op" in e]
+
+
+def records_by_name(pipeline: Path) -> dict[str, dict]:
+    data = json.loads((pipeline.parent / "dataset" / "manifest.json").read_text(encoding="utf-8"))
+    return {Path(r["path"]).stem: r for r in data["images"]}
+
+
+def on_disk(pipeline: Path, record: dict) -> str:
+    return (pipeline.parent / "dataset" / record["caption_path"]).read_text(encoding="utf-8")
+
+
+def first_item(c, **params) -> dict:
+    return c.get("/api/images", params={**params, "limit": 1}).json()["items"][0]
+
+
+def edit(c, body, status=200):
+    r = post(c, "/api/edit", body)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+def test_tag_edits_reach_the_curation_file_the_captions_and_the_page_at_once(fresh):
+    c = client_for(fresh)
+    item = first_item(c, tags="long_hair")
+    target = {"ids": [item["id"]]}
+    edit(c, {"op": "add_tag", "tag": "mychar", "position": "front", "target": target})
+    edit(c, {"op": "replace_tag", "tag": "long_hair", "new": "very_long_hair", "target": target})
+    edit(c, {"op": "move_front", "tag": "solo", "target": target})
+    edit(c, {"op": "add_tag", "tag": "sketch", "position": "end", "target": target})
+    record = records_by_name(fresh)[item["name"]]
+    tags = record["caption"].split(", ")
+    assert tags[0] == "solo" and tags[1] == "mychar" and tags[-1] == "sketch"
+    assert "very_long_hair" in tags and "long_hair" not in tags
+    assert on_disk(fresh, record) == record["caption"] and record["edited"]
+    assert [e["op"] for e in curation_edits(fresh)] == ["add_tags", "replace_tag", "move_to_front", "add_tags"]
+    assert all(e["by"] == "review" and e["ids"] == [record["id"]] for e in curation_edits(fresh))
+    detail = c.get("/api/image/" + first_item(c, tags="very_long_hair")["id"]).json()
+    assert detail["caption"] == record["caption"] and detail["edited"]
+    assert item["id"] in ids(c, edited="yes")
+
+
+def test_a_filter_target_edits_everything_the_filter_shows(fresh):
+    c = client_for(fresh)
+    red = ids(c, tags="red_dress")
+    result = edit(c, {"op": "remove_tag", "tag": "solo", "target": {"filter": {"tags": ["red_dress"]}}})
+    assert result["message"] == f"removed solo from {len(red)} image(s)"
+    for r in records_by_name(fresh).values():
+        tags = on_disk(fresh, r).split(", ")
+        assert ("solo" in tags) == ("red_dress" not in tags)
+
+
+def test_replace_caption_writes_the_text_verbatim(fresh):
+    c = client_for(fresh)
+    item = first_item(c)
+    edit(c, {"op": "replace_caption", "caption": "mychar, 1girl, red dress", "target": {"ids": [item["id"]]}})
+    assert on_disk(fresh, records_by_name(fresh)[item["name"]]) == "mychar, 1girl, red dress"
+
+
+def test_exclude_then_restore_moves_the_image_out_and_back(fresh):
+    c = client_for(fresh)
+    item = first_item(c, subset="outfit_b")
+    edit(c, {"op": "exclude", "note": "off-model", "target": {"ids": [item["id"]]}})
+    assert item["name"] not in records_by_name(fresh)
+    aside = c.get("/api/images", params={"status": "aside", "aside_step": "curation"}).json()["items"]
+    assert [a["name"] for a in aside] == [item["name"]] and "off-model" in aside[0]["aside_reason"]
+    edit(c, {"op": "restore", "target": {"ids": [aside[0]["id"]]}})
+    assert item["name"] in records_by_name(fresh)
+    assert [e["op"] for e in curation_edits(fresh)] == ["exclude", "restore"]
+
+
+def test_a_set_aside_duplicate_is_restored_and_a_keeper_changed(fresh):
+    c = client_for(fresh)
+    groups = c.get("/api/dedupe").json()["groups"]
+    member = groups[0]["members"][0]
+    edit(c, {"op": "restore", "target": {"ids": [member["id"]]}})
+    assert member["name"] in records_by_name(fresh)
+    g = groups[1]
+    kept_name, new_keeper = g["kept"], g["members"][0]
+    edit(c, {"op": "keeper", "group": 1, "target": {"ids": [new_keeper["id"]]}})
+    names = records_by_name(fresh)
+    assert new_keeper["name"] in names and kept_name not in names
+    assert curation_edits(fresh)[-1]["op"] == "set_keeper"
+    r = post(c, "/api/edit", {"op": "keeper", "group": 99, "target": {"ids": [first_item(c)["id"]]}})
+    assert r.status_code == 400 and "duplicate group" in r.json()["error"]
+
+
+def test_move_to_subset_and_mask_verdicts(fresh):
+    c = client_for(fresh)
+    item = first_item(c, subset="outfit_a", mask="present")
+    edit(c, {"op": "move_subset", "subset": "outfit_b", "target": {"ids": [item["id"]]}})
+    assert records_by_name(fresh)[item["name"]]["subset"] == "outfit_b"
+    item = next(i for i in c.get("/api/images", params={"subset": "outfit_b", "limit": 500}).json()["items"]
+                if i["name"] == item["name"])
+    edit(c, {"op": "mask", "verdict": "reject", "target": {"ids": [item["id"]]}})
+    assert item["id"] in ids(c, mask="rejected") and item["id"] not in ids(c, mask="present")
+    assert records_by_name(fresh)[item["name"]]["mask"] is None
+    assert c.get(f"/media/mask/{item['id']}").status_code == 200  # the page still shows the rejected mask
+    edit(c, {"op": "mask", "verdict": "accept", "target": {"ids": [item["id"]]}})
+    assert records_by_name(fresh)[item["name"]]["mask"] is not None
+    assert item["id"] in ids(c, mask="present")
+    assert [e["op"] for e in curation_edits(fresh)] == ["move_to_subset", "reject_mask", "accept_mask"]
+
+
+def test_undo_removes_the_last_edit_from_the_file_and_the_captions(fresh):
+    c = client_for(fresh)
+    item = first_item(c)
+    before = on_disk(fresh, records_by_name(fresh)[item["name"]])
+    edit(c, {"op": "add_tag", "tag": "mychar", "position": "front", "target": {"ids": [item["id"]]}})
+    assert on_disk(fresh, records_by_name(fresh)[item["name"]]).startswith("mychar, ")
+    assert c.get("/api/history").json()["edits"][0]["op"] == "add_tags"
+    r = post(c, "/api/undo", {})
+    assert r.status_code == 200 and "undone" in r.json()["message"]
+    assert on_disk(fresh, records_by_name(fresh)[item["name"]]) == before
+    assert curation_edits(fresh) == []
+    r = post(c, "/api/undo", {})
+    assert r.status_code == 409 and "nothing to undo" in r.json()["error"]

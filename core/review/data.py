@@ -47,6 +47,7 @@ class Entry:
     file: Path | None = None
     mask: Path | None = None
     mask_rejected: str | None = None
+    rejected_mask: Path | None = None  # a mask taken off by hand, kept under set_aside/masks/
     mask_stats: dict[str, Any] | None = None
     source: Path | None = None
     source_text: str | None = None
@@ -65,7 +66,8 @@ class Entry:
         """What a gallery cell needs."""
         return {"id": self.id, "kind": self.kind, "name": self.name, "subset": self.subset,
                 "caption": self.caption, "width": self.width, "height": self.height, "bucket": self.bucket,
-                "mask": self.mask is not None, "mask_rejected": self.mask_rejected, "edited": self.edited,
+                "mask": self.mask is not None, "mask_rejected": self.mask_rejected,
+                "mask_view": self.mask is not None or self.rejected_mask is not None, "edited": self.edited,
                 "aside_step": self.aside_step, "aside_reason": self.aside_reason,
                 "dedupe_group": self.dedupe_group, "has_file": self.file is not None}
 
@@ -160,6 +162,7 @@ class ReviewData:
                       identity=identity, caption=r.caption, tags=tags, scores=scores, width=r.width,
                       height=r.height, bucket=bucket, file=self._file(r.path), mask=self._file(r.mask),
                       mask_rejected=meta.get("mask_rejected"), mask_stats=meta.get("mask"),
+                      rejected_mask=self._file(meta.get("rejected_mask")) if isinstance(meta.get("rejected_mask"), str) else None,
                       source=source if source is not None and source.is_file() else None, source_text=r.source,
                       edited=record_edited(r), sha256=r.sha256, steps=list(r.steps), meta=meta,
                       tag_set=frozenset(tags), caption_lower=r.caption.lower(), record=r)

@@ -276,7 +276,16 @@ async function undo() {
 async function refresh() {
   await loadSummary();
   await loadPage(true);
-  if (state.viewer) await showViewerItem(state.viewer.id, false);
+  if (state.viewer) {
+    // the image may have left the list (excluded, moved): show the one that took its place
+    const still = state.items.find((it) => it.id === state.viewer.id);
+    const next = still || state.items[Math.min(state.viewerIndex, state.items.length - 1)];
+    if (!next) closeViewer();
+    else {
+      state.viewerIndex = state.items.indexOf(next);
+      await showViewerItem(next.id, !still);
+    }
+  }
   if (state.view !== "gallery") await showView(state.view);
 }
 
@@ -315,16 +324,16 @@ async function showViewerItem(id, reset = true) {
   $("#v-exclude").hidden = isAside;
   $("#v-restore").hidden = !isAside;
   $("#v-save-caption").hidden = isAside;
-  $("#v-mask-accept").hidden = !d.mask && !d.mask_rejected;
-  $("#v-mask-reject").hidden = !d.mask;
-  document.querySelector('.modes [data-mode="overlay"]').hidden = !d.mask;
+  $("#v-mask-accept").hidden = !d.mask_rejected;
+  $("#v-mask-reject").hidden = !d.mask || !!d.mask_rejected;
+  document.querySelector('.modes [data-mode="overlay"]').hidden = !d.mask_view;
   document.querySelector('.modes [data-mode="compare"]').hidden = !d.has_source;
   renderStage();
 }
 
 function renderStage() {
   const d = state.viewer;
-  const mode = (state.viewerMode === "overlay" && !d.mask) || (state.viewerMode === "compare" && !d.has_source)
+  const mode = (state.viewerMode === "overlay" && !d.mask_view) || (state.viewerMode === "compare" && !d.has_source)
     ? "image" : state.viewerMode;
   document.querySelectorAll(".modes button").forEach((b) => b.classList.toggle("active", b.dataset.mode === mode));
   const img = (kind, alt) => el("img", { src: `/media/${kind}/${d.id}`, alt });
@@ -410,7 +419,7 @@ async function renderMasks() {
   const opacity = $("#mask-opacity").value / 100;
   $("#mask-list").replaceChildren(...data.items.map((it) => el("div", { class: "card", "data-id": it.id },
     el("div", { class: "overlay" }, el("img", { src: thumbURL(it), loading: "lazy", alt: it.name }),
-       it.mask ? el("img", { class: "mask", src: `/media/mask/${it.id}`, loading: "lazy", alt: "mask", style: `opacity:${opacity}` }) : null),
+       it.mask_view ? el("img", { class: "mask", src: `/media/mask/${it.id}`, loading: "lazy", alt: "mask", style: `opacity:${opacity}` }) : null),
     el("div", { class: "reason", text: it.mask_rejected ? `rejected: ${it.mask_rejected}` : "accepted" }),
     el("div", { class: "row" }, el("span", { text: it.name }),
        it.mask_rejected ? el("button", { text: "Accept", onclick: () => edit({ op: "mask", verdict: "accept", target: { ids: [it.id] } }, "mask") })
