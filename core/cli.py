@@ -108,6 +108,7 @@ def run(pipeline_file, workers, no_train):
     pipeline, train_config = _load(pipeline_file)
     result = Runner(pipeline, console=console, workers=workers).run()
     print_summary(result)
+    _fail_if_crashed(result)
     if train_config is not None and not no_train:
         from lorakit.trainer.api import train
 
@@ -122,6 +123,14 @@ def validate(pipeline_file):
     out_console.print(f"[green]OK[/] {pipeline_file}: {len(pipeline.sources)} source(s), {len(pipeline.steps)} step(s)"
                       + (", training configured" if train_config is not None else "")
                       + f"; output -> {pipeline.output}")
+
+
+def _fail_if_crashed(result) -> None:
+    """Images that killed a worker process make the run a failure, even though the dataset was written."""
+    if result.crashed:
+        names = ", ".join(result.crashed[:5]) + (f" and {len(result.crashed) - 5} more" if len(result.crashed) > 5 else "")
+        _fail(f"{len(result.crashed)} image(s) killed a worker process and were set aside: {names}. The dataset "
+              "was written without them; run again to retry them.")
 
 
 def print_summary(result) -> None:
@@ -339,6 +348,7 @@ def step_command(cls: type[Step]) -> click.Command:
         pipeline = parse_pipeline(data, host, Path.cwd(), lines=_Lines(None, f"lorakit {cls.name}"), path=None)
         result = Runner(pipeline, console=console, workers=workers).run()
         print_summary(result)
+        _fail_if_crashed(result)
 
     help_text = click_help(cls.describe()) + ("\n\nExample:\n\n\b\n" + cls.example if cls.example else "")
     return click.Command(cls.name, params=params, callback=callback, help=help_text, short_help=cls.summary)

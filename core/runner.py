@@ -11,7 +11,9 @@ import multiprocessing
 import os
 import shutil
 import time
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,10 @@ from .store import State, Store, content_of, digest, sha256_file
 STORE_DIR = ".lorakit"
 CURATION_INPUT = "curation-input.json"  # the states before the curation stage (apply_to_dataset redoes it)
 ID_META = "_lorakit_id"  # carries image ids through dataset steps
+# Restarts of a step's worker pool without one image finishing before the step is given up.
+_MAX_BLIND_RESTARTS = 4
+# A step that sets aside more than this share of its images for errors (not decisions) fails the run.
+_MOST = 0.5
 
 
 @dataclass
@@ -56,6 +62,7 @@ class RunResult:
     stats: list[StepStats]
     set_aside: list[SetAsideRecord]
     curation: curation_stage.CurationResult | None = None
+    crashed: list[str] = field(default_factory=list)  # images that killed a worker process: the run failed
 
     @property
     def nothing_changed(self) -> bool:
@@ -120,6 +127,7 @@ class Runner:
         self.set_aside: list[tuple[State, str, str]] = []  # (state, step, reason)
         self.stats: list[StepStats] = []
         self._executor: ProcessPoolExecutor | None = None
+        self.crashed: list[str] = []  # images set aside because they killed a worker process
         self._executor_size = 0
         curation_file = (curation_stage.curation_path_for(pipeline.path) if pipeline.path is not None
                          else self.output / curation_stage.DATASET_CURATION_NAME)
@@ -166,7 +174,7 @@ class Runner:
             self._ensure_subsets(states)
         manifest, curated = self.finish(states, hand)
         return RunResult(self.output, self.output / MANIFEST_NAME, manifest, self.stats,
-                         manifest.set_aside, curated)
+                         manifest.set_aside, curated, list(self.crashed))
 
     # ----- the curation stage (last of every run) ---------------------------------------------
     def finish(self, states: list[State], hand=None, save_input: bool = True):
@@ -362,6 +370,7 @@ class Runner:
         stats.messages.extend(ctx.messages)
         stats.seconds = time.perf_counter() - t0
         self.stats.append(stats)
+        _check_losses(step.name, states, results, self.output)
         return out
 
     def _pool(self, n_workers: int) -> ProcessPoolExecutor:
@@ -379,24 +388,73 @@ class Runner:
             self._executor = None
 
     def _run_pool(self, step, base, ctx, states, chunks, n_workers, done) -> None:
-        pool = self._pool(n_workers)
+        """Run ``chunks`` over the worker pool. A worker that dies (kill -9, a decoder crash, the
+        out-of-memory killer) breaks the pool: it is restarted and the lost images are retried, first
+        one per task, then alone; an image that kills its worker even alone is set aside, named."""
         # ``base`` already holds options and cache token: cache_token() may hash or resolve a model
         step_key = digest({"class": f"{type(step).__module__}.{type(step).__qualname__}", **base})
         worker_ctx = StepContext(**{**ctx.__dict__, "messages": [], "set_aside_items": [], "reports": {}})
-        pending = {}
-        for chunk in chunks:
-            pending[pool.submit(_worker_chunk, step, step_key, worker_ctx, [states[i] for i in chunk])] = chunk
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                chunk = pending.pop(fut)
-                try:
-                    chunk_results, messages = fut.result()
-                    ctx.messages.extend(messages)
-                except Exception as exc:  # a worker crashed (segfault, OOM): these images are retried next run
-                    chunk_results = [{"aside": f"worker process failed: {reason_of(exc)}", "final": False}] * len(chunk)
+        health = {"restarts": 0, "ok_since_crash": 0}
+
+        def hopeless() -> bool:  # the step kills its workers on every image: stop restarting
+            return health["restarts"] >= _MAX_BLIND_RESTARTS and health["ok_since_crash"] == 0
+
+        def run_round(round_chunks: list[list[int]], in_flight: int) -> list[list[int]]:
+            """Run the chunks with at most ``in_flight`` submitted; return the chunks lost in crashes."""
+            queue, lost, pending = list(round_chunks), [], {}
+            while queue or pending:
+                if hopeless():
+                    return lost + list(pending.values()) + queue
+                pool = self._pool(n_workers)
+                while queue and len(pending) < in_flight:
+                    chunk = queue.pop(0)
+                    pending[pool.submit(_worker_chunk, step, step_key, worker_ctx, [states[i] for i in chunk])] = chunk
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                if any(isinstance(f.exception(), BrokenProcessPool) for f in finished):
+                    wait(pending)  # a broken pool fails every task it still held
+                    finished = set(pending)
+                broken = False
+                for fut in finished:
+                    chunk = pending.pop(fut)
+                    exc = fut.exception()
+                    if isinstance(exc, BrokenProcessPool):
+                        lost.append(chunk)
+                        broken = True
+                        continue
+                    if exc is not None:  # e.g. a result that cannot travel back: retried next run
+                        chunk_results = [{"aside": f"worker process failed: {reason_of(exc)}", "final": False}] * len(chunk)
+                    else:
+                        chunk_results, messages = fut.result()
+                        ctx.messages.extend(messages)
+                        health["ok_since_crash"] += bool(health["restarts"])
+                    done(chunk, chunk_results)
+                if broken:
                     self._shutdown_pool(cancel=True)
-                done(chunk, chunk_results)
+                    health["restarts"] += 1
+            return lost
+
+        lost = run_round(chunks, 2 * n_workers)
+        if lost:
+            lost = run_round([[i] for chunk in lost for i in chunk], n_workers)
+        crashed: list[str] = []
+        for chunk in lost:
+            again = [chunk] if hopeless() else run_round([chunk], 1)
+            if not again:
+                continue
+            i = chunk[0]
+            who = states[i].get("source") or states[i]["name"]
+            if hopeless():
+                reason = ("not processed: the worker processes of this step died on every image "
+                          f"({health['restarts']} restarts)")
+            else:
+                reason = (f"{who}: killed its worker process twice, the second time alone (a decoder crash or "
+                          "the out-of-memory killer)")
+            crashed.append(who)
+            done(chunk, [{"aside": reason, "final": False, "crashed": True}])
+        if health["restarts"]:
+            ctx.log(f"{health['restarts']} worker process(es) died and were restarted; "
+                    + (f"{len(crashed)} image(s) set aside for it" if crashed else "every image was retried successfully"))
+        self.crashed.extend(crashed)
 
     # ----- dataset steps ---------------------------------------------------------------------
     def _run_dataset_step(self, cfg: ConfiguredStep, states: list[State]) -> list[State]:
@@ -641,6 +699,18 @@ def _input_from_manifest(dataset: Path) -> dict:
     return {"store": str(store.root.resolve()), "states": states, "set_aside": aside,
             "subsets": {n: s.to_dict() for n, s in manifest.subsets.items()},
             "pipeline_subsets": {}, "resolution": manifest.resolution, "pipeline": manifest.pipeline}
+
+
+def _check_losses(step: str, states: list[State], results: list[dict | None], output: Path) -> None:
+    """A step that failed (errors and crashes, not decisions) on most of its images stops the run
+    before the dataset folder is touched: writing would delete the previous, good dataset."""
+    failed = [(s, r) for s, r in zip(states, results) if r is not None and "aside" in r and not r.get("final")]
+    if failed and len(failed) > _MOST * len(states):
+        reasons = Counter(r["aside"] for _, r in failed).most_common(3)
+        listed = "; ".join(f"{n} x {reason}" for reason, n in reasons)
+        raise LorakitError(
+            f"step '{step}' failed on {len(failed)} of {len(states)} images ({listed}). The run stopped and "
+            f"{output} was left as it was. Finished results are cached: fix the cause and run again.")
 
 
 def _remove_partial_files(folder: Path) -> None:

@@ -79,3 +79,30 @@ class LoggingStep(ImageStep):
 
 
 TEST_STEPS.append(LoggingStep)
+
+
+class KillWorker(ImageStep):
+    """Kills its own worker process with SIGKILL (what the OOM killer does): every time for images
+    named in ``poison``, only the first time (a marker file in ``marks``) for names starting with
+    ``once``, on every image with ``always``."""
+
+    name = "killworker"
+    summary = "kill -9 its worker on chosen images (test step)."
+    params = [Param("poison", str, "", "comma-separated names that always kill"),
+              Param("marks", str, "", "folder for the first-time markers of 'once*' images"),
+              Param("always", bool, False, "kill on every image")]
+
+    def process(self, item, ctx):
+        import os
+        import signal
+        from pathlib import Path
+
+        name = item.name
+        if self.options.always or name in self.options.poison.split(","):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if name.startswith("once"):
+            mark = Path(self.options.marks) / name
+            if not mark.exists():
+                mark.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+        return item.replace(tags={**item.tags, "survived": None})
