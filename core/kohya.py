@@ -11,7 +11,8 @@ from pathlib import Path
 import tomli_w
 
 from lorakit.plugin_sdk import (
-    IMAGE_EXTENSIONS, LorakitError, Subset, atomic_path, atomic_write_text, confined_path, is_within,
+    IMAGE_EXTENSIONS, ImageError, LorakitError, Subset, atomic_path, atomic_write_text, confined_path, is_within,
+    verify_image,
 )
 
 from .manifest import Manifest, split_caption
@@ -141,17 +142,20 @@ def _read_toml(path: Path) -> tuple[dict[str, Subset], list[KohyaImage]]:
 
 
 def manifest_from_kohya(path: Path, reg: Path | None = None) -> Manifest:
-    """An in-memory manifest over a kohya dataset, pointing at its files where they are (no copy)."""
-    from PIL import Image
+    """An in-memory manifest over a kohya dataset, pointing at its files where they are (no copy).
 
-    from .manifest import ImageRecord
+    Images that are not usable (broken, over the pixel cap) are listed as set aside, not read."""
+    from .manifest import ImageRecord, SetAsideRecord
     from .store import sha256_file
 
     subsets, images = read_kohya(path, reg)
-    records = []
+    records, aside = [], []
     for img in images:
-        with Image.open(img.path) as im:
-            w, h = im.size
+        try:
+            w, h = verify_image(img.path)  # header and structure, under the pixel cap; no decode
+        except ImageError as exc:
+            aside.append(SetAsideRecord(name=img.path.stem, step="kohya", reason=str(exc), source=str(img.path)))
+            continue
         sub = subsets[img.subset]
         caption = img.caption or (sub.class_tokens or "")
         records.append(ImageRecord(
@@ -161,7 +165,7 @@ def manifest_from_kohya(path: Path, reg: Path | None = None) -> Manifest:
             source=str(img.path), steps=["kohya"],
         ))
     return Manifest(root=Path(path).resolve().parent if Path(path).is_file() else Path(path).resolve(),
-                    subsets=subsets, images=records, external_paths=True)
+                    subsets=subsets, images=records, set_aside=aside, external_paths=True)
 
 
 def export_kohya(manifest: Manifest, out: Path) -> Path:

@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lorakit.plugin_sdk import (
     DatasetStep, ImageError, ImageStep, Item, LorakitError, PathEscape, SkipImage, SourceStep, StepContext, Subset,
-    atomic_path, atomic_write_text, check_relative, confined_path, reason_of, verify_image,
+    atomic_path, atomic_write_text, check_relative, confined_path, image_size, reason_of, verify_image,
 )
 
 from . import curation as curation_stage
@@ -572,8 +571,7 @@ class Runner:
             if s.get("rejected_mask"):  # kept for the review page (and for accepting it again)
                 meta = dict(meta, rejected_mask=_join("set_aside", "masks", folder, s["name"] + ".png"))
                 place(self.store.blob_path(s["rejected_mask"]), meta["rejected_mask"])
-            with Image.open(blob) as im:
-                width, height = im.size
+            width, height = image_size(blob)  # header only: never decoded here
             images.append(ImageRecord(
                 path=rel, caption=text, subset=s["subset"], width=width, height=height,
                 sha256=Path(s["image"]).stem, caption_path=caption_rel,

@@ -28,6 +28,7 @@ from .images import (
     atomic_write_bytes,
     atomic_write_text,
     file_digest,
+    image_header,
     image_size,
     open_image,
     save_image,
@@ -47,7 +48,7 @@ __all__ = [
     "Param", "Params", "Percent", "Fuzz", "Color", "ModelRef", "REQUIRED", "validate_params",
     "LorakitError", "ManyErrors", "ParamError", "SkipImage", "ModelNotFound", "ImageError", "PathEscape",
     "confined_path", "check_relative", "is_within",
-    "file_digest", "open_image", "verify_image", "save_image", "image_size", "atomic_path", "atomic_write_bytes", "atomic_write_text",
+    "file_digest", "open_image", "verify_image", "save_image", "image_size", "image_header", "atomic_path", "atomic_write_bytes", "atomic_write_text",
     "IMAGE_EXTENSIONS", "MAX_PIXELS", "PNG_COMPRESS_LEVEL",
     "pick_device", "onnx_providers", "device_param", "chosen_device", "resolve_model_files", "model_file_digest",
 ]

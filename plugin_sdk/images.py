@@ -21,6 +21,9 @@ from PIL import Image
 
 # 16k x 16k. Larger pictures exist but are not training data; raise it with LORAKIT_MAX_PIXELS.
 MAX_PIXELS = int(os.environ.get("LORAKIT_MAX_PIXELS", str(16384 * 16384)))
+# One cap for every decode in the process: Pillow's own bomb check (used by any Image.open in core,
+# plugins, the trainer or a third-party library) then never refuses an image under MAX_PIXELS.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # PNG compression used for images the pipeline writes. zlib level 3 is ~3x faster than the default 6
 # and the files are a few percent larger: a good trade for a dataset that is rewritten often.
 PNG_COMPRESS_LEVEL = 3
@@ -49,7 +52,7 @@ _register_avif()
 
 
 @contextmanager
-def _guarded(path: Path, limit: int) -> Iterator[None]:
+def _guarded(path: Path, limit: int | None) -> Iterator[None]:
     """Decode under a pixel cap; turn every way a file can be unusable into one clear ImageError."""
     try:
         if path.stat().st_size == 0:
@@ -60,12 +63,14 @@ def _guarded(path: Path, limit: int) -> Iterator[None]:
     Image.MAX_IMAGE_PIXELS = limit
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if limit is not None:
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{path}: refused as a possible decompression bomb ({exc})") from None
+        raise ImageError(f"{path}: refused as a possible decompression bomb: over the decode limit of {limit} "
+                         f"pixels ({exc}; raise LORAKIT_MAX_PIXELS if it is genuine)") from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{path}: not an image (unrecognised content, whatever the extension says)") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct_error) as exc:
@@ -106,9 +111,33 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """Width and height from the header only (no decode)."""
-    with Image.open(path) as im:
-        return im.size
+    """Width and height from the header only: nothing is decoded, so any size can be measured.
+
+    Raises ImageError naming the file when it is not a readable image."""
+    path = Path(path)
+    with _guarded(path, None):
+        with Image.open(path) as im:
+            return im.size
+
+
+@contextmanager
+def image_header(path: str | os.PathLike, max_pixels: int | None = None) -> Iterator[Image.Image]:
+    """The opened, not decoded, image (size, mode, info) for steps that decide from the header.
+
+    Refuses what ``open_image`` refuses (ImageError), so a later decode of the same file is safe."""
+    path = Path(path)
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    with _guarded(path, limit):
+        im = Image.open(path)
+        try:
+            _check_size(path, im, limit)
+        except ImageError:
+            im.close()
+            raise
+    try:
+        yield im  # the caller's code runs outside the guard: its own errors stay its own
+    finally:
+        im.close()
 
 
 @contextmanager

@@ -1,9 +1,8 @@
 """The ``alpha`` step: remove transparency by flattening onto a background colour."""
 from __future__ import annotations
 
-from PIL import Image
 
-from lorakit.plugin_sdk import Color, ImageStep, Param, hookimpl
+from lorakit.plugin_sdk import Color, ImageStep, Param, hookimpl, image_header
 
 from ._imageops import flatten, has_alpha_channel, is_transparent
 
@@ -28,12 +27,9 @@ class AlphaStep(ImageStep):
 
     def process(self, item, ctx):
         if item.pending_image is None:
-            try:
-                with Image.open(item.path) as header:  # mode and tRNS are in the header: no decode
-                    if not has_alpha_channel(header):
-                        return item
-            except (OSError, ValueError, SyntaxError):
-                pass  # item.open() below names the file and the problem
+            with image_header(item.path) as header:  # mode and tRNS are in the header: no decode
+                if not has_alpha_channel(header):
+                    return item
         im = item.open()
         if not is_transparent(im):
             return item

@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from lorakit.buckets import make_buckets, select_bucket
-from lorakit.plugin_sdk import Color, DatasetStep, ImageError, Param, ParamError, hookimpl, open_image, save_image
+from lorakit.plugin_sdk import Color, DatasetStep, ImageError, Param, ParamError, hookimpl, image_size, save_image
 
 MANY_BUCKETS = 8  # guides advise few buckets (4-8); more spreads a small dataset thin
 
@@ -45,12 +45,7 @@ def fit_to_bucket(im: Image.Image, bucket: tuple[int, int], resized: tuple[int, 
 def _image_size(item) -> tuple[int, int]:
     if item.pending_image is not None:
         return item.pending_image.size
-    try:
-        with Image.open(item.path) as header:
-            return header.size
-    except (OSError, ValueError, SyntaxError):
-        open_image(item.path)  # raises ImageError naming the file and the problem
-        raise
+    return image_size(item.path)  # header only, whatever the size: raises ImageError naming the file
 
 
 class BucketsStep(DatasetStep):

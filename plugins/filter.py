@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from lorakit.plugin_sdk import ImageStep, Param, ParamError, SkipImage, hookimpl
+from lorakit.plugin_sdk import ImageStep, Param, ParamError, SkipImage, hookimpl, image_size
 
 # Pixels whose chroma is at most the tolerance count as grey; this share of the pixels may exceed it
 # (a coloured signature, JPEG colour noise) before an image stops being greyscale.
@@ -123,12 +123,7 @@ class FilterStep(ImageStep):
         if item.pending_image is not None:
             width, height = item.pending_image.size
         else:
-            try:
-                with Image.open(item.path) as header:
-                    width, height = header.size
-            except (OSError, ValueError, SyntaxError):
-                item.open()  # raises an ImageError that names the file and the problem
-                raise
+            width, height = image_size(item.path)  # header only: raises ImageError naming the file
         side = min(width, height)
         if o.min_side and side < o.min_side:
             raise SkipImage(f"too small: {width}x{height}, shortest side {side} < min_side {o.min_side}")

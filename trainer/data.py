@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lorakit.buckets import make_buckets, select_bucket
-from lorakit.plugin_sdk import LorakitError, file_digest, open_image
+from lorakit.plugin_sdk import LorakitError, file_digest, image_size, open_image
 
 
 @dataclass
@@ -129,8 +129,7 @@ def build_training_data(manifest, config, resolution: int, *, use_masks: bool = 
             raise LorakitError(f"{manifest.root}: image {record.path} is listed in the manifest but missing")
         width, height = record.width, record.height
         if not width or not height:
-            with open_image(path) as im:
-                width, height = im.size
+            width, height = image_size(path)  # header only
         choice = select_bucket(width, height, buckets)
 
         def pick(name: str, default):
