@@ -11,8 +11,8 @@ from pathlib import Path
 import tomli_w
 
 from lorakit.plugin_sdk import (
-    IMAGE_EXTENSIONS, ImageError, LorakitError, Subset, atomic_path, atomic_write_text, confined_path, is_within,
-    verify_image,
+    IMAGE_EXTENSIONS, CaptionError, ImageError, LorakitError, Subset, atomic_path, atomic_write_text, confined_path, is_within,
+    read_caption, verify_image,
 )
 
 from .manifest import Manifest, split_caption
@@ -26,6 +26,7 @@ class KohyaImage:
     caption: str | None
     mask: Path | None
     subset: str
+    caption_error: str | None = None  # the caption file exists but cannot be used (the image is set aside)
 
 
 def _safe_name(text: str) -> str:
@@ -42,8 +43,12 @@ def _read_folder(folder: Path, subset: Subset, caption_ext: str, mask_dir: Path 
     for img in _images_in(folder):
         cap_file = img.with_suffix(caption_ext)
         # A caption or mask that is a symlink to a file outside its folder is not read.
-        caption = (cap_file.read_text(encoding="utf-8", errors="replace").strip()
-                   if cap_file.is_file() and is_within(cap_file, folder) else None)
+        caption = error = None
+        if cap_file.is_file() and is_within(cap_file, folder):
+            try:
+                caption = read_caption(cap_file)
+            except CaptionError as exc:
+                error = str(exc)
         mask = None
         if mask_dir is not None:
             for ext in (".png", img.suffix):
@@ -51,7 +56,7 @@ def _read_folder(folder: Path, subset: Subset, caption_ext: str, mask_dir: Path 
                 if cand.is_file() and is_within(cand, mask_dir):
                     mask = cand
                     break
-        out.append(KohyaImage(img, caption, mask, subset.name))
+        out.append(KohyaImage(img, caption, mask, subset.name, error))
     return out
 
 
@@ -151,6 +156,9 @@ def manifest_from_kohya(path: Path, reg: Path | None = None) -> Manifest:
     subsets, images = read_kohya(path, reg)
     records, aside = [], []
     for img in images:
+        if img.caption_error:
+            aside.append(SetAsideRecord(name=img.path.stem, step="kohya", reason=img.caption_error, source=str(img.path)))
+            continue
         try:
             w, h = verify_image(img.path)  # header and structure, under the pixel cap; no decode
         except ImageError as exc:

@@ -261,6 +261,9 @@ class Runner:
                         stats.outputs += 1
                     progress.update(task, advance=1)
                 progress.update(task, total=stats.inputs, completed=stats.inputs, description=f"{step.name}: {stats.inputs} files")
+            for item, reason in ctx.set_aside_items:  # files the source could not use (an unreadable caption)
+                stats.inputs += 1
+                self._aside_raw(item, step.name, reason, stats)
             stats.messages.extend(ctx.messages)
             stats.seconds = time.perf_counter() - t0
             self.stats.append(stats)

@@ -16,6 +16,7 @@
     def register_steps(register):
         register(Sepia)
 """
+from .captions import MAX_CAPTION_BYTES, CaptionError, decode_caption, read_caption
 from .devices import chosen_device, device_param, onnx_providers, pick_device
 from .errors import LorakitError, ManyErrors, ModelNotFound, ParamError, SkipImage
 from .hookspecs import hookimpl, hookspec
@@ -47,7 +48,7 @@ __all__ = [
     "Item", "Subset",
     "Param", "Params", "Percent", "Fuzz", "Color", "ModelRef", "REQUIRED", "validate_params",
     "LorakitError", "ManyErrors", "ParamError", "SkipImage", "ModelNotFound", "ImageError", "PathEscape",
-    "confined_path", "check_relative", "is_within",
+    "confined_path", "check_relative", "is_within", "CaptionError", "read_caption", "decode_caption", "MAX_CAPTION_BYTES",
     "file_digest", "open_image", "verify_image", "save_image", "image_size", "image_header", "atomic_path", "atomic_write_bytes", "atomic_write_text",
     "IMAGE_EXTENSIONS", "MAX_PIXELS", "PNG_COMPRESS_LEVEL",
     "pick_device", "onnx_providers", "device_param", "chosen_device", "resolve_model_files", "model_file_digest",

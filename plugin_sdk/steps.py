@@ -50,7 +50,8 @@ class StepContext:
         self.messages.append(message)
 
     def set_aside(self, item: Item, reason: str) -> None:
-        """Dataset steps: remove ``item`` from the dataset, recording why (it is kept in set_aside/)."""
+        """Dataset and source steps: remove ``item`` from the dataset, recording why (dataset steps'
+        items are kept in set_aside/)."""
         self.set_aside_items.append((item, reason))
 
     def report(self, name: str, data: Any) -> Path:
@@ -172,7 +173,8 @@ class SourceStep(Step):
     """A step that produces images. Override ``produce(ctx)`` and yield Items whose ``path`` is a file.
 
     The host copies each file into its store (the original is never touched). Set the item's
-    ``subset``; declare subset settings with ``ctx.subset(name)``.
+    ``subset``; declare subset settings with ``ctx.subset(name)``. A file the source cannot use (an
+    unreadable caption, say) goes to ``ctx.set_aside(item, reason)`` instead of being yielded.
     """
 
     kind = "source"

@@ -4,7 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorakit.kohya import read_kohya
-from lorakit.plugin_sdk import IMAGE_EXTENSIONS, Item, LorakitError, Param, SourceStep, hookimpl, is_within
+from lorakit.plugin_sdk import (
+    IMAGE_EXTENSIONS, CaptionError, Item, LorakitError, Param, SourceStep, hookimpl, is_within, read_caption,
+)
 
 
 def _existing(path: Path) -> None:
@@ -55,12 +57,17 @@ class FolderSource(SourceStep):
                 subset, name = rel.parts[0], Path(*rel.parts[1:]).as_posix()
             cap = path.with_suffix(self.options.caption_extension)
             text = None
+            item = Item(name=name, path=path, subset=subset, source=str(path))
             if cap.is_file():
                 if is_within(cap, root):
-                    text = cap.read_text(encoding="utf-8", errors="replace").strip()
+                    try:
+                        text = read_caption(cap)
+                    except CaptionError as exc:
+                        ctx.set_aside(item, str(exc))
+                        continue
                 else:  # a symlink out of the source: its text could be anything on this machine
                     ctx.log(f"{cap}: not read, it is a link to {cap.resolve()}, outside {root}")
-            yield Item(name=name, path=path, subset=subset, tags=_caption_tags(text), source=str(path))
+            yield item.replace(tags=_caption_tags(text))
 
 
 class KohyaSource(SourceStep):
@@ -87,6 +94,10 @@ class KohyaSource(SourceStep):
         for name, sub in subsets.items():
             ctx.subsets[name] = sub
         for img in images:
+            if img.caption_error:
+                ctx.set_aside(Item(name=img.path.stem, path=img.path, subset=img.subset, source=str(img.path)),
+                              img.caption_error)
+                continue
             # kohya uses the class tokens as the caption of an image without a caption file
             text = img.caption if img.caption is not None else subsets[img.subset].class_tokens
             yield Item(name=img.path.stem, path=img.path, subset=img.subset, tags=_caption_tags(text),
@@ -121,7 +132,10 @@ class DatasetSource(SourceStep):
                 stem = stem[len(folder) + 1:]
             tags, sentence = {t["name"]: t.get("score") for t in r.tags}, r.sentence
             if r.caption_path and manifest.abspath(r.caption_path).is_file():
-                text = manifest.abspath(r.caption_path).read_text(encoding="utf-8").strip()
+                try:
+                    text = read_caption(manifest.abspath(r.caption_path))
+                except CaptionError:
+                    text = r.caption  # unreadable now: the manifest's copy of the caption stands
                 if text != r.caption:  # the caption file was edited by hand: it wins (scores are lost)
                     tags, sentence = _caption_tags(text), None
             yield Item(name=stem, path=manifest.abspath(r.path), subset=r.subset,

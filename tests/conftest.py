@@ -51,6 +51,25 @@ def run_cli(*args: str, env_extra: dict | None = None, cwd: Path | None = None, 
                           cwd=cwd, timeout=600)
 
 
+def run_cli_unprivileged(*args: str, env_extra: dict | None = None, cwd: Path | None = None):
+    """Run ``lorakit`` where file permissions apply: as root (which reads and writes anything), the
+    permission-bypassing capabilities are dropped with util-linux's setpriv; skip when that is impossible."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return run_cli(*args, env_extra=env_extra, cwd=cwd)
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: file permissions cannot be tested")
+    env = dict(os.environ, COLUMNS="200", **(env_extra or {}))
+    env.pop("LORAKIT_LOAD_PLUGINS", None)
+    command = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner",
+               sys.executable, "-m", "lorakit", *args]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    if proc.returncode != 0 and "setpriv:" in proc.stderr:
+        pytest.skip(f"setpriv cannot drop capabilities here: {proc.stderr.strip()}")
+    return proc
+
+
 def write_png_bomb(path: Path, side: int) -> None:
     """A real PNG of side x side black 1-bit pixels: tiny on disk, huge when decoded."""
     def chunk(kind: bytes, data: bytes) -> bytes:
