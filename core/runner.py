@@ -73,6 +73,9 @@ _WORKER: dict[str, Any] = {"steps": {}}
 
 
 def _init_worker(store_root: str) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: no worker tracebacks
     _WORKER["store"] = Store(Path(store_root))
 
 
@@ -139,7 +142,7 @@ class Runner:
         work.mkdir(parents=True, exist_ok=True)
         tmp.mkdir(parents=True, exist_ok=True)
         return StepContext(step_name=step.name, work_dir=work, tmp_dir=tmp, output_dir=self.output,
-                           resolution=self.pipeline.resolution, subsets=self.subsets)
+                           resolution=self.pipeline.resolution, subsets=self.subsets, console=self.console)
 
     def _progress(self) -> Progress:
         return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -386,7 +389,13 @@ class Runner:
 
     def _shutdown_pool(self, cancel: bool = False) -> None:
         if self._executor is not None:
+            # Interrupted: stop the workers now rather than wait for the images they are on (an
+            # upscale can take minutes); their results were not cached, so a re-run redoes them.
+            workers = list((getattr(self._executor, "_processes", None) or {}).values()) if cancel else []
             self._executor.shutdown(wait=not cancel, cancel_futures=cancel)
+            for proc in workers:
+                if proc.is_alive():
+                    proc.terminate()
             self._executor = None
 
     def _run_pool(self, step, base, ctx, states, chunks, n_workers, done) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
+from rich.markup import escape
+
 from .errors import SkipImage
 from .item import Item
 from .params import Param, Params, validate_params
@@ -44,6 +46,12 @@ class StepContext:
     messages: list[str] = field(default_factory=list)
     set_aside_items: list[tuple[Item, str]] = field(default_factory=list)
     reports: dict[str, Any] = field(default_factory=dict)
+    console: Any = field(default=None, repr=False, compare=False)  # the run's rich console (main process only)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["console"] = None  # a terminal does not travel to worker processes
+        return state
 
     def log(self, message: str) -> None:
         """A line for the user, printed in the run's summary under this step."""
@@ -65,21 +73,28 @@ class StepContext:
         return target
 
     @contextmanager
-    def progress(self, total: int, description: str = "") -> Iterator[Callable[[int], None]]:
+    def progress(self, total: int | None, description: str = "") -> Iterator[Callable[[int], None]]:
         """A progress bar for long work inside a dataset or source step; yields ``advance(n=1)``.
 
             with ctx.progress(len(todo), "hashing") as advance:
                 for path in todo:
                     ...
                     advance()
+
+        ``total=None`` shows a spinner with the elapsed time, for work with no count (loading a model).
         """
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
 
-        label = f"[bold]{self.step_name}[/]" + (f" {description}" if description else "")
-        columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        label = f"[bold]{self.step_name}[/]" + (f" {escape(description)}" if description else "")
+        if total is None:
+            columns = (SpinnerColumn(), TextColumn(label), TimeElapsedColumn())
+        else:
+            columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=self.console or Console(stderr=True), transient=True) as bar:
             task = bar.add_task(self.step_name, total=total)
+            bar.refresh()  # show the bar at once, not after the first item
             yield lambda n=1: bar.advance(task, n)
 
     def subset(self, name: str) -> Subset:

@@ -259,7 +259,8 @@ class RegStep(DatasetStep):
         o = self.options
         device = pick_device(o.device)
         dtype = torch.float16 if (o.half and device.startswith("cuda")) else torch.float32
-        pipe = load_pipeline(o.base_model, vae=o.vae, device=device, dtype=dtype)
+        with ctx.progress(None, f"loading {Path(str(o.base_model)).name}"):
+            pipe = load_pipeline(o.base_model, vae=o.vae, device=device, dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         ctx.log(f"base model {o.base_model} ({type(pipe).__name__}) on {device}, {o.steps} steps, "
                 f"guidance {o.guidance}")

@@ -169,3 +169,16 @@ def test_unknown_class_subset_is_a_clear_error(tmp_path, sd15):
 def test_size_must_be_a_multiple_of_eight():
     with pytest.raises(ParamError, match="multiple of 8"):
         RegStep.configure({"base_model": "x.safetensors", "size": 100})
+
+
+def test_loading_the_base_model_prints_no_library_progress_bars(sd15, capfd):
+    # diffusers' "Loading pipeline components" and transformers' "Loading weights" tqdm bars would
+    # break through lorakit's own display (and leave a stray "[A" escape behind).
+    from diffusers.utils import logging as diffusers_logging
+
+    from lorakit.trainer.models import load_pipeline
+
+    load_pipeline(sd15)
+    err = capfd.readouterr().err
+    assert "Loading" not in err and "\x1b[A" not in err
+    assert diffusers_logging.is_progress_bar_enabled()  # put back for code outside lorakit

@@ -234,3 +234,43 @@ def test_a_killed_run_resumes_and_its_partial_files_are_cleaned_up(tmp_path, ima
     import re
     cached = int(re.search(r"slow\W+image\W+63\W+63\W+(\d+)/63", done.stderr).group(1))
     assert 0 < cached < 63  # the killed run's finished images were not redone
+
+
+def test_ctrl_c_during_a_pooled_step_prints_no_worker_tracebacks(tmp_path, images_dir):
+    # A terminal's Ctrl-C reaches the whole process group: the workers must leave it to the main
+    # process, which prints one friendly line.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for i in range(40):
+        Image.new("RGB", (64, 64), (i, 2 * i, 3 * i)).save(images_dir / f"c{i:02}.png")
+    marker = tmp_path / "started"
+    (tmp_path / "pipeline.yaml").write_text(
+        f"output: out\nworkers: 2\nsources:\n  - folder: {{path: {images_dir}}}\nsteps:\n  - slow2\n")
+    (tmp_path / "slowplugin2.py").write_text(
+        "import time, pathlib\nfrom lorakit.plugin_sdk import ImageStep, hookimpl\n"
+        "class Slow(ImageStep):\n    name='slow2'; summary='Sleep per image (test).'\n"
+        f"    def process(self, item, ctx):\n        pathlib.Path({str(marker)!r}).touch()\n"
+        "        time.sleep(30 if item.name == 'c00' else 0)\n        return item\n"
+        "@hookimpl\ndef register_steps(register):\n    register(Slow)\n")
+    (tmp_path / "run.py").write_text(
+        "import sys\nimport slowplugin2\nfrom lorakit.host import load_host\nimport lorakit.host as h\n"
+        "import lorakit.cli as c\nif __name__ == '__main__':\n    host = load_host(extra_plugins=[slowplugin2])\n"
+        "    h.get_host = lambda: host\n    c.get_host = lambda: host\n"
+        "    sys.argv = ['lorakit', 'run', sys.argv[2]]\n    c.main()\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(tmp_path), str(tmp_path / "pipeline.yaml")],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists(), proc.communicate(timeout=60)[1]
+    time.sleep(3)  # one worker sleeps on c00, the other finishes the rest and waits idle
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Interrupted" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,30 @@ def load_pipeline(spec: str | os.PathLike, *, vae: str | os.PathLike | None = No
     architecture (by default the standard SD1.5 / SDXL repos, which must be in the hub cache when
     offline). ``v_prediction=True`` makes the scheduler predict velocity (v-prediction models).
     """
+    with _quiet_loading():
+        return _load_pipeline(spec, vae=vae, device=device, dtype=dtype, config=config, v_prediction=v_prediction)
+
+
+@contextmanager
+def _quiet_loading():
+    """diffusers' and transformers' own tqdm bars ("Loading pipeline components", "Loading weights")
+    would break through lorakit's progress display; the caller shows one bar or spinner instead."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = (diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled())
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            diffusers_logging.enable_progress_bar()
+        if was[1]:
+            transformers_logging.enable_progress_bar()
+
+
+def _load_pipeline(spec, *, vae, device, dtype, config, v_prediction):
     import torch
 
     dtype = dtype or torch.float32
