@@ -110,10 +110,9 @@ class Trainer:
         config = self.config
         if not config.base_model:
             raise LorakitError("train settings: 'base_model' is required (a .safetensors file, diffusers folder or hub id)")
-        self.accelerator = Accelerator(
-            mixed_precision=self.precision, cpu=self.device == "cpu",
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-        )
+        # Gradient accumulation is done by ``accumulate`` (the loss of each micro-batch divided by their
+        # count); the Accelerator is not told about it, or ``backward`` would divide a second time.
+        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=self.device == "cpu")
         device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
         self.base = load_base_model(config.base_model, vae=config.vae, device=str(device), dtype=self.weight_dtype,
@@ -205,12 +204,8 @@ class Trainer:
         device = latents.device
         batch = latents.shape[0]
 
-        # 1. Noise, optionally offset per channel (darker darks, brighter brights).
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        if config.noise_offset:
-            noise = noise + config.noise_offset * torch.randn((batch, latents.shape[1], 1, 1), generator=generator).to(device)
-        # 2. A random timestep per image, and the forward process q(x_t | x_0).
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(device)
+        # 1-2. Noise and a random timestep per image (``sample_noise``), then the forward process q(x_t | x_0).
+        noise, timesteps = self.sample_noise(latents, generator)
         input_noise = noise
         if config.ip_noise_gamma:
             # Input perturbation: noise the input a little more than the target says.
@@ -243,6 +238,17 @@ class Trainer:
             clipped = torch.clamp(snr, max=config.min_snr_gamma)
             loss = loss * (clipped / (snr + 1) if self.base.v_prediction else clipped / snr)
         return loss.mean()
+
+    def sample_noise(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noise (optionally offset per channel: darker darks, brighter brights) and a timestep per image."""
+        config = self.config
+        device, batch = latents.device, latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        if config.noise_offset:
+            noise = noise + config.noise_offset * torch.randn((batch, latents.shape[1], 1, 1), generator=generator).to(device)
+        steps = self.base.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (batch,), generator=generator).to(device)
+        return noise, timesteps
 
     def huber_c(self, timesteps: torch.Tensor) -> torch.Tensor:
         config = self.config
@@ -395,6 +401,33 @@ class Trainer:
             model.train()
         return paths
 
+    # ----- one optimiser step's gradients ---------------------------------------------------------------
+    def accumulate(self, batches: list[tuple[int, ...]], epoch: int, first_index: int) -> list[float]:
+        """Forward and backward over the micro-batches of one optimiser step; returns their losses.
+
+        Each micro-batch's loss is divided by the number of micro-batches, so the gradient is their
+        mean: k micro-batches give the gradient of one batch k times the size.
+        """
+        losses = []
+        trained = [self.unet] if self.network.trains_unet() else []
+        if self.network.trains_text_encoder():
+            trained += self.text_encoders
+        for offset, batch in enumerate(batches):
+            batch_index = first_index + offset
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch * 10_007 + batch_index)
+            latents, captions, time_ids, weights, masks = self.batch_inputs(batch, epoch, batch_index)
+            with contextlib.ExitStack() as stack:
+                if offset < len(batches) - 1 and self.accelerator.num_processes > 1:
+                    for model in trained:  # gradients are averaged across processes on the last micro-batch only
+                        stack.enter_context(self.accelerator.no_sync(model))
+                context, pooled = self.encode_prompts(captions)
+                loss = self.loss(latents, context, pooled, time_ids, weights, masks, generator)
+                if not torch.isfinite(loss):
+                    self.stop_on_bad_loss(loss, epoch)
+                self.accelerator.backward(loss / len(batches))
+            losses.append(loss.item())
+        return losses
+
     # ----- the run ------------------------------------------------------------------------------------
     def run(self) -> Path:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -418,23 +451,11 @@ class Trainer:
                 batches = self.data_.epoch_samples(epoch, config.seed)
                 batches = batches[self.accelerator.process_index::self.accelerator.num_processes]
                 losses = []
-                for batch_index, batch in enumerate(batches):
+                for first in range(0, len(batches), accumulation):
                     if self.global_step >= self.total_steps:
                         break
-                    sync = (batch_index + 1) % accumulation == 0 or batch_index == len(batches) - 1
-                    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 10_007 + batch_index)
-                    latents, captions, time_ids, weights, masks = self.batch_inputs(batch, epoch, batch_index)
-                    sync_context = contextlib.nullcontext() if sync or self.accelerator.num_processes == 1 else \
-                        self.accelerator.no_sync(self.unet)
-                    with sync_context:
-                        context, pooled = self.encode_prompts(captions)
-                        loss = self.loss(latents, context, pooled, time_ids, weights, masks, generator)
-                        if not torch.isfinite(loss):
-                            self.stop_on_bad_loss(loss, epoch)
-                        self.accelerator.backward(loss / accumulation)
-                    losses.append(loss.item())
-                    if not sync:
-                        continue
+                    recent = self.accumulate(batches[first:first + accumulation], epoch, first)
+                    losses += recent
                     if config.max_grad_norm:
                         self.accelerator.clip_grad_norm_(self.network.parameters(), config.max_grad_norm)
                     self.optimizer.step()
@@ -444,7 +465,7 @@ class Trainer:
                     steps_this_run += 1
                     lr = self.lr_scheduler.get_last_lr()[0]
                     rate = steps_this_run / max(1e-9, time.perf_counter() - run_started)
-                    recent = sum(losses[-accumulation:]) / len(losses[-accumulation:])
+                    recent = sum(recent) / len(recent)
                     progress.update(task, advance=1, info=f"epoch {epoch + 1}/{self.epochs} loss {recent:.4f} "
                                                           f"lr {lr:.2e} {rate:.2f} it/s")
                     if self.writer is not None:

@@ -168,6 +168,9 @@ class LoraNetwork:
             groups.append({"params": text, "lr": self.text_encoder_lr, "name": "text_encoder"})
         return groups
 
+    def trains_unet(self) -> bool:
+        return any(part.prefix == "lora_unet" for part in self.parts)
+
     def trains_text_encoder(self) -> bool:
         return any(part.prefix != "lora_unet" for part in self.parts)
 
