@@ -97,7 +97,8 @@ def _load(path: str):
 @click.argument("pipeline_file", type=click.Path(dir_okay=False))
 @click.option("--workers", type=click.IntRange(1), default=None, help="processes for per-image steps [default: all cores]")
 @click.option("--no-train", is_flag=True, help="prepare the dataset but skip the pipeline's train: section")
-def run(pipeline_file, workers, no_train):
+@click.option("--force", is_flag=True, help="overwrite files in the output that lorakit did not write")
+def run(pipeline_file, workers, no_train, force):
     """Run PIPELINE_FILE (pipeline.yaml): sources -> steps -> dataset folder with manifest.json.
 
     Everything is validated before any work starts. Unchanged work is taken from the cache, an
@@ -106,7 +107,7 @@ def run(pipeline_file, workers, no_train):
     from .runner import Runner
 
     pipeline, train_config = _load(pipeline_file)
-    result = Runner(pipeline, console=console, workers=workers).run()
+    result = Runner(pipeline, console=console, workers=workers, force=force).run()
     print_summary(result)
     _fail_if_crashed(result)
     if train_config is not None and not no_train:
@@ -329,8 +330,9 @@ def step_command(cls: type[Step]) -> click.Command:
         params.append(click.Option(["--workers"], type=click.IntRange(1), default=None, help="processes [default: all cores]"))
     params.append(click.Option(["--resolution"], type=int, default=512, show_default=True,
                                help="training resolution the step may use (512 SD1.5, 1024 SDXL)"))
+    params.append(click.Option(["--force"], is_flag=True, help="overwrite files in OUTPUT_DIR that lorakit did not write"))
 
-    def callback(output_dir, input_dir=None, input_path=None, workers=None, resolution=512, **values):
+    def callback(output_dir, input_dir=None, input_path=None, workers=None, resolution=512, force=False, **values):
         from .pipeline import _Lines, parse_pipeline
         from .runner import Runner
 
@@ -346,7 +348,7 @@ def step_command(cls: type[Step]) -> click.Command:
             data = {"output": output_dir, "resolution": resolution, "sources": [{source: {"path": str(src)}}],
                     "steps": [{cls.name: given}]}
         pipeline = parse_pipeline(data, host, Path.cwd(), lines=_Lines(None, f"lorakit {cls.name}"), path=None)
-        result = Runner(pipeline, console=console, workers=workers).run()
+        result = Runner(pipeline, console=console, workers=workers, force=force).run()
         print_summary(result)
         _fail_if_crashed(result)
 

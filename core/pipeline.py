@@ -157,6 +157,7 @@ def parse_pipeline(data: Any, host: Host, base: Path, lines: _Lines | None = Non
         output = Path(os.path.expanduser(str(data["output"])))
         if not output.is_absolute():
             output = base / output
+        check(refuse_unsafe_output, output, lines.at("output"))
     resolution = data.get("resolution", 512)
     if not isinstance(resolution, int) or isinstance(resolution, bool) or not 64 <= resolution <= 4096 or resolution % 8:
         errors.append(LorakitError(f"{lines.at('resolution')}: resolution must be a multiple of 8 between 64 and 4096, "
@@ -308,9 +309,40 @@ def _known(host: Host, name: str, where: str) -> type[Step]:
     return host.steps[name]
 
 
+# Folders that are never a dataset output: the run owns what it writes there and cleans up after itself.
+_SYSTEM_FOLDERS = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/media", "/mnt", "/opt",
+                   "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/usr/local", "/var", "/Users",
+                   "/Applications", "/Library", "/System", "/Volumes", "/private", "/private/tmp", "/private/var")
+
+
+def refuse_unsafe_output(output: Path, where: str) -> None:
+    """Refuse an output that is ``/``, a system folder, a home folder (or holds one)."""
+    out = Path(output).expanduser().resolve()
+    home = Path.home().resolve()
+    system = {Path(p) for p in _SYSTEM_FOLDERS}
+    system |= {Path(p).resolve() for p in _SYSTEM_FOLDERS if Path(p).exists()}
+    if os.name == "nt":
+        system |= {Path(os.environ.get(k, "")).resolve() for k in ("SystemRoot", "ProgramFiles", "ProgramFiles(x86)",
+                                                                  "ProgramData", "USERPROFILE") if os.environ.get(k)}
+    why = None
+    if out == Path(out.anchor):
+        why = "the root of a drive"
+    elif out in system:
+        why = "a system folder"
+    elif out == home or out in home.parents:
+        why = "your home folder" if out == home else f"a folder that holds your home folder ({home})"
+    elif out.parent in {Path("/home"), Path("/Users")}:
+        why = "a home folder"
+    if why:
+        raise LorakitError(f"{where}: the output {out} is {why}. lorakit writes and deletes files in its output: "
+                           "choose a folder of its own, e.g. dataset/")
+
+
 def _check_folders(pipeline: Pipeline) -> None:
-    """Refuse an output folder that is, contains or sits inside a source folder: sources are never written."""
+    """Refuse an output folder that is, contains or sits inside a source folder: sources are never written;
+    refuse a home or system folder as the output, and a cache inside a source."""
     out = pipeline.output.resolve()
+    cache = pipeline.cache_dir.resolve() if pipeline.cache_dir else None
     for src in pipeline.sources:
         if not isinstance(src.step, SourceStep):
             continue
@@ -320,6 +352,11 @@ def _check_folders(pipeline: Pipeline) -> None:
                 raise LorakitError(
                     f"{src.where}: the output folder {out} overlaps the source folder {folder}; "
                     "choose an output outside the sources (source images are never written to)"
+                )
+            if cache is not None and (cache == folder or folder in cache.parents):
+                raise LorakitError(
+                    f"{src.where}: cache_dir {cache} is inside the source folder {folder}; "
+                    "choose a cache folder outside the sources (source folders are never written to)"
                 )
 
 

@@ -23,7 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from lorakit.plugin_sdk import (
     DatasetStep, ImageError, ImageStep, Item, LorakitError, PathEscape, SkipImage, SourceStep, StepContext, Subset,
-    atomic_path, atomic_write_text, check_relative, confined_path, image_size, reason_of, verify_image,
+    TMP_PREFIX, atomic_path, atomic_write_text, check_relative, confined_path, image_size, is_partial_file, reason_of,
+    verify_image,
 )
 
 from . import curation as curation_stage
@@ -119,8 +120,10 @@ def apply_image_step(step: ImageStep, ctx: StepContext, store: Store, states: li
 
 # ----- the runner ---------------------------------------------------------------------------
 class Runner:
-    def __init__(self, pipeline: Pipeline, console: Console | None = None, workers: int | None = None):
+    def __init__(self, pipeline: Pipeline, console: Console | None = None, workers: int | None = None,
+                 force: bool = False):
         self.pipeline = pipeline
+        self.force = force  # overwrite files in the output that lorakit did not write
         self.console = console or Console(stderr=True)
         self.workers = workers or pipeline.workers
         self.output = pipeline.output
@@ -537,24 +540,14 @@ class Runner:
         except (FileNotFoundError, json.JSONDecodeError):
             ledger = {}
         new_ledger: dict[str, list] = {}
+        planned: list[tuple[str, Path, Path | None, str | None]] = []  # (rel, target, blob, text)
 
+        # Nothing is written until every target is known: a file lorakit did not write is never replaced.
         def place(blob_path: Path, rel: str) -> None:
-            target = confined_path(out, rel, "output file")
-            st = target.stat() if target.exists() else None
-            prev = ledger.get(rel)
-            if st and prev and prev[0] == blob_path.name and prev[1] == st.st_size and prev[2] == st.st_mtime_ns:
-                new_ledger[rel] = prev
-                return
-            with atomic_path(target) as tmp:
-                shutil.copyfile(blob_path, tmp)  # streamed; a large image is never read whole into memory
-            st = target.stat()
-            new_ledger[rel] = [blob_path.name, st.st_size, st.st_mtime_ns]
+            planned.append((rel, confined_path(out, rel, "output file"), blob_path, None))
 
         def place_text(text: str, rel: str) -> None:
-            target = confined_path(out, rel, "output file")
-            if not (target.exists() and target.read_text(encoding="utf-8") == text):
-                atomic_write_text(target, text)
-            new_ledger[rel] = ["text", 0, 0]
+            planned.append((rel, confined_path(out, rel, "output file"), None, text))
 
         images: list[ImageRecord] = []
         for s in list(states):
@@ -603,8 +596,14 @@ class Runner:
                                                 source=state.get("source") or state.get("raw_path"), path=rel,
                                                 id=state.get("id"), subset=state.get("subset")))
 
-        for rel in set(ledger) - set(new_ledger):  # files an earlier run wrote that are no longer wanted
-            (out / rel).unlink(missing_ok=True)
+        self._refuse_foreign_files(planned, ledger)
+        for rel, target, blob_path, text in planned:
+            if blob_path is not None:
+                new_ledger[rel] = _write_blob(target, blob_path, ledger.get(rel))
+            else:
+                new_ledger[rel] = _write_text(target, text)
+        for rel in sorted(set(ledger) - set(new_ledger)):  # files an earlier run wrote that are no longer wanted
+            self._delete_written(rel, ledger[rel])
         atomic_write_text(ledger_path, json.dumps(new_ledger))
 
         used_subsets = {s["subset"] for s in states}
@@ -614,6 +613,85 @@ class Runner:
             images=images, set_aside=aside_records, pipeline=_jsonable(self.pipeline.raw),
             resolution=self.pipeline.resolution,
         )
+
+
+    def _refuse_foreign_files(self, planned: list, ledger: dict[str, list]) -> None:
+        """The output folder is the user's too: a file there that lorakit's ledger does not list is
+        never overwritten (unless --force)."""
+        if self.force:
+            return
+        foreign = [rel for rel, target, blob, text in planned
+                   if rel not in ledger and (target.exists() or target.is_symlink()) and not _same_content(target, blob, text)]
+        manifest = self.output / MANIFEST_NAME
+        if manifest.exists() and not _is_lorakit_manifest(manifest):
+            foreign.insert(0, MANIFEST_NAME)
+        if foreign:
+            listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise LorakitError(
+                f"{self.output}: {len(foreign)} file(s) the run would write already exist and were not written by "
+                f"lorakit: {listed}. Nothing was changed; move them away, choose another output, or run with "
+                "--force to overwrite them.")
+
+    def _delete_written(self, rel: str, entry: list) -> None:
+        """Delete a file an earlier run wrote, unless it has changed since (then it is the user's now)."""
+        try:
+            target = confined_path(self.output, rel, "ledger entry")
+            st = target.lstat()
+        except (PathEscape, FileNotFoundError):
+            return
+        size, mtime = (entry[1], entry[2]) if len(entry) >= 3 else (0, 0)
+        if (size or mtime) and (st.st_size, st.st_mtime_ns) != (size, mtime):
+            self.console.print(f"[yellow]kept[/] {target}: no longer wanted, but changed since lorakit wrote it",
+                               highlight=False)
+            return
+        target.unlink(missing_ok=True)
+
+
+def _write_blob(target: Path, blob_path: Path, prev: list | None) -> list:
+    """Copy a blob to ``target`` unless the ledger shows it is already there; return its ledger entry."""
+    try:
+        st = target.stat()
+    except FileNotFoundError:
+        st = None
+    if st and prev and prev[0] == blob_path.name and prev[1] == st.st_size and prev[2] == st.st_mtime_ns:
+        return prev
+    with atomic_path(target) as tmp:
+        shutil.copyfile(blob_path, tmp)  # streamed; a large image is never read whole into memory
+    st = target.stat()
+    return [blob_path.name, st.st_size, st.st_mtime_ns]
+
+
+def _write_text(target: Path, text: str) -> list:
+    data = text.encode("utf-8")
+    try:
+        same = target.is_file() and target.stat().st_size == len(data) and target.read_bytes() == data
+    except OSError:
+        same = False
+    if not same:
+        atomic_write_text(target, text)
+    st = target.stat()
+    return ["text", st.st_size, st.st_mtime_ns]
+
+
+def _same_content(target: Path, blob: Path | None, text: str | None) -> bool:
+    """True when ``target`` already holds exactly what would be written (writing it changes nothing)."""
+    try:
+        if not target.is_file() or target.is_symlink():
+            return False
+        if blob is not None:
+            return target.stat().st_size == blob.stat().st_size and sha256_file(target) == blob.stem
+        return target.read_bytes() == text.encode("utf-8")
+    except OSError:
+        return False
+
+
+def _is_lorakit_manifest(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+        return b'"lorakit.manifest"' in head
+    except OSError:
+        return False
 
 
 def _unique_id(image_id: str, used: set[str]) -> str:
@@ -724,9 +802,10 @@ def _check_losses(step: str, states: list[State], results: list[dict | None], ou
 
 
 def _remove_partial_files(folder: Path) -> None:
-    """Delete temporary files a killed run left behind (atomic writes never leave them otherwise)."""
-    for tmp in folder.rglob(".tmp-*"):
-        if tmp.is_file():
+    """Delete temporary files a killed run left behind (atomic writes never leave them otherwise):
+    only lorakit's own names (``.lorakit-tmp-`` + 8 random characters), never a user's ``.tmp-*``."""
+    for tmp in folder.rglob(TMP_PREFIX + "*"):
+        if is_partial_file(tmp) and tmp.is_file() and not tmp.is_symlink():
             tmp.unlink(missing_ok=True)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tempfile
 import warnings
 from struct import error as struct_error
@@ -30,6 +31,11 @@ PNG_COMPRESS_LEVEL = 3
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+# Temporary files of atomic writes: ``.lorakit-tmp-`` + 8 random characters + the target's suffix.
+# Only names of exactly this shape are ever deleted as partial files of a killed run.
+TMP_PREFIX = ".lorakit-tmp-"
+_TMP_NAME = re.compile(r"\.lorakit-tmp-[a-z0-9_]{8}(\.[A-Za-z0-9]{1,10})?")
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".jxl"}
 
@@ -145,7 +151,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it over ``target``, else delete it."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=target.suffix, dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=target.suffix, dir=target.parent)
     os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
     os.close(fd)
     tmp_path = Path(tmp)
@@ -155,6 +161,11 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def is_partial_file(path: str | os.PathLike) -> bool:
+    """True for a temporary file that ``atomic_path`` made (and a killed process left behind)."""
+    return bool(_TMP_NAME.fullmatch(Path(path).name))
 
 
 def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> Path:

@@ -186,7 +186,7 @@ def test_convert_sets_aside_bad_files_and_converts_the_rest(tmp_path):
     assert "empty file" in reasons["zero"] and "not an image" in reasons["text"]
     if "half" not in kept:  # libjpeg may pad a truncated JPEG with grey instead of failing
         assert "half" in reasons["half"] or "truncated" in reasons["half"]
-    assert not list((tmp_path / "out").rglob(".tmp-*"))
+    assert not list((tmp_path / "out").rglob(".lorakit-tmp-*"))
 
 
 def test_convert_refuses_a_decompression_bomb_before_decoding_it(tmp_path):

@@ -107,7 +107,7 @@ def test_parallel_workers_give_the_same_dataset_as_one_process(tmp_path, images_
 
 def test_no_temporary_files_are_left_in_the_output(tmp_path, images_dir):
     run_step(InvertStep, images_dir, tmp_path / "out")
-    leftovers = [p for p in (tmp_path / "out").rglob(".tmp-*")]
+    leftovers = [p for p in (tmp_path / "out").rglob(".lorakit-tmp-*")]
     assert leftovers == []
 
 
@@ -217,7 +217,7 @@ def test_a_killed_run_resumes_and_its_partial_files_are_cleaned_up(tmp_path, ima
         "import lorakit.host as h\nhost = load_host(extra_plugins=[slowplugin])\nh.get_host = lambda: host\n"
         "import lorakit.cli as c\nc.get_host = lambda: host\nsys.argv = ['lorakit', 'run', sys.argv[2]]\nc.main()\n")
     (tmp_path / "out" / "sub").mkdir(parents=True)
-    (tmp_path / "out" / "sub" / ".tmp-leftover.png").write_bytes(b"partial")
+    (tmp_path / "out" / "sub" / ".lorakit-tmp-left0ver.png").write_bytes(b"partial")
     proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(tmp_path), str(tmp_path / "pipeline.yaml")],
                             stderr=subprocess.PIPE, text=True)
     time.sleep(6)
@@ -230,7 +230,7 @@ def test_a_killed_run_resumes_and_its_partial_files_are_cleaned_up(tmp_path, ima
     import json
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert len(manifest["images"]) == 63
-    assert not list((tmp_path / "out").rglob(".tmp-*"))
+    assert not list((tmp_path / "out").rglob(".lorakit-tmp-*"))
     import re
     cached = int(re.search(r"slow\W+image\W+63\W+63\W+(\d+)/63", done.stderr).group(1))
     assert 0 < cached < 63  # the killed run's finished images were not redone

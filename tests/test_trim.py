@@ -191,7 +191,7 @@ def test_trim_sets_aside_broken_files_and_processes_the_rest(tmp_path):
     assert "not an image" in reasons["notes"]
     assert "truncated" in reasons["cut"]
     assert "decompression bomb" in reasons["bomb"]
-    leftovers = [p for p in (tmp_path / "out").rglob(".tmp-*")]
+    leftovers = [p for p in (tmp_path / "out").rglob(".lorakit-tmp-*")]
     assert not leftovers
 
 
