@@ -177,9 +177,21 @@ class Runner:
             elif isinstance(cfg.step, DatasetStep):
                 states = self._run_dataset_step(cfg, states)
             self._ensure_subsets(states)
+        if not states:
+            self._refuse_empty_dataset()
         manifest, curated = self.finish(states, hand)
         return RunResult(self.output, self.output / MANIFEST_NAME, manifest, self.stats,
                          manifest.set_aside, curated, list(self.crashed))
+
+    def _refuse_empty_dataset(self) -> None:
+        """A run that would write a dataset of no images failed: say why, leave the output as it was."""
+        if not self.set_aside:
+            raise LorakitError(f"no images: the sources gave none, so there is no dataset to write ({self.output} "
+                               "was not changed). Check the source paths and searches.")
+        reasons = Counter(f"{step}: {reason}" for _, step, reason in self.set_aside).most_common(3)
+        listed = "; ".join(f"{n} x {reason}" for reason, n in reasons)
+        raise LorakitError(f"every image was set aside ({len(self.set_aside)}), so the dataset would be empty; "
+                           f"{self.output} was not changed. Most common reasons: {listed}")
 
     # ----- the curation stage (last of every run) ---------------------------------------------
     def finish(self, states: list[State], hand=None, save_input: bool = True):
@@ -307,6 +319,14 @@ class Runner:
         self.set_aside.append(({"name": item.name, "subset": item.subset, "image": None, "source": item.source,
                                 "raw_path": str(item.path)}, step, reason))
 
+    def _in_user_words(self, reason: str, state: State) -> str:
+        """A reason names the user's file (the source), not the work store's copy of it."""
+        source = state.get("source") or state.get("name", "")
+        for key, what in (("image", source), ("mask", f"the mask of {source}")):
+            if state.get(key):
+                reason = reason.replace(str(self.store.blob_path(state[key])), what)
+        return reason
+
     def _apply_subset_config(self, states: list[State]) -> None:
         """Settings from pipeline.yaml override what sources declared (steps may change them later)."""
         for name, cfg in self.pipeline.subsets.items():
@@ -373,7 +393,7 @@ class Runner:
                 stats.messages.append(f"{state['name']}: kept (restored by hand; the step said: {r['aside']})")
             else:
                 stats.set_aside += 1
-                self.set_aside.append((state, step.name, r["aside"]))
+                self.set_aside.append((state, step.name, self._in_user_words(r["aside"], state)))
         stats.outputs = len(out)
         stats.messages.extend(ctx.messages)
         stats.seconds = time.perf_counter() - t0
@@ -517,7 +537,7 @@ class Runner:
                 out.append(dict(state, steps=state.get("steps", []) + [step.name]))
                 stats.messages.append(f"{state['name']}: kept (restored by hand; the step said: {reason})")
             else:
-                self.set_aside.append((state, step.name, reason))
+                self.set_aside.append((state, step.name, self._in_user_words(reason, state)))
                 stats.set_aside += 1
         for o in hit["outputs"]:
             o = dict(o)
