@@ -145,7 +145,8 @@ class Runner:
         work.mkdir(parents=True, exist_ok=True)
         tmp.mkdir(parents=True, exist_ok=True)
         return StepContext(step_name=step.name, work_dir=work, tmp_dir=tmp, output_dir=self.output,
-                           resolution=self.pipeline.resolution, subsets=self.subsets, console=self.console)
+                           resolution=self.pipeline.resolution, subsets=self.subsets, console=self.console,
+                           train=dict(self.pipeline.train or {}))
 
     def _progress(self) -> Progress:
         return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -499,7 +500,8 @@ class Runner:
         key = digest({"step": step.name, "version": step.version, "params": step.options.as_json(),
                       "token": step.cache_token(), "resolution": self.pipeline.resolution,
                       "items": [content_of(s) for s in states],
-                      "subsets": {n: s.to_dict() for n, s in sorted(self.subsets.items())}})
+                      "subsets": {n: s.to_dict() for n, s in sorted(self.subsets.items())},
+                      **({"train": self.pipeline.train} if "train" in step.reads else {})})
         hit = self.store.cache_get(key)
         if hit is None:
             with self.console.status(f"[bold]{step.name}[/] over {len(states)} images"):

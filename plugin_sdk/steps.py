@@ -21,7 +21,7 @@ from .item import Item
 from .params import Param, Params, validate_params
 from .subset import Subset
 
-FIELDS = frozenset({"image", "caption", "tags", "mask", "meta", "subset"})
+FIELDS = frozenset({"image", "caption", "tags", "mask", "meta", "subset", "train"})
 
 
 @dataclass
@@ -34,6 +34,8 @@ class StepContext:
     * ``output_dir``: the dataset folder being built (read-only for steps; the host writes it).
     * ``resolution``: the training resolution of the pipeline (512 for SD1.5, 1024 for SDXL).
     * ``subsets``: the dataset's subsets by name; a source or dataset step may add or change them.
+    * ``train``: the pipeline's ``train:`` settings as written (empty without one); the runner
+      keys a dataset step's cache on them only when the step declares ``"train"`` in ``reads``.
     """
 
     step_name: str
@@ -46,6 +48,7 @@ class StepContext:
     messages: list[str] = field(default_factory=list)
     set_aside_items: list[tuple[Item, str]] = field(default_factory=list)
     reports: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
     console: Any = field(default=None, repr=False, compare=False)  # the run's rich console (main process only)
 
     def __getstate__(self):

@@ -106,3 +106,94 @@ def test_repeats_reach_the_manifest_and_every_image_record(tmp_path):
     assert {r.subset: r.repeats for r in res.images} == {"outfit1": 3, "outfit2": 6, "outfit3": 30}
     report = json.loads((res.output_dir / "reports" / "repeats-plan.json").read_text(encoding="utf-8"))
     assert report["images_per_epoch"] == 180 and report["total_steps"] == 180 * 8
+
+
+# ----- the train: section and the guide's targets -----------------------------------------------
+def plan_with_train(counts, train, params=None, resolution=512, tmp=Path("/tmp")):
+    ctx = StepContext("repeats", tmp / "w", tmp / "t", tmp / "out", resolution=resolution, train=train)
+    RepeatsStep.configure(params or {}).run(images(counts), ctx)
+    return {n: s.repeats for n, s in ctx.subsets.items()}, ctx
+
+
+def test_batch_size_and_epochs_come_from_the_train_section(tmp_path):
+    _, ctx = plan_with_train({"a": 100}, {"batch_size": 4, "epochs": 10, "optimizer": "prodigy"}, tmp=tmp_path)
+    report = ctx.reports["plan"]
+    assert report["batch_size"] == 4 and report["epochs"] == 10 and report["settings_from"] == "train section"
+    assert "/ batch size 4 x 10 epochs = 750 total steps" in report["formula"]
+
+
+def test_a_value_given_twice_that_differs_is_warned_about(tmp_path):
+    _, ctx = plan_with_train({"a": 100}, {"batch_size": 4, "optimizer": "prodigy"}, {"batch_size": 2}, tmp=tmp_path)
+    assert ctx.reports["plan"]["batch_size"] == 2
+    assert any("batch_size 2 here but 4 in train:" in m for m in ctx.messages)
+
+
+def test_gradient_accumulation_and_max_train_steps_count(tmp_path):
+    _, ctx = plan_with_train({"a": 100}, {"batch_size": 2, "gradient_accumulation_steps": 3, "epochs": 8,
+                                          "optimizer": "prodigy", "max_train_steps": 300}, tmp=tmp_path)
+    report = ctx.reports["plan"]
+    assert report["steps_per_epoch"] == 50  # 300 images / batch 2 = 150 batches / 3 = 50 optimiser steps
+    assert report["total_steps"] == 300 and "max_train_steps stops at 300" in report["formula"]
+
+
+def test_adamw_doubles_the_guides_target(tmp_path):
+    repeats, ctx = plan_with_train({"a": 100}, {"optimizer": "adamw"}, tmp=tmp_path)
+    assert repeats["a"] == 6 and ctx.reports["plan"]["guide"]["steps_per_epoch_per_concept"] == 600
+    repeats, _ = plan_with_train({"a": 100}, {}, {"optimizer": "prodigy"}, tmp=tmp_path)
+    assert repeats["a"] == 3
+
+
+def test_the_guides_multipliers_old_anime_noise_options_and_sdxl(tmp_path):
+    _, ctx = plan_with_train({"a": 10}, {"optimizer": "prodigy"}, {"old_anime": True}, tmp=tmp_path)
+    assert ctx.reports["plan"]["guide"]["steps_per_epoch_per_concept"] == 100  # 300 x 1/3
+    repeats, ctx = plan_with_train({"a": 10}, {"optimizer": "prodigy", "min_snr_gamma": 5}, resolution=1024,
+                                   tmp=tmp_path)
+    assert ctx.reports["plan"]["guide"]["steps_per_epoch_per_concept"] == 90  # 300 x 3/5 x 1/2
+    assert repeats["a"] == 9
+    assert "target: 300 steps per epoch per concept (prodigy, guide 002) x 3/5 (min_snr_gamma) x 1/2 (SDXL) = 90" \
+        in ctx.messages
+    assert ctx.reports["plan"]["guide"]["total_steps"] == [1500, 2500]
+
+
+def test_an_explicit_target_is_taken_as_is(tmp_path):
+    repeats, _ = plan_with_train({"a": 10}, {"optimizer": "prodigy", "ip_noise_gamma": 0.1}, {"steps_per_epoch": 200},
+                                 resolution=1024, tmp=tmp_path)
+    assert repeats["a"] == 20
+
+
+def test_target_total_lands_in_the_middle_of_the_guides_range(tmp_path):
+    repeats, ctx = plan_with_train({"a": 100, "b": 50}, {"optimizer": "prodigy", "batch_size": 2, "epochs": 8},
+                                   {"target": "total"}, tmp=tmp_path)
+    # 2500 total x batch 2 / 8 epochs = 625 images per epoch, split evenly: 312 each
+    assert repeats == {"a": 3, "b": 6}
+    report = ctx.reports["plan"]
+    assert report["total_steps"] == 2400 and report["guide"]["verdict"] == "within"
+
+
+def test_a_plan_far_outside_the_guide_is_warned_about(tmp_path):
+    _, ctx = plan_with_train({"big": 900}, {"optimizer": "prodigy", "batch_size": 1, "epochs": 8}, tmp=tmp_path)
+    assert ctx.reports["plan"]["guide"]["verdict"] == "far above"
+    assert any(m.startswith("warning: 7200 total steps is far above the guide's 2000-3000 for prodigy on SD1.5")
+               for m in ctx.messages)
+    _, ctx = plan_with_train({"a": 10}, {"optimizer": "prodigy", "batch_size": 8, "epochs": 2},
+                             {"max_repeats": 5}, tmp=tmp_path)
+    assert ctx.reports["plan"]["guide"]["verdict"] == "far below"
+
+
+def test_the_pipelines_train_section_reaches_the_step_and_its_cache(tmp_path):
+    src = tmp_path / "in"
+    for i in range(20):
+        make_image(src / f"{i}.png", (8, 8), (i * 9, 40, 7))
+
+    def run(epochs):
+        return run_pipeline_dict({
+            "output": str(tmp_path / "out"), "sources": [{"folder": {"path": str(src)}}],
+            "steps": ["repeats"], "train": {"optimizer": "prodigy", "batch_size": 2, "epochs": epochs},
+        }, tmp_path)
+
+    first = run(8)
+    report = json.loads((first.output_dir / "reports" / "repeats-plan.json").read_text(encoding="utf-8"))
+    assert first.manifest.subsets["default"].repeats == 15 and report["total_steps"] == 150 * 8
+    second = run(12)  # a changed train: section is not served from the cache
+    report = json.loads((second.output_dir / "reports" / "repeats-plan.json").read_text(encoding="utf-8"))
+    assert report["epochs"] == 12 and report["total_steps"] == 150 * 12
