@@ -134,8 +134,12 @@ class Trainer:
         groups = self.network.parameter_groups()
         self.optimizer = make_optimizer(config.optimizer, groups, weight_decay=config.weight_decay,
                                         extra=config.optimizer_args, device=str(device))
-        self.lr_scheduler = make_scheduler(config.lr_scheduler, self.optimizer, warmup_steps=config.lr_warmup_steps,
-                                           total_steps=self.total_steps, cycles=config.lr_scheduler_cycles)
+        # accelerate steps a prepared scheduler once per process at each optimiser step, so the schedule
+        # is built for steps x processes (as kohya does); otherwise it would end after 1/N of the run.
+        processes = self.accelerator.num_processes
+        self.lr_scheduler = make_scheduler(config.lr_scheduler, self.optimizer,
+                                           warmup_steps=config.lr_warmup_steps * processes,
+                                           total_steps=self.total_steps * processes, cycles=config.lr_scheduler_cycles)
         models = [self.base.unet, *self.base.text_encoders]
         prepared = self.accelerator.prepare(*models, self.optimizer, self.lr_scheduler)
         self.unet, self.text_encoders = prepared[0], list(prepared[1:len(models)])
@@ -318,6 +322,7 @@ class Trainer:
             "epoch": epoch, "global_step": self.global_step, "steps_per_epoch": self.steps_per_epoch,
             "session_id": self.session_id, "started_at": self.started_at, "base_model": str(self.config.base_model),
             "network_dim": self.config.network_dim, "seed": self.config.seed,
+            "learning_rates": [float(lr) for lr in self.lr_scheduler.get_last_lr()],
         }, indent=2))
 
     def load_state(self, folder: Path) -> None:
