@@ -150,12 +150,29 @@ def print_summary(result) -> None:
     if result.set_aside:
         print_set_aside(result)
     _warn_empty_subsets(result)
+    _print_image_warnings(result)
     n = len(result.manifest.images)
     subsets = Counter(r.subset for r in result.manifest.images)
     console.print(Text.assemble((f"{n} image(s)", "green"), f" in {len(subsets)} subset(s) -> {result.output_dir}  "
                                 f"(manifest: {result.manifest_path})"), soft_wrap=True)
     if result.nothing_changed:
         console.print("Nothing changed since the last run: every result came from the cache.")
+
+
+def _print_image_warnings(result, names_shown: int = 3) -> None:
+    """Images kept but flagged by a step (``meta.warnings``): a trim that cut most of the picture..."""
+    groups: dict[str, list[str]] = {}
+    for r in result.manifest.images:
+        for w in (r.meta or {}).get("warnings", []):
+            groups.setdefault(w.get("step", "?"), []).append(Path(r.path).name)
+    if not groups:
+        return
+    total = sum(len(v) for v in groups.values())
+    console.print(Text.assemble((f"{total} warning(s)", "yellow"), " on images kept in the dataset "
+                                "(meta.warnings in the manifest; `lorakit review` shows them):"), soft_wrap=True)
+    for step, names in sorted(groups.items()):
+        more = f" and {len(names) - names_shown} more" if len(names) > names_shown else ""
+        console.print(Text.assemble("  ", (step, "cyan"), f": {', '.join(names[:names_shown])}{more}"), highlight=False)
 
 
 def _warn_empty_subsets(result) -> None:

@@ -29,6 +29,7 @@ from .images import (
     atomic_path,
     atomic_write_bytes,
     atomic_write_text,
+    degenerate_reason,
     file_digest,
     image_header,
     image_size,
@@ -51,7 +52,8 @@ __all__ = [
     "Param", "Params", "Percent", "Fuzz", "Color", "ModelRef", "REQUIRED", "validate_params",
     "LorakitError", "ManyErrors", "ParamError", "SkipImage", "ModelNotFound", "ImageError", "PathEscape",
     "confined_path", "check_relative", "is_within", "CaptionError", "read_caption", "decode_caption", "MAX_CAPTION_BYTES",
-    "file_digest", "open_image", "verify_image", "save_image", "image_size", "image_header", "atomic_path", "atomic_write_bytes", "atomic_write_text",
+    "file_digest", "degenerate_reason", "open_image", "verify_image", "save_image", "image_size", "image_header",
+    "atomic_path", "atomic_write_bytes", "atomic_write_text",
     "IMAGE_EXTENSIONS", "MAX_PIXELS", "PNG_COMPRESS_LEVEL", "TMP_PREFIX", "is_partial_file",
     "pick_device", "onnx_providers", "device_param", "chosen_device", "resolve_model_files", "model_file_digest",
 ]

@@ -205,3 +205,21 @@ def verify_image(path: str | os.PathLike, max_pixels: int | None = None) -> tupl
             size = im.size
             im.verify()
     return size
+
+
+def degenerate_reason(image: Image.Image, tolerance: float = 1.0) -> str | None:
+    """Why ``image`` looks like a broken model output (all black, all white, one flat colour), or
+    None. A model step calls it on what it made: a random or wrong model gives such pictures."""
+    import numpy as np
+
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+    if arr.size == 0:
+        return "empty picture"
+    if float(arr.std(axis=(0, 1)).max()) > tolerance:
+        return None
+    mean = arr.mean(axis=(0, 1))
+    if mean.max() < 4:
+        return "the result is all black"
+    if mean.min() > 251:
+        return "the result is all white"
+    return "the result is one flat colour (rgb %d,%d,%d)" % tuple(int(round(v)) for v in mean)

@@ -68,6 +68,14 @@ class Item:
         """A copy with a new mask picture (mode L, same size as the image)."""
         return self.replace(pending_mask=mask, **changes)
 
+    def warned(self, step: str, message: str) -> "Item":
+        """A copy carrying a warning for the user (``meta["warnings"]``: shown in the run's summary and
+        the review page; the image stays in the dataset). For results that are suspicious, not wrong:
+        a trim that removed most of the picture, an upscale still below the target size."""
+        meta = dict(self.meta)
+        meta["warnings"] = list(meta.get("warnings", [])) + [{"step": step, "message": message}]
+        return self.replace(meta=meta)
+
     @property
     def text(self) -> str:
         """The caption as written to the ``.txt`` file: tags joined by ", ", then the free-text caption."""

@@ -1,7 +1,7 @@
 """The ``trim`` step: ImageMagick's ``-fuzz N% -trim``, the same crop, without ImageMagick."""
 from __future__ import annotations
 
-from lorakit.plugin_sdk import Fuzz, ImageStep, Param, SkipImage, hookimpl
+from lorakit.plugin_sdk import Fuzz, ImageStep, Param, Percent, SkipImage, hookimpl
 
 from ._imageops import fuzz_from_percent, trim_array, trim_box
 
@@ -21,6 +21,8 @@ class TrimStep(ImageStep):
     params = [
         Param("fuzz", Fuzz, Fuzz(20), "colour distance still counted as border, ImageMagick's -fuzz: 20% is "
               "a percentage, a bare 20 is 20 of 65535 as in ImageMagick", min=0, max=100),
+        Param("warn_below", Percent, Percent(50), "warn when the trimmed picture keeps less than this share of "
+              "the pixels (a subject on a background of its own colour gets cut away)", min=0, max=100),
     ]
     reads = frozenset({"image"})
     writes = frozenset({"image"})
@@ -37,7 +39,14 @@ class TrimStep(ImageStep):
         left, top, right, bottom = result.box
         meta = dict(item.meta)
         meta["trim"] = {"box": [left, top, right, bottom], "from": list(result.size)}
-        return item.with_image(im.crop(result.box), meta=meta)
+        trimmed = item.with_image(im.crop(result.box), meta=meta)
+        kept = (right - left) * (bottom - top) / (result.size[0] * result.size[1])
+        if kept * 100 < float(self.options.warn_below):
+            message = (f"kept {kept:.0%} of the picture ({right - left}x{bottom - top} of "
+                       f"{result.size[0]}x{result.size[1]}): check the subject was not cut away as border")
+            ctx.log(f"{item.name}: {message}")
+            trimmed = trimmed.warned(self.name, message)
+        return trimmed
 
 
 @hookimpl

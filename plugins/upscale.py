@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from lorakit.plugin_sdk import (
-    ImageStep, LorakitError, ModelNotFound, Param, ParamError, hookimpl, pick_device,
+    ImageStep, LorakitError, ModelNotFound, Param, ParamError, degenerate_reason, hookimpl, pick_device,
 )
 from lorakit.plugin_sdk import model_file_digest
 
@@ -250,6 +250,13 @@ class UpscaleStep(ImageStep):
         meta["upscale"] = {"model": Path(self.options.model).name, "scale": scale, "passes": passes,
                            "from": [width, height], "to": list(target)}
         changed = item.with_image(result, meta=meta)
+        problems = [degenerate_reason(result)]
+        if scale > 1 and small and target[0] * target[1] < min_pixels:
+            problems.append(f"still below the target size after {passes} pass(es): {target[0]}x{target[1]} "
+                            f"< {min_pixels} pixels (raise max_passes, or use a model with a larger scale)")
+        for message in filter(None, problems):
+            ctx.log(f"{item.name}: {message}")
+            changed = changed.warned(self.name, message)
         mask = item.open_mask()
         if mask is not None:
             changed = changed.with_mask(mask.convert("L").resize(target, Image.BILINEAR))

@@ -274,3 +274,15 @@ def test_ctrl_c_during_a_pooled_step_prints_no_worker_tracebacks(tmp_path, image
     assert proc.returncode == 130, err
     assert "Interrupted" in err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_degenerate_pictures_are_named_for_what_they_are():
+    import numpy as np
+
+    from lorakit.plugin_sdk import degenerate_reason
+
+    assert degenerate_reason(Image.new("RGB", (8, 8), "black")) == "the result is all black"
+    assert degenerate_reason(Image.new("RGB", (8, 8), "white")) == "the result is all white"
+    assert degenerate_reason(Image.new("RGB", (8, 8), (10, 120, 30))) == "the result is one flat colour (rgb 10,120,30)"
+    noise = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    assert degenerate_reason(Image.fromarray(noise)) is None

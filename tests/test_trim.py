@@ -224,3 +224,19 @@ def test_trim_fuzz_bare_number_is_absolute_and_keeps_its_spelling():
     assert fuzz_from_percent(float(absolute)) == pytest.approx(20.0)
     assert float(percent) == 20.0
     assert (absolute.text, percent.text, param.convert(20, "trim").text) == ("20", "20%", "20")
+
+
+def test_trim_that_removes_most_of_the_picture_is_flagged(tmp_path):
+    # A blue dress on a blue background: only the small face differs, so -trim keeps almost nothing.
+    src = tmp_path / "in"
+    src.mkdir()
+    im = Image.new("RGB", (100, 100), (30, 60, 200))
+    im.paste((225, 190, 170), (45, 10, 55, 20))
+    im.save(src / "dress.png")
+    framed = Image.new("RGB", (100, 100), "white")
+    framed.paste((200, 30, 30), (5, 5, 95, 95))
+    framed.save(src / "ok.png")
+    res = run_step("trim", src, tmp_path / "out", {"fuzz": "20%"})
+    warnings = res.by_name("dress").meta["warnings"]
+    assert warnings[0]["step"] == "trim" and "kept 1% of the picture (10x10 of 100x100)" in warnings[0]["message"]
+    assert "warnings" not in res.by_name("ok").meta

@@ -257,3 +257,26 @@ def test_a_mask_made_earlier_is_resized_with_the_image(tmp_path, x2_safetensors)
     mask = Image.open(res.path(rec.mask))
     assert (rec.width, rec.height) == (80, 60) and mask.size == (80, 60)
     assert mask.getpixel((0, 0)) == 0 and mask.getpixel((40, 30)) == 255
+
+
+def test_an_upscale_that_stays_below_the_target_size_is_flagged(tmp_path, x2_safetensors):
+    noise_image(tmp_path / "in" / "tiny.png", (20, 20))
+    noise_image(tmp_path / "in" / "fine.png", (40, 40))
+    res = run_step("upscale", tmp_path / "in", tmp_path / "out",
+                   {"model": str(x2_safetensors), "max_passes": 1}, resolution=64)
+    warnings = res.by_name("tiny").meta["warnings"]
+    assert [w["step"] for w in warnings] == ["upscale"]
+    assert "still below the target size after 1 pass(es): 40x40 < 4096 pixels" in warnings[0]["message"]
+    assert "warnings" not in res.by_name("fine").meta  # 80x80 reaches 64x64
+
+
+def test_a_model_that_turns_pictures_black_is_flagged(tmp_path):
+    state = {k: torch.zeros_like(v) for k, v in old_esrgan_state(scale=2).items()}
+    model = tmp_path / "models" / "2x_broken.safetensors"
+    model.parent.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(model))
+    noise_image(tmp_path / "in" / "photo.png", (24, 24))
+    res = run_step("upscale", tmp_path / "in", tmp_path / "out", {"model": str(model)}, resolution=64)
+    rec = res.by_name("photo")
+    assert [w["message"] for w in rec.meta["warnings"]] == ["the result is all black"]
+    assert any("photo: the result is all black" in m for s in res.stats for m in s.messages)
