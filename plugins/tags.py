@@ -14,12 +14,16 @@ from collections import Counter, defaultdict
 from functools import lru_cache
 from pathlib import Path
 
-from lorakit.plugin_sdk import DatasetStep, Item, LorakitError, Param, StepContext, hookimpl
+from lorakit.plugin_sdk import (
+    DatasetStep, Item, LorakitError, ModelRef, Param, StepContext, file_digest, hookimpl, resolve_model_files,
+)
 
 from . import tag_rules
+from ._mappings import SubsetMapping, string_list
 from ._tagging import TagPatterns, format_tag, is_namespaced, style_params, tag_key
 
 SEPARATOR_TAG = "|||"
+RARE_BELOW = 500  # guide 002: "any concept under 500 posts is a bit dubious" (the model barely knows it)
 
 
 # ----- alias and implication files ----------------------------------------------------------------
@@ -123,6 +127,42 @@ class Implications:
         return self._closure[tag]
 
 
+def read_tag_counts(path: Path) -> dict[str, int]:
+    """``{canonical tag: Danbooru post count}`` from a WD14 ``selected_tags.csv``
+    (``tag_id,name,category,count``); a bad row names the file and line."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise LorakitError(f"tags: tag counts {path}: {exc.strerror}") from None
+    return dict(_read_tag_counts(str(path), stat.st_mtime_ns, stat.st_size))
+
+
+@lru_cache(maxsize=4)
+def _read_tag_counts(path: str, _mtime: int, _size: int) -> tuple[tuple[str, int], ...]:
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LorakitError(f"tags: cannot read tag counts {path}: {exc}") from None
+    reader = csv.DictReader(io.StringIO(text))
+    if not {"name", "count"} <= set(reader.fieldnames or []):
+        raise LorakitError(f"{path}: not a WD14 selected_tags.csv: it needs the columns name and count "
+                           "(tag_id,name,category,count)")
+    out = []
+    for row in reader:
+        try:
+            out.append((tag_key(row["name"]), int(row["count"])))
+        except (TypeError, ValueError):
+            raise LorakitError(f"{path}:{reader.line_num}: count {row.get('count')!r} is not a number") from None
+    return tuple(out)
+
+
+def _check_split(mapping: dict[str, list[str]]) -> None:
+    for generic, parts in mapping.items():
+        if not parts:
+            raise ValueError(f"parts for {generic!r}, e.g. armor=pauldrons+gorget+breastplate")
+
+
 # ----- the step -----------------------------------------------------------------------------------
 class TagsStep(DatasetStep):
     """Clean every image's tags, the way the guides do it with a tag editor, in this order:
@@ -131,17 +171,24 @@ class TagsStep(DatasetStep):
     1. normalise: one spelling per tag (lower case, underscores, escapes such as \\( undone), so
        Long Hair and long_hair are one tag;
     2. aliases: rename synonyms (tiara=circlet; a CSV of old,new rows or Danbooru's
-       tag_aliases.csv export);
+       tag_aliases.csv export); split: replace a generic tag by its parts
+       (armor=pauldrons+gorget+breastplate);
     3. blacklist: remove useless tags (built in: meme, parody, uncensored, shiny_skin, redraw
        challenges, booru bookkeeping tags such as commentary_request, namespaced tags such as
        artist:name; * is a wildcard);
     4. duplicates: keep the first, with the highest score;
     5. generic tags: drop bow when black_bow is there (any tag ending in _bow), and the
-       consequent of every implication in a Danbooru tag_implications.csv;
+       consequent of every implication in a Danbooru tag_implications.csv; keep_generic
+       names generic tags that stay anyway (tie, as guide 001 keeps it);
     6. sort by tagger score, by frequency in the subset, or alphabetically.
 
+    With tag_counts (WD14's selected_tags.csv, or the tagger's folder or hub repo), tags with
+    fewer Danbooru posts than rare_below (guide 002: 500) are flagged in the summary, in
+    meta.rare_tags and reports/tags-rare.json, or dropped with rare: drop.
+
     Trigger tags of the subsets (and the ||| keep-tokens separator) are left exactly as they are.
-    Reports: reports/tags-frequency.json (per subset, tag -> images) and tags-changes.json.
+    Reports: reports/tags-frequency.json (per subset, tag -> images), tags-changes.json and
+    tags-rare.json.
     """
 
     name = "tags"
@@ -159,6 +206,20 @@ class TagsStep(DatasetStep):
               "CSV of implications 'specific,generic' (or Danbooru's tag_implications.csv): the generic tag is "
               "dropped when the specific one is present", validate=_check_csv),
         Param("drop_generic", bool, True, "drop a generic tag when a more specific one ends with it (bow with black_bow)"),
+        Param("keep_generic", list, [], "generic tags never dropped for a more specific one (e.g. tie: guide 001 keeps "
+              "it next to red_tie)"),
+        Param("split", SubsetMapping(string_list, "armor=pauldrons+gorget+breastplate"), {},
+              "replace a generic tag by its parts: {armor: [pauldrons, gorget, breastplate]}; on the command line "
+              "armor=pauldrons+gorget+breastplate", validate=_check_split,
+              type_name="a mapping tag -> parts, e.g. armor=pauldrons+gorget",
+              json_schema={"type": ["object", "string"], "additionalProperties": {
+                  "type": ["array", "string"], "items": {"type": "string"}}}),
+        Param("tag_counts", ModelRef, None, "Danbooru post counts: WD14's selected_tags.csv, or a WD14 tagger "
+              "folder or hub repo holding it (e.g. SmilingWolf/wd-swinv2-tagger-v3)"),
+        Param("rare_below", int, RARE_BELOW, "with tag_counts: tags with fewer Danbooru posts are rare (guide: 500)",
+              min=1),
+        Param("rare", str, "flag", "with tag_counts: flag rare tags (summary, meta.rare_tags, report) or drop them",
+              choices=("flag", "drop")),
         Param("sort", str, "score", "tag order: score (tagger confidence), frequency (in the subset), "
               "alphabetical, or none (keep the order)", choices=("score", "frequency", "alphabetical", "none")),
         *style_params(),
@@ -175,39 +236,61 @@ class TagsStep(DatasetStep):
         aliases = Aliases(pairs)
         implications = Implications(self._pairs(o.implications, "implications"))
         protected = {tag_key(t) for s in ctx.subsets.values() for t in s.triggers} | {SEPARATOR_TAG}
+        split = {tag_key(g): [tag_key(p) for p in parts if tag_key(p)] for g, parts in o.split.items()}
+        counts = self._counts()
 
         removed: Counter = Counter()            # blacklisted tag -> images
         renamed: Counter = Counter()            # (old, new) -> images
         generic: dict[str, Counter] = defaultdict(Counter)  # generic tag -> covering tag -> images
+        split_done: Counter = Counter()         # generic tag split into its parts -> images
         duplicates = 0
         decided: dict[str, tuple[str, bool]] = {}
         cleaned: list[tuple[Item, list[tuple[str, float | None, bool]]]] = []
+
+        def decide(tag: str) -> tuple[str, bool]:
+            """(renamed to, blacklisted?), once per distinct tag."""
+            if tag not in decided:
+                new = aliases.resolve(tag)
+                decided[tag] = (new, new in blacklist or (o.default_blacklist and is_namespaced(new)))
+            return decided[tag]
+
         for item in items:
             tags: dict[str, float | None] = {}
             kept_verbatim: dict[str, str] = {}
-            for raw, score in item.tags.items():
-                if tag_key(raw) in protected:
-                    tag = tag_key(raw)
-                    kept_verbatim.setdefault(tag, raw)
-                else:
-                    tag = tag_key(raw)
-                    if not tag:
-                        continue
-                    if tag not in decided:  # (renamed to, blacklisted?) once per distinct tag
-                        new = aliases.resolve(tag)
-                        decided[tag] = (new, new in blacklist or (o.default_blacklist and is_namespaced(new)))
-                    new, blocked = decided[tag]
-                    if new != tag:
-                        renamed[(tag, new)] += 1
-                        tag = new
-                    if blocked:
-                        removed[tag] += 1
-                        continue
+
+            def add(tag: str, score) -> None:
+                nonlocal duplicates
                 if tag in tags:
                     duplicates += 1
                     tags[tag] = _higher(tags[tag], score)
                 else:
                     tags[tag] = score
+
+            for raw, score in item.tags.items():
+                tag = tag_key(raw)
+                if tag in protected:
+                    kept_verbatim.setdefault(tag, raw)
+                    add(tag, score)
+                    continue
+                if not tag:
+                    continue
+                new, blocked = decide(tag)
+                if new != tag:
+                    renamed[(tag, new)] += 1
+                    tag = new
+                if blocked:
+                    removed[tag] += 1
+                    continue
+                if tag in split:
+                    split_done[tag] += 1
+                    for part in split[tag]:
+                        part, part_blocked = decide(part)
+                        if part_blocked:
+                            removed[part] += 1
+                        else:
+                            add(part, score)
+                    continue
+                add(tag, score)
             dropped = self._generic(tags, implications, protected) if (o.drop_generic or implications.table) else {}
             for tag, by in dropped.items():
                 generic[tag][by] += 1
@@ -215,14 +298,56 @@ class TagsStep(DatasetStep):
             cleaned.append((item, [(kept_verbatim.get(t, t), s, t in protected) for t, s in tags.items()]))
 
         frequency, image_counts = _frequency((item.subset, [tag_key(t) for t, _, p in entries if not p]) for item, entries in cleaned)
+        rare_images: dict[str, list[str]] = defaultdict(list)  # rare tag -> images
         out = []
         for item, entries in cleaned:
             entries = self._sorted(entries, frequency.get(item.subset, {}))
+            meta = item.meta
+            if counts is not None:
+                rare = [t for t, _, p in entries if not p and counts.get(tag_key(t), 0) < o.rare_below]
+                for t in rare:
+                    rare_images[tag_key(t)].append(item.name)
+                if o.rare == "drop":
+                    entries = [e for e in entries if e[0] not in rare]
+                meta = {**item.meta, "rare_tags": {tag_key(t): counts.get(tag_key(t)) for t in rare}}
             new_tags = {t if p else format_tag(t, o.tag_style, o.escape_parentheses): s for t, s, p in entries}
-            out.append(item.replace(tags=new_tags))
+            out.append(item.replace(tags=new_tags, meta=meta))
 
-        self._report(ctx, len(items), frequency, image_counts, removed, renamed, generic, duplicates)
+        self._report(ctx, len(items), frequency, image_counts, removed, renamed, generic, duplicates, split_done)
+        if counts is not None:
+            self._report_rare(ctx, rare_images, counts)
         return out
+
+    def cache_token(self) -> str:
+        """The tag files' contents, so an edited CSV is not served from the cache."""
+        o = self.options
+        parts = [f"{what}={file_digest(Path(path))}" for what, path in (("aliases", o.aliases),
+                                                                         ("implications", o.implications))
+                 if path is not None and Path(path).is_file()]
+        if o.tag_counts is not None:
+            parts.append(f"counts={file_digest(self._counts_file())}")
+        return ",".join(parts)
+
+    def _counts_file(self) -> Path:
+        spec = self.options.tag_counts
+        return resolve_model_files(spec, ["selected_tags.csv"], "tags: tag counts")["selected_tags.csv"]
+
+    def _counts(self) -> dict[str, int] | None:
+        return None if self.options.tag_counts is None else read_tag_counts(self._counts_file())
+
+    def _report_rare(self, ctx, rare_images: dict[str, list[str]], counts: dict[str, int]) -> None:
+        o = self.options
+        rows = sorted(rare_images.items(), key=lambda kv: (counts.get(kv[0], 0), kv[0]))
+        ctx.report("rare", {
+            "rare_below": o.rare_below, "action": o.rare,
+            "tags": {t: {"posts": counts.get(t), "images": len(names), "examples": names[:5]} for t, names in rows},
+        })
+        if rows:
+            shown = ", ".join(f"{t} ({counts[t]} posts)" if t in counts else f"{t} (not in the tag list)"
+                              for t, _ in rows[:8])
+            verb = "dropped" if o.rare == "drop" else "flagged"
+            ctx.log(f"{len(rows)} rare tag(s) {verb}, under {o.rare_below} Danbooru posts (the model barely knows "
+                    f"them; a more common tag may say it better): {shown}")
 
     # ----- pieces ---------------------------------------------------------------------------------
     def _pairs(self, path: Path | None, what: str):
@@ -242,6 +367,7 @@ class TagsStep(DatasetStep):
             for implied in implications.closure(specific):
                 if implied in tags and implied not in protected and implied != specific:
                     dropped.setdefault(implied, specific)
+        keep = {tag_key(t) for t in self.options.keep_generic}
         if self.options.drop_generic:
             for specific in tags:
                 if specific in protected or specific.startswith(tag_rules.NOT_SPECIFIC_PREFIXES):
@@ -252,6 +378,8 @@ class TagsStep(DatasetStep):
                     suffix = "_".join(parts[i:])
                     if suffix in tags and suffix not in protected and suffix != specific:
                         dropped.setdefault(suffix, specific)
+        for tag in keep:
+            dropped.pop(tag, None)
         return dropped
 
     def _sorted(self, entries, frequency: dict[str, int]):
@@ -266,7 +394,7 @@ class TagsStep(DatasetStep):
             rest.sort(key=lambda e: e[0])
         return front + rest
 
-    def _report(self, ctx, n_images, frequency, image_counts, removed, renamed, generic, duplicates):
+    def _report(self, ctx, n_images, frequency, image_counts, removed, renamed, generic, duplicates, split_done):
         ctx.report("frequency", {s: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) for s, c in frequency.items()})
         ctx.report("changes", {
             "images": n_images,
@@ -274,6 +402,9 @@ class TagsStep(DatasetStep):
             "renamed": [{"from": a, "to": b, "images": n} for (a, b), n in renamed.most_common()],
             "generic": {g: {"covered_by": dict(by.most_common()), "images": sum(by.values())} for g, by in generic.items()},
             "duplicates": duplicates,
+            "split": {g: {"into": self.options.split.get(g) or next((v for k, v in self.options.split.items()
+                                                                       if tag_key(k) == g), []), "images": n}
+                      for g, n in split_done.most_common()},
         })
         ctx.log(f"{n_images} images: removed {sum(removed.values())} blacklisted tags ({_top(removed)}), "
                 f"renamed {sum(renamed.values())} ({_top(Counter({f'{a}->{b}': n for (a, b), n in renamed.items()}))}), "

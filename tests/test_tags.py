@@ -201,3 +201,91 @@ def test_bad_alias_file_in_a_pipeline_is_refused_naming_the_file_and_line(tmp_pa
     with pytest.raises(LorakitError, match="aliases.csv line 1"):
         run_pipeline_dict({"output": str(tmp_path / "out"), "sources": [{"folder": {"path": str(src)}}],
                            "steps": [{"tags": {"aliases": "aliases.csv"}}]}, tmp_path)
+
+
+# ----- tag tools: keep_generic, split, rare tags ----------------------------------------------------
+def test_keep_generic_keeps_a_generic_tag_next_to_its_specific_one(tmp_path):
+    (out,), ctx = run_tags([item("red_tie, tie, black_bow, bow")], {"keep_generic": ["tie"]}, tmp=tmp_path)
+    assert list(out.tags) == ["red_tie", "tie", "black_bow"]  # guide 001 keeps tie; bow is still folded
+
+
+def test_split_replaces_a_generic_tag_by_its_parts(tmp_path):
+    items = [item({"armor": 0.8, "gorget": 0.9, "1girl": 0.99}, name="a"), item("solo", name="b")]
+    (a, b), ctx = run_tags(items, {"split": "armor=pauldrons+gorget+breastplate", "sort": "none"}, tmp=tmp_path)
+    assert a.tags == {"pauldrons": 0.8, "gorget": 0.9, "breastplate": 0.8, "1girl": 0.99}
+    assert list(b.tags) == ["solo"]
+    changes = ctx.reports["changes"]["split"]
+    assert changes == {"armor": {"into": ["pauldrons", "gorget", "breastplate"], "images": 1}}
+
+
+def test_split_follows_aliases_and_the_blacklist(tmp_path):
+    (out,), _ = run_tags([item("plate_armour")], {"alias": ["plate_armour=armor"], "blacklist": ["gorget"],
+                                                  "split": {"armor": ["pauldrons", "gorget"]}}, tmp=tmp_path)
+    assert list(out.tags) == ["pauldrons"]
+
+
+def test_a_split_without_parts_is_refused():
+    with pytest.raises(ParamError, match="split"):
+        TagsStep.configure({"split": {"armor": []}})
+
+
+def write_selected_tags(path: Path, counts: dict[str, int]) -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["tag_id", "name", "category", "count"])
+        for i, (name, count) in enumerate(counts.items()):
+            writer.writerow([i, name, 0, count])
+    return path
+
+
+COUNTS = {"1girl": 4_000_000, "road": 13_000, "dirt_road": 395, "solo": 3_000_000, "mycharacter_(outfit)": 12}
+
+
+def test_rare_tags_are_flagged_by_the_danbooru_counts_of_selected_tags(tmp_path):
+    csv_path = write_selected_tags(tmp_path / "tagger" / "selected_tags.csv", COUNTS)
+    items = [item("1girl, dirt_road, road", name="a"), item("solo, dirt road, handmade_tag", name="b")]
+    (a, b), ctx = run_tags(items, {"tag_counts": str(csv_path), "sort": "none"}, tmp=tmp_path)
+    assert "dirt_road" in a.tags  # flagged, not dropped
+    assert a.meta["rare_tags"] == {"dirt_road": 395}
+    assert b.meta["rare_tags"] == {"dirt_road": 395, "handmade_tag": None}
+    report = ctx.reports["rare"]
+    assert report["tags"]["dirt_road"] == {"posts": 395, "images": 2, "examples": ["a", "b"]}
+    assert report["tags"]["handmade_tag"]["posts"] is None
+    assert any("2 rare tag(s) flagged, under 500 Danbooru posts" in m and "dirt_road (395 posts)" in m
+               for m in ctx.messages)
+
+
+def test_rare_tags_can_be_dropped_and_the_limit_changed(tmp_path):
+    folder = tmp_path / "tagger"
+    write_selected_tags(folder / "selected_tags.csv", COUNTS)
+    (out,), _ = run_tags([item("1girl, dirt_road, road")], {"tag_counts": str(folder), "rare": "drop",
+                                                             "rare_below": 20_000}, tmp=tmp_path)
+    assert list(out.tags) == ["1girl"]  # road (13,000) is under 20,000 too
+
+
+def test_trigger_tags_are_never_rare(tmp_path):
+    csv_path = write_selected_tags(tmp_path / "t.csv", COUNTS)
+    subsets = {"default": Subset("default", triggers=["zxq_char"])}
+    (out,), _ = run_tags([item("zxq_char, 1girl")], {"tag_counts": str(csv_path)}, subsets, tmp=tmp_path)
+    assert out.meta["rare_tags"] == {}
+
+
+def test_a_tag_list_without_counts_is_refused_naming_the_file(tmp_path):
+    bad = tmp_path / "selected_tags.csv"
+    bad.write_text("tag_id,name,category\n1,solo,0\n")
+    with pytest.raises(LorakitError, match="selected_tags.csv: not a WD14 selected_tags.csv"):
+        run_tags([item("solo")], {"tag_counts": str(bad)}, tmp=tmp_path)
+
+
+def test_an_edited_tag_count_file_is_not_served_from_the_cache(tmp_path):
+    src = dataset(tmp_path / "in", {"a": "1girl, dirt_road"})
+    csv_path = write_selected_tags(tmp_path / "counts" / "selected_tags.csv", COUNTS)
+    params = {"tag_counts": str(csv_path)}
+    first = run_step("tags", src, tmp_path / "out", params)
+    assert first.by_name("a").meta["rare_tags"] == {"dirt_road": 395}
+    write_selected_tags(csv_path, {**COUNTS, "dirt_road": 5000})
+    second = run_step("tags", src, tmp_path / "out", params)
+    assert second.by_name("a").meta["rare_tags"] == {}
