@@ -441,8 +441,9 @@ class Trainer:
         self.setup()
         if config.resume:
             self.load_state(Path(config.resume))
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        # fixed-width parts first and a short bar, so the times are never cut to "0:00:…" at 80 columns
+        columns = [TextColumn("{task.description}"), BarColumn(bar_width=16), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
         with Progress(*columns, console=self.console, transient=False) as progress:
             self.fill_latent_cache(progress)
             task = progress.add_task("training", total=self.total_steps, completed=self.global_step, info="")
