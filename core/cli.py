@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lorakit import __version__
-from lorakit.plugin_sdk import LorakitError, Step
+from lorakit.plugin_sdk import LorakitError, Step, storage_error_message
 
 from .helptext import click_help, print_plain
 from .host import Host, get_host, warn_failed
@@ -58,6 +58,11 @@ class StepGroup(click.Group):
             return super().invoke(ctx)
         except LorakitError as exc:
             _fail(str(exc))
+        except OSError as exc:  # a full disk, a read-only or non-writable folder: a sentence, no traceback
+            message = storage_error_message(exc)
+            if message is None:
+                raise
+            _fail(message)
         except KeyboardInterrupt:
             console.print("\n[yellow]Interrupted.[/] Finished results are cached: run the same command again to resume.")
             sys.exit(130)

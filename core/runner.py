@@ -23,7 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from lorakit.plugin_sdk import (
     DatasetStep, ImageError, ImageStep, Item, LorakitError, PathEscape, SkipImage, SourceStep, StepContext, Subset,
-    TMP_PREFIX, atomic_path, atomic_write_text, check_relative, confined_path, image_size, is_partial_file, reason_of,
+    TMP_PREFIX, atomic_path, atomic_write_text, check_relative, confined_path, image_size, is_partial_file, is_storage_error,
+    reason_of,
     verify_image,
 )
 
@@ -102,6 +103,8 @@ def apply_image_step(step: ImageStep, ctx: StepContext, store: Store, states: li
         outs = [exc] * len(items)
     results: list[dict] = []
     for out in outs:
+        if is_storage_error(out):
+            raise out  # a full or read-only disk is not about this image: the run stops with a clear message
         if isinstance(out, BaseException):
             # Decisions (SkipImage) and unreadable files are final and cached; other errors are retried.
             results.append({"aside": reason_of(out), "final": isinstance(out, (SkipImage, ImageError))})
@@ -114,6 +117,8 @@ def apply_image_step(step: ImageStep, ctx: StepContext, store: Store, states: li
         try:
             results.append({"outputs": [store.state_from_item(o) for o in produced]})
         except Exception as exc:
+            if is_storage_error(exc):
+                raise
             results.append({"aside": reason_of(exc), "final": False})
     return results
 
@@ -456,6 +461,8 @@ class Runner:
                         lost.append(chunk)
                         broken = True
                         continue
+                    if is_storage_error(exc):
+                        raise exc
                     if exc is not None:  # e.g. a result that cannot travel back: retried next run
                         chunk_results = [{"aside": f"worker process failed: {reason_of(exc)}", "final": False}] * len(chunk)
                     else:

@@ -18,7 +18,9 @@
 """
 from .captions import MAX_CAPTION_BYTES, CaptionError, decode_caption, read_caption
 from .devices import chosen_device, device_param, onnx_providers, pick_device
-from .errors import LorakitError, ManyErrors, ModelNotFound, ParamError, SkipImage
+from .errors import (
+    LorakitError, ManyErrors, ModelNotFound, ParamError, SkipImage, is_storage_error, storage_error_message,
+)
 from .hookspecs import hookimpl, hookspec
 from .images import (
     IMAGE_EXTENSIONS,
@@ -50,6 +52,7 @@ __all__ = [
     "Step", "ImageStep", "DatasetStep", "SourceStep", "StepContext", "reason_of",
     "Item", "Subset",
     "Param", "Params", "Percent", "Fuzz", "Color", "ModelRef", "REQUIRED", "validate_params",
+    "is_storage_error", "storage_error_message",
     "LorakitError", "ManyErrors", "ParamError", "SkipImage", "ModelNotFound", "ImageError", "PathEscape",
     "confined_path", "check_relative", "is_within", "CaptionError", "read_caption", "decode_caption", "MAX_CAPTION_BYTES",
     "file_digest", "degenerate_reason", "open_image", "verify_image", "save_image", "image_size", "image_header",

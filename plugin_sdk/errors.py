@@ -43,3 +43,35 @@ class SkipImage(Exception):
 
 class ModelNotFound(LorakitError):
     """A model file or hub repo is not available locally; the message says what to download and where."""
+
+
+# Errors about where files go, not about one image: they stop the run with a clear message.
+_STORAGE_ERRNOS = {"ENOSPC": "the disk is full", "EDQUOT": "the disk quota is used up",
+                   "EFBIG": "the file is larger than this system allows", "EROFS": "the folder is on a read-only disk",
+                   "EACCES": "permission denied", "EPERM": "operation not permitted"}
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """True for an OSError about the disk or permissions (full, read-only, not writable)."""
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in {getattr(errno, n) for n in _STORAGE_ERRNOS if hasattr(errno, n)}
+
+
+def storage_error_message(exc: BaseException) -> str | None:
+    """One actionable sentence for a storage OSError (None for other exceptions)."""
+    import errno
+
+    if not is_storage_error(exc):
+        return None
+    name = errno.errorcode.get(exc.errno, "")
+    where = exc.filename or "a file"
+    advice = {
+        "ENOSPC": "free some space (or choose an output or cache_dir on another disk) and run again",
+        "EDQUOT": "free some space (or choose an output or cache_dir on another disk) and run again",
+        "EFBIG": "choose an output on a disk without that limit",
+        "EROFS": "choose an output on a writable disk",
+    }.get(name, "check the folder's permissions, or choose an output you can write to")
+    verb = "access" if name in ("EACCES", "EPERM") else "write"
+    return (f"cannot {verb} {where}: {_STORAGE_ERRNOS[name]} ([Errno {exc.errno}] {name}). Finished results are "
+            f"kept: {advice}.")

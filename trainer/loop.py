@@ -330,16 +330,36 @@ class Trainer:
         state_file = folder / "state.json"
         if not state_file.is_file():
             raise LorakitError(f"resume: {folder} is not a saved training state (no state.json)")
-        state = json.loads(state_file.read_text(encoding="utf-8"))
+        missing = [name for name in ("lora.safetensors", "optimizer.pt") if not (folder / name).is_file()]
+        if missing:
+            raise LorakitError(f"resume: the training state {folder} is incomplete (no {', '.join(missing)}); "
+                               "resume from an earlier state, or start again without --resume")
+        try:
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+            int(state["global_step"]), int(state["epoch"]), int(state["steps_per_epoch"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LorakitError(f"resume: {state_file} is damaged ({type(exc).__name__}: {exc}); resume from an "
+                               "earlier state, or start again without --resume") from None
         if state["steps_per_epoch"] != self.steps_per_epoch:
             raise LorakitError(
                 f"resume: {folder} was saved with {state['steps_per_epoch']} steps per epoch, this run has "
                 f"{self.steps_per_epoch}; the dataset or batch settings changed"
             )
-        tensors, _ = kohya_format.read(folder / "lora.safetensors")
+        try:
+            tensors, _ = kohya_format.read(folder / "lora.safetensors")
+        except Exception as exc:  # truncated by a crash while saving
+            raise LorakitError(f"resume: {folder / 'lora.safetensors'} is not a readable .safetensors file ({exc}); "
+                               "resume from an earlier state, or start again without --resume") from None
         kohya_format.load_state_dict(self.network, tensors, str(folder / "lora.safetensors"))
         # weights_only=True: the state holds only tensors and numbers; nothing is unpickled as code.
-        saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        try:
+            saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+            saved["optimizer"], saved["scheduler"]
+        except Exception as exc:  # a truncated file, or a pickle that wants to run code: refused
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise LorakitError(f"resume: {folder / 'optimizer.pt'} cannot be read with a safe weights-only load "
+                               f"({type(exc).__name__}: {first}); lorakit never unpickles code. Resume from an "
+                               "earlier state, or start again without --resume") from None
         self.optimizer.load_state_dict(saved["optimizer"])
         self.lr_scheduler.load_state_dict(saved["scheduler"])
         if saved.get("scaler") and self.accelerator.scaler:

@@ -145,7 +145,11 @@ def _load_vae(vae: str | os.PathLike, dtype):
             raise _single_file_error(path, "VAE", exc) from None
     if path.is_dir():
         sub = path / "vae" if (path / "vae" / "config.json").is_file() else path
-        return AutoencoderKL.from_pretrained(str(sub), **{_dtype_kw(): dtype})
+        _refuse_pickled_folder(sub, "VAE")
+        try:
+            return AutoencoderKL.from_pretrained(str(sub), use_safetensors=True, **{_dtype_kw(): dtype})
+        except (OSError, ValueError) as exc:
+            raise LorakitError(f"VAE: cannot load the folder {sub}: {str(exc).splitlines()[0][:300]}") from None
     if _looks_like_repo(str(vae)):
         try:
             return AutoencoderKL.from_pretrained(str(vae), **{_dtype_kw(): dtype})
@@ -265,13 +269,26 @@ def _load_pipeline(spec, *, vae, device, dtype, config, v_prediction):
     return pipe.to(device)
 
 
+def _refuse_pickled_folder(folder: Path, what: str) -> None:
+    """A diffusers folder whose weights are only pickles (``*.bin``) is refused before anything loads."""
+    pickles = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
+    if pickles and not any(folder.rglob("*.safetensors")):
+        raise LorakitError(
+            f"{what}: {folder} holds only pickled weights ({pickles[0].relative_to(folder)}"
+            f"{' and more' if len(pickles) > 1 else ''}); lorakit loads only .safetensors because unpickling a "
+            "file can run arbitrary code. Download the .safetensors version of the model.")
+
+
 def _from_pretrained(cls, where: str, dtype, extra: dict, is_sdxl: bool, label: str):
-    kwargs: dict[str, Any] = {_dtype_kw(): dtype, **extra}
+    if Path(where).is_dir():
+        _refuse_pickled_folder(Path(where), "base model")
+    # use_safetensors=True: diffusers never falls back to unpickling a .bin file.
+    kwargs: dict[str, Any] = {_dtype_kw(): dtype, "use_safetensors": True, **extra}
     if not is_sdxl:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
         return cls.from_pretrained(where, **kwargs)
-    except (OSError, EnvironmentError) as exc:
+    except (OSError, EnvironmentError, ValueError) as exc:
         raise ModelNotFound(
             f"base model: cannot load {label}: {str(exc).splitlines()[0][:400]}. Complete the download "
             f"(huggingface-cli download {label}) or pass another model."
