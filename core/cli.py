@@ -85,11 +85,11 @@ def cli():
 
 
 # ----- running pipelines ------------------------------------------------------------------------
-def _load(path: str):
+def _load(path: str, output: str | None = None):
     from .pipeline import load_pipeline
 
     host = get_host()
-    pipeline = load_pipeline(Path(path), host)
+    pipeline = load_pipeline(Path(path), host, output)
     train_config = None
     if pipeline.train is not None:
         from lorakit.trainer.config import validate_settings  # no torch import just to check settings
@@ -103,7 +103,9 @@ def _load(path: str):
 @click.option("--workers", type=click.IntRange(1), default=None, help="processes for per-image steps [default: all cores]")
 @click.option("--no-train", is_flag=True, help="prepare the dataset but skip the pipeline's train: section")
 @click.option("--force", is_flag=True, help="overwrite files in the output that lorakit did not write")
-def run(pipeline_file, workers, no_train, force):
+@click.option("--output", "-o", type=click.Path(file_okay=False), default=None,
+              help="write the dataset here instead of the pipeline's output: folder")
+def run(pipeline_file, workers, no_train, force, output):
     """Run PIPELINE_FILE (pipeline.yaml): sources -> steps -> dataset folder with manifest.json.
 
     Everything is validated before any work starts. Unchanged work is taken from the cache, an
@@ -111,7 +113,7 @@ def run(pipeline_file, workers, no_train, force):
     """
     from .runner import Runner
 
-    pipeline, train_config = _load(pipeline_file)
+    pipeline, train_config = _load(pipeline_file, output)
     result = Runner(pipeline, console=console, workers=workers, force=force).run()
     print_summary(result)
     _fail_if_crashed(result)
@@ -123,9 +125,11 @@ def run(pipeline_file, workers, no_train, force):
 
 @cli.command()
 @click.argument("pipeline_file", type=click.Path(dir_okay=False))
-def validate(pipeline_file):
+@click.option("--output", "-o", type=click.Path(file_okay=False), default=None,
+              help="check this output folder instead of the pipeline's output:")
+def validate(pipeline_file, output):
     """Check PIPELINE_FILE without running it: YAML, step names, every parameter, folders."""
-    pipeline, train_config = _load(pipeline_file)
+    pipeline, train_config = _load(pipeline_file, output)
     out_console.print(f"[green]OK[/] {pipeline_file}: {len(pipeline.sources)} source(s), {len(pipeline.steps)} step(s)"
                       + (", training configured" if train_config is not None else "")
                       + f"; output -> {pipeline.output}")

@@ -360,9 +360,12 @@ def _check_folders(pipeline: Pipeline) -> None:
                 )
 
 
-def load_pipeline(path: str | Path, host: Host) -> Pipeline:
+def load_pipeline(path: str | Path, host: Host, output: str | Path | None = None) -> Pipeline:
+    """Read and validate ``path``; ``output`` (from the command line) replaces the file's output folder."""
     path = Path(path)
     data, lines = read_yaml(path)
+    if output is not None and isinstance(data, dict):
+        data = {**data, "output": str(Path(os.path.expanduser(str(output))).resolve())}
     return parse_pipeline(data, host, path.parent.resolve(), lines, path)
 
 

@@ -52,3 +52,11 @@ def test_unchanged_rerun_of_the_quickstart_says_nothing_changed(tmp_path):
     second = run_cli("run", str(tmp_path / "pipeline.yaml"))
     assert second.returncode == 0
     assert "Nothing changed since the last run" in second.stderr
+
+
+def test_run_output_option_writes_elsewhere_and_leaves_the_example_folder_alone(tmp_path):
+    before = sorted(p.name for p in QUICKSTART.iterdir())
+    proc = run_cli("run", str(QUICKSTART / "pipeline.yaml"), "--output", str(tmp_path / "qs"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "qs" / "manifest.json").is_file()
+    assert sorted(p.name for p in QUICKSTART.iterdir()) == before
