@@ -9,6 +9,34 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# kohya sd-scripts' defaults (--min_bucket_reso / --max_bucket_reso), the same for SD1 and SDXL.
+KOHYA_MIN_BUCKET = 256
+KOHYA_MAX_BUCKET = 1024
+
+
+def bucket_bounds(resolution: int, min_size: int | None = None, max_size: int | None = None, step: int = 64, *,
+                  names: tuple[str, str] = ("min_bucket_reso", "max_bucket_reso")) -> tuple[int, int]:
+    """The smallest and largest bucket side: the one rule the trainer, the ``buckets`` step and the
+    kohya export share.
+
+    Unset bounds are kohya's defaults (256 and 1024), widened to include ``resolution`` (so a 64 or
+    2048 training resolution works without other options). Bounds are rounded to multiples of
+    ``step`` as kohya does (the smallest down, the largest up). A bound set by the user that excludes
+    the resolution is a ``ValueError`` naming the option (``names``) and the value to set.
+    """
+    low = min(KOHYA_MIN_BUCKET, resolution) if min_size is None else min_size
+    high = max(KOHYA_MAX_BUCKET, resolution) if max_size is None else max_size
+    low -= low % step
+    if high % step:
+        high += step - high % step
+    if low > resolution:
+        raise ValueError(f"{names[0]} = {min_size} is larger than the resolution {resolution}; "
+                         f"set {names[0]} to {resolution} or less (or leave it unset)")
+    if high < resolution:
+        raise ValueError(f"{names[1]} = {max_size} is smaller than the resolution {resolution}; "
+                         f"set {names[1]} to {resolution} or more (or leave it unset)")
+    return max(step, low), high
+
 
 def make_buckets(resolution: int | tuple[int, int] = 512, min_size: int = 256, max_size: int = 1024,
                  step: int = 64) -> list[tuple[int, int]]:

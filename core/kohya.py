@@ -15,6 +15,7 @@ from lorakit.plugin_sdk import (
     read_caption, verify_image,
 )
 
+from .buckets import bucket_bounds
 from .manifest import Manifest, split_caption
 
 FOLDER_RE = re.compile(r"^(\d+)_(.+)$")
@@ -206,9 +207,10 @@ def export_kohya(manifest: Manifest, out: Path) -> Path:
             entry["conditioning_data_dir"] = str(mask_folder.relative_to(out))
         subsets_toml.append(entry)
     resolution = manifest.resolution or 512
+    min_bucket, max_bucket = bucket_bounds(resolution, step=64)  # the rule the trainer and the buckets step use
     config = {
-        "general": {"enable_bucket": True, "bucket_no_upscale": False, "min_bucket_reso": 256,
-                    "max_bucket_reso": max(1024, resolution), "bucket_reso_steps": 64},
+        "general": {"enable_bucket": True, "bucket_no_upscale": False, "min_bucket_reso": min_bucket,
+                    "max_bucket_reso": max_bucket, "bucket_reso_steps": 64},
         "datasets": [{"resolution": resolution, "batch_size": 1, "subsets": subsets_toml}],
     }
     target = out / "dataset_config.toml"

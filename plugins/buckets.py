@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from lorakit.buckets import make_buckets, select_bucket
+from lorakit.buckets import bucket_bounds, make_buckets, select_bucket
 from lorakit.plugin_sdk import Color, DatasetStep, ImageError, Param, ParamError, hookimpl, image_size, save_image
 
 MANY_BUCKETS = 8  # guides advise few buckets (4-8); more spreads a small dataset thin
@@ -66,8 +66,10 @@ class BucketsStep(DatasetStep):
     summary = "Kohya bucket of each image, bucket counts, too-small list; optional resize/sort/pad."
     version = "1"
     params = [
-        Param("min_size", int, 256, "smallest bucket side (kohya --min_bucket_reso)", min=64),
-        Param("max_size", int, 1024, "largest bucket side (kohya --max_bucket_reso)", min=64),
+        Param("min_size", int, None, "smallest bucket side (kohya --min_bucket_reso; default 256, or the "
+              "resolution when smaller)", min=8),
+        Param("max_size", int, None, "largest bucket side (kohya --max_bucket_reso; default 1024, or the "
+              "resolution when larger)", min=8),
         Param("step", int, 64, "bucket sides are multiples of this (kohya --bucket_reso_steps)", min=8),
         Param("resize", bool, False, "scale each image to cover its bucket and centre-crop it"),
         Param("sort", bool, False, "put each image in a WxH/ sub-folder named after its bucket"),
@@ -81,17 +83,19 @@ class BucketsStep(DatasetStep):
     def __init__(self, params=None):
         super().__init__(params)
         o = self.options
-        if o.min_size > o.max_size:
+        if o.min_size is not None and o.max_size is not None and o.min_size > o.max_size:
             raise ParamError(self.name, "min_size", o.min_size, f"at most max_size ({o.max_size})")
 
     def run(self, items, ctx):
         o = self.options
         resolution = ctx.resolution
-        buckets = make_buckets(resolution, o.min_size, o.max_size, o.step)
-        if not buckets:
-            raise ParamError(self.name, "min_size", o.min_size,
-                             f"a range that yields buckets for resolution {resolution} (none between "
-                             f"{o.min_size} and {o.max_size} in steps of {o.step})")
+        try:  # the trainer's and the kohya export's rule (lorakit.buckets.bucket_bounds)
+            low, high = bucket_bounds(resolution, o.min_size, o.max_size, o.step, names=("min_size", "max_size"))
+        except ValueError as exc:
+            which = "min_size" if str(exc).startswith("min_size") else "max_size"
+            raise ParamError(self.name, which, getattr(o, which), str(exc).split("; ", 1)[1]) from None
+        self._bounds = (low, high)
+        buckets = make_buckets(resolution, low, high, o.step)
         target_pixels = resolution * resolution
         rows, kept, jobs = [], [], []
         for item in items:
@@ -164,7 +168,7 @@ class BucketsStep(DatasetStep):
         used = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
         too_small = [r for r in rows if r["too_small"]]
         ctx.report("buckets", {
-            "resolution": resolution, "min_size": self.options.min_size, "max_size": self.options.max_size,
+            "resolution": resolution, "min_size": self._bounds[0], "max_size": self._bounds[1],
             "step": self.options.step, "bucket_count": len(buckets), "buckets": [f"{w}x{h}" for w, h in buckets],
             "used": used, "too_small": [{"name": r["name"], "subset": r["subset"], "size": r["size"]} for r in too_small],
             "images": rows,

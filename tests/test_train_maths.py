@@ -109,3 +109,128 @@ def test_two_processes_follow_the_whole_lr_schedule(sd15, tmp_path):
     linear = lambda step: base * (total - step) / total  # diffusers' linear schedule without warm-up
     assert half["learning_rates"] == pytest.approx([linear(4)] * 2)
     assert end["learning_rates"] == pytest.approx([linear(8)] * 2, abs=1e-12)
+
+
+# ----- captions (kohya's process_caption) ----------------------------------------------------------
+def _image(caption, **kw):
+    from lorakit.trainer.data import TrainImage
+
+    return TrainImage(path=Path("x.png"), caption=caption, subset="s", repeats=1, is_reg=False, size=(64, 64),
+                      bucket=(64, 64), resized=(64, 64), **kw)
+
+
+def test_token_warmup_grows_only_the_shuffled_tags_and_never_cuts_the_kept_ones():
+    import random
+
+    from lorakit.trainer.data import make_caption
+
+    image = _image("mychar, blue dress, a, b, c, d", keep_tokens=2)
+    captions = [make_caption(image, random.Random(0), step=s, token_warmup_min=1, token_warmup_step=3) for s in range(5)]
+    # kohya: floor(step * (len(flex) - min) / warmup) + min of the 4 flexible tags, after the 2 kept ones
+    flexible = [min(4, (s * (4 - 1)) // 3 + 1) for s in range(5)]
+    assert [len(c.split(", ")) - 2 for c in captions] == flexible == [1, 2, 3, 4, 4]
+    assert all(c.startswith("mychar, blue dress, a") for c in captions)
+    separated = _image("mychar, blue dress ||| a, b, c, d")
+    assert make_caption(separated, random.Random(0), step=0, token_warmup_step=10) == "mychar, blue dress, a"
+
+
+def test_second_keep_tokens_separator_keeps_a_fixed_suffix():
+    import random
+
+    from lorakit.trainer.data import make_caption
+
+    image = _image("mychar ||| a, b, c ||| masterpiece, best quality", shuffle_caption=True, caption_tag_dropout_rate=0.5)
+    for seed in range(10):
+        caption = make_caption(image, random.Random(seed))
+        assert caption.startswith("mychar") and caption.endswith("masterpiece, best quality")
+
+
+def test_caption_prefix_suffix_and_dropout_every_n_epochs():
+    import random
+
+    from lorakit.trainer.data import make_caption
+
+    image = _image("red hair, smile", caption_prefix="mychar,", caption_suffix=", masterpiece",
+                   caption_dropout_every_n_epochs=3)
+    by_epoch = [make_caption(image, random.Random(0), epoch=e) for e in range(1, 7)]
+    assert by_epoch[0] == "mychar, red hair, smile, masterpiece"  # joined with a space, as kohya does, then split at commas
+    assert [c == "" for c in by_epoch] == [False, False, True, False, False, True]
+
+
+# ----- settings ----------------------------------------------------------------------------------
+def test_adaptive_optimizer_defaults_to_learning_rate_1_and_warns_on_a_low_one():
+    from lorakit.trainer.config import config_warnings, validate_settings
+
+    assert validate_settings({"optimizer": "prodigy"}).learning_rate == 1.0
+    assert validate_settings({}).learning_rate == 1e-4
+    # The command line applies options over a config file: the default is worked out again.
+    assert validate_settings({}).replace(optimizer="prodigy").learning_rate == 1.0
+    assert validate_settings({"learning_rate": 3e-4}).replace(optimizer="prodigy").learning_rate == 3e-4
+    assert config_warnings(validate_settings({"optimizer": "prodigy"})) == []
+    (warning,) = config_warnings(validate_settings({"optimizer": "prodigy", "learning_rate": 1e-4}))
+    assert "prodigy" in warning and "learning_rate = 0.0001" in warning
+    assert config_warnings(validate_settings({"learning_rate": 1e-4})) == []
+
+
+def test_network_alpha_0_means_alpha_equals_dim(sd15):
+    from lorakit.trainer.config import validate_settings
+    from lorakit.trainer.models import load_base_model
+    from lorakit.trainer.network import ADAPTER, LoraNetwork
+
+    network = LoraNetwork.create(load_base_model(sd15), validate_settings({"network_dim": 4, "network_alpha": 0,
+                                                                           "conv_dim": 2, "conv_alpha": 0}))
+    layers = list(network.layers.values())
+    assert layers and all(layer.scaling[ADAPTER] == 1.0 for layer in layers)  # kohya: alpha = dim, scale 1
+    assert {float(layer.lora_alpha[ADAPTER]) for layer in layers} == {4.0, 2.0}
+
+
+# ----- buckets: one rule for the trainer, the buckets step and the kohya export ------------------------
+def test_resolution_64_alone_trains_with_buckets_that_follow_it(tmp_path):
+    from lorakit.buckets import make_buckets
+    from lorakit.manifest import Manifest
+    from lorakit.trainer.config import validate_settings
+    from lorakit.trainer.data import build_training_data
+
+    dataset = make_dataset(tmp_path / "d")
+    data = build_training_data(Manifest.load(dataset), validate_settings({"resolution": 64}), 64)
+    assert data.buckets == make_buckets(64, 64, 1024, 64) and (64, 64) in data.buckets
+
+
+def test_bucket_bounds_are_kohyas_defaults_widened_to_the_resolution():
+    from lorakit.buckets import bucket_bounds
+
+    assert bucket_bounds(512) == (256, 1024) and bucket_bounds(1024) == (256, 1024)
+    assert bucket_bounds(64) == (64, 1024) and bucket_bounds(2048) == (256, 2048)
+    assert bucket_bounds(512, 200, 1000, 64) == (192, 1024)  # kohya rounds min down, max up to the step
+    with pytest.raises(ValueError, match="min_bucket_reso = 256 is larger than the resolution 64; set min_bucket_reso"):
+        bucket_bounds(64, 256)
+    with pytest.raises(ValueError, match="max_bucket_reso = 1024 is smaller than the resolution 1536"):
+        bucket_bounds(1536, None, 1024)
+
+
+def test_a_min_bucket_above_the_resolution_names_the_option(tmp_path):
+    from lorakit.manifest import Manifest
+    from lorakit.plugin_sdk import LorakitError
+    from lorakit.trainer.config import validate_settings
+    from lorakit.trainer.data import build_training_data
+
+    dataset = make_dataset(tmp_path / "d")
+    with pytest.raises(LorakitError, match="min_bucket_reso = 256 is larger than the resolution 64"):
+        build_training_data(Manifest.load(dataset), validate_settings({"min_bucket_reso": 256}), 64)
+
+
+def test_buckets_step_and_kohya_export_use_the_trainers_bounds(tmp_path):
+    import json
+    import tomllib
+
+    from lorakit.buckets import bucket_bounds
+    from lorakit.kohya import export_kohya
+    from lorakit.manifest import Manifest
+    from lorakit.plugin_sdk.testing import run_step
+
+    dataset = make_dataset(tmp_path / "d")  # a manifest at resolution 64
+    config = tomllib.loads(export_kohya(Manifest.load(dataset), tmp_path / "k").read_text())["general"]
+    assert (config["min_bucket_reso"], config["max_bucket_reso"]) == bucket_bounds(64) == (64, 1024)
+    run_step("buckets", dataset / "outfit", tmp_path / "out", resolution=64)
+    report = json.loads((tmp_path / "out" / "reports" / "buckets-buckets.json").read_text())
+    assert (report["min_size"], report["max_size"]) == bucket_bounds(64)

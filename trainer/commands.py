@@ -59,7 +59,7 @@ def build_command() -> click.Command:
         config = validate_settings(settings, where, base_dir=base_dir)
         given = {k: v for k, v in options.items() if v is not None and v != ()}
         if given:
-            config = validate_settings({**config.values, **given}, "command line")
+            config = config.replace("command line", **given)
         if show:
             click.echo(show_config(config), nl=False)
             return

@@ -50,7 +50,8 @@ SETTINGS: list[Setting] = [
     S("train_unet", bool, True, "train LoRA on the UNet", group="network"),
     S("train_text_encoder", bool, True, "train LoRA on the text encoder(s)", group="network"),
     # optimisation
-    S("learning_rate", float, 1e-4, "base learning rate (Prodigy: 1.0)", min=0, group="optimiser"),
+    S("learning_rate", float, 1e-4, "base learning rate (default 1.0 with an adaptive optimiser: Prodigy)", min=0,
+      group="optimiser"),
     S("unet_lr", float, None, "UNet learning rate (default: learning_rate)", min=0, nullable=True, group="optimiser"),
     S("text_encoder_lr", float, None, "text encoder learning rate (default: learning_rate)", min=0, nullable=True,
       group="optimiser"),
@@ -90,9 +91,10 @@ SETTINGS: list[Setting] = [
     S("resolution", int, None, "training resolution (default: the dataset's, else 512 SD1 / 1024 SDXL)", min=64,
       max=4096, nullable=True, group="data"),
     S("enable_bucket", bool, True, "aspect-ratio bucketing (kohya's buckets)", group="data"),
-    S("min_bucket_reso", int, 256, "smallest bucket side", min=8, group="data"),
-    S("max_bucket_reso", int, None, "largest bucket side (default: 2 x resolution)", min=8, nullable=True,
-      group="data"),
+    S("min_bucket_reso", int, None, "smallest bucket side (default: kohya's 256, or the resolution when smaller)",
+      min=8, nullable=True, group="data"),
+    S("max_bucket_reso", int, None, "largest bucket side (default: kohya's 1024, or the resolution when larger)",
+      min=8, nullable=True, group="data"),
     S("bucket_reso_steps", int, 64, "bucket sides are multiples of this", min=8, group="data"),
     S("shuffle_caption", bool, False, "shuffle the tags of each caption (keep tokens stay first)", group="data"),
     S("keep_tokens", int, 0, "leading tags never shuffled or dropped (a subset's own setting wins)", min=0,
@@ -100,7 +102,14 @@ SETTINGS: list[Setting] = [
     S("caption_dropout_rate", float, 0.0, "chance of training an image with an empty caption", min=0, max=1,
       group="data"),
     S("caption_tag_dropout_rate", float, 0.0, "chance of dropping each (not kept) tag", min=0, max=1, group="data"),
-    S("token_warmup_min", int, 1, "token warm-up: tags used at step 0", min=1, group="data"),
+    S("caption_dropout_every_n_epochs", int, 0, "train every Nth epoch (counted from 1) with empty captions (0 = off)",
+      min=0, group="data"),
+    S("caption_prefix", str, None, "text put before every caption (joined with a space, as kohya does)",
+      nullable=True, group="data"),
+    S("caption_suffix", str, None, "text put after every caption (joined with a space)", nullable=True,
+      group="data"),
+    S("token_warmup_min", int, 1, "token warm-up: shuffled tags used at step 0 (kept tags always are)", min=1,
+      group="data"),
     S("token_warmup_step", int, 0, "token warm-up: steps until all tags are used (0 = off)", min=0, group="data"),
     S("flip_aug", bool, False, "random horizontal flips (only for symmetric subjects)", group="data"),
     S("cache_latents", str, "memory", "memory, disk or none", choices=("memory", "disk", "none"), group="data"),
@@ -127,6 +136,9 @@ SETTINGS: list[Setting] = [
 ]
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
+# Optimisers that find their own step size: the learning rate is a multiplier, 1.0 by default.
+ADAPTIVE_OPTIMIZERS = {"prodigy"}
+
 # The guide's Prodigy arguments (seed 002): lr 1 with these.
 PRODIGY_PRESET = {"weight_decay": 0.01, "decouple": True, "use_bias_correction": True, "safeguard_warmup": True,
                   "d_coef": 2.0}
@@ -137,6 +149,7 @@ class TrainConfig:
     """Validated trainer settings; attribute names are the setting names."""
 
     values: dict[str, Any] = field(default_factory=dict)
+    explicit: frozenset[str] = frozenset()  # the settings the user gave (the rest are defaults)
 
     def __getattr__(self, name: str):
         values = self.__dict__.get("values", {})
@@ -144,8 +157,9 @@ class TrainConfig:
             return values[name]
         raise AttributeError(name)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
-        return validate_settings({**self.values, **changes}, "settings")
+    def replace(self, where: str = "settings", **changes: Any) -> "TrainConfig":
+        """These settings with ``changes`` applied; defaults that depend on others are worked out again."""
+        return validate_settings({**{k: self.values[k] for k in self.explicit}, **changes}, where)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.values)
@@ -292,9 +306,24 @@ def validate_settings(settings: dict[str, Any] | None, where: str = "train", *, 
                                                     "slice_p"}
         if unknown:
             raise LorakitError(f"{where}: train setting 'optimizer_args' has '{sorted(unknown)[0]}', which Prodigy does not take")
+    if values["optimizer"] in ADAPTIVE_OPTIMIZERS and "learning_rate" not in normalised:
+        values["learning_rate"] = 1.0  # an adaptive optimiser finds the step size; its LR is a multiplier
     if values["device"] not in ("auto", "cpu") and not values["device"].startswith("cuda"):
         raise LorakitError(f"{where}: train setting 'device' = {values['device']!r} is invalid: expected auto, cpu or cuda[:N]")
-    return TrainConfig(values)
+    return TrainConfig(values, frozenset(normalised))
+
+
+def config_warnings(config: TrainConfig) -> list[str]:
+    """Settings that are valid but almost certainly a mistake (kohya warns about the same)."""
+    warnings = []
+    if config.optimizer in ADAPTIVE_OPTIMIZERS:
+        rates = {"learning_rate": config.learning_rate, "unet_lr": config.unet_lr,
+                 "text_encoder_lr": config.text_encoder_lr}
+        low = [f"{name} = {value:g}" for name, value in rates.items() if value is not None and value <= 0.1]
+        if low:
+            warnings.append(f"optimizer {config.optimizer} adapts its step size and expects a learning rate around 1.0; "
+                            f"{', '.join(low)} trains almost nothing")
+    return warnings
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -370,4 +399,4 @@ def fields() -> list[str]:
 
 
 __all__ = ["Setting", "SETTINGS", "TrainConfig", "validate_settings", "load_config_file", "show_config",
-           "config_schema", "PRODIGY_PRESET"]
+           "config_schema", "config_warnings", "PRODIGY_PRESET", "ADAPTIVE_OPTIMIZERS"]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorakit.buckets import make_buckets, select_bucket
+from lorakit.buckets import bucket_bounds, make_buckets, select_bucket
 from lorakit.plugin_sdk import LorakitError, file_digest, image_size, open_image
 
 
@@ -40,6 +40,9 @@ class TrainImage:
     caption_dropout_rate: float = 0.0
     caption_tag_dropout_rate: float = 0.0
     flip_aug: bool = False
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_dropout_every_n_epochs: int = 0
 
     @property
     def crop(self) -> tuple[int, int]:
@@ -111,13 +114,12 @@ def build_training_data(manifest, config, resolution: int, *, use_masks: bool = 
     if not manifest.images:
         raise LorakitError(f"{manifest.root}: the dataset has no images")
     if config.enable_bucket:
-        max_reso = config.max_bucket_reso or 2 * resolution
-        if config.min_bucket_reso > resolution or max_reso < resolution:
-            raise LorakitError(
-                f"train settings: buckets from {config.min_bucket_reso} to {max_reso} do not include the resolution "
-                f"{resolution}"
-            )
-        buckets = make_buckets(resolution, config.min_bucket_reso, max_reso, config.bucket_reso_steps)
+        try:
+            low, high = bucket_bounds(resolution, config.min_bucket_reso, config.max_bucket_reso,
+                                      config.bucket_reso_steps)
+        except ValueError as exc:
+            raise LorakitError(f"train settings: {exc}") from None
+        buckets = make_buckets(resolution, low, high, config.bucket_reso_steps)
     else:
         side = resolution // config.bucket_reso_steps * config.bucket_reso_steps
         buckets = [(side, side)]
@@ -154,6 +156,8 @@ def build_training_data(manifest, config, resolution: int, *, use_masks: bool = 
             caption_dropout_rate=pick("caption_dropout_rate", config.caption_dropout_rate),
             caption_tag_dropout_rate=pick("caption_tag_dropout_rate", config.caption_tag_dropout_rate),
             flip_aug=pick("flip_aug", config.flip_aug),
+            caption_prefix=config.caption_prefix, caption_suffix=config.caption_suffix,
+            caption_dropout_every_n_epochs=config.caption_dropout_every_n_epochs,
         ))
     if not any(not i.is_reg for i in images):
         raise LorakitError(f"{manifest.root}: the dataset has only regularisation images; nothing to train on")
@@ -163,32 +167,44 @@ def build_training_data(manifest, config, resolution: int, *, use_masks: bool = 
 
 # ----- captions ---------------------------------------------------------------------------------
 def make_caption(image: TrainImage, rng: random.Random, *, step: int = 0, token_warmup_min: int = 1,
-                 token_warmup_step: int = 0) -> str:
-    """The caption of one sample: kept tokens first, the rest shuffled / dropped as configured.
+                 token_warmup_step: int = 0, epoch: int = 1) -> str:
+    """The caption of one sample, as kohya's ``process_caption`` makes it.
 
-    A caption with the keep-tokens separator (``|||``) keeps everything before it; otherwise the
-    first ``keep_tokens`` tags are kept. Caption dropout empties the whole caption.
+    The prefix and suffix are joined with a space. Caption dropout (by chance, or every Nth epoch,
+    counted from 1) empties the whole caption. A caption with the keep-tokens separator (``|||``)
+    keeps everything before it (and, with a second separator, everything after that); otherwise the
+    first ``keep_tokens`` tags are kept. Only the other tags are warmed up, shuffled and dropped.
     """
+    caption = image.caption
+    if image.caption_prefix:
+        caption = f"{image.caption_prefix} {caption}"
+    if image.caption_suffix:
+        caption = f"{caption} {image.caption_suffix}"
     if image.caption_dropout_rate and rng.random() < image.caption_dropout_rate:
         return ""
+    if image.caption_dropout_every_n_epochs and epoch % image.caption_dropout_every_n_epochs == 0:
+        return ""
     separator = image.keep_tokens_separator or "|||"
-    if separator in image.caption:
-        head, tail = image.caption.split(separator, 1)
+    suffix: list[str] = []
+    if separator in caption:
+        head, tail = caption.split(separator, 1)
+        if separator in tail:
+            tail, end = tail.split(separator, 1)
+            suffix = [t.strip() for t in end.split(",") if t.strip()]
         fixed = [t.strip() for t in head.split(",") if t.strip()]
         rest = [t.strip() for t in tail.split(",") if t.strip()]
     else:
-        tags = [t.strip() for t in image.caption.split(",") if t.strip()]
+        tags = [t.strip() for t in caption.split(",") if t.strip()]
         fixed, rest = tags[:image.keep_tokens], tags[image.keep_tokens:]
     if token_warmup_step and step < token_warmup_step:
-        total = len(fixed) + len(rest)
-        count = min(total, token_warmup_min + math.floor(step * (total - token_warmup_min) / token_warmup_step))
-        keep_rest = max(0, count - len(fixed))
-        fixed, rest = fixed[:count], rest[:keep_rest]
+        # kohya: the shuffled tags grow from token_warmup_min to all of them; the kept ones are always there.
+        count = math.floor(step * (len(rest) - token_warmup_min) / token_warmup_step) + token_warmup_min
+        rest = rest[:max(0, count)]
     if image.shuffle_caption:
         rng.shuffle(rest)
     if image.caption_tag_dropout_rate:
         rest = [t for t in rest if rng.random() >= image.caption_tag_dropout_rate]
-    return ", ".join(fixed + rest)
+    return ", ".join(fixed + rest + suffix)
 
 
 # ----- pixels -----------------------------------------------------------------------------------

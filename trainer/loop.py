@@ -78,6 +78,10 @@ class Trainer:
         self.manifest = load_manifest(self.dataset)
         self.device = pick_device(config.device)
         self.precision = resolve_precision(config, self.device)
+        from .config import config_warnings
+
+        for warning in config_warnings(config):
+            self.console.print(f"[yellow]warning[/yellow]: {warning}")
 
     # ----- planning -----------------------------------------------------------------------------
     def resolution(self, is_sdxl: bool) -> int:
@@ -278,7 +282,7 @@ class Trainer:
             latent = self.cache.get(image, flip)
             latents.append(latent)
             captions.append(make_caption(image, rng, step=self.global_step, token_warmup_min=config.token_warmup_min,
-                                         token_warmup_step=config.token_warmup_step))
+                                         token_warmup_step=config.token_warmup_step, epoch=epoch + 1))
             top, left = image.crop
             time_ids.append([image.size[1], image.size[0], top, left, image.bucket[1], image.bucket[0]])
             weights.append(config.prior_loss_weight if image.is_reg else 1.0)

@@ -133,18 +133,18 @@ class LoraNetwork:
     @classmethod
     def create(cls, base, config) -> "LoraNetwork":
         parts = []
+        alpha = config.network_alpha or config.network_dim  # kohya: alpha 0 (or unset) means alpha = dim, scale 1
         if config.train_unet:
             targets = find_targets(base.unet, UNET_TRANSFORMER_CLASSES, dim=config.network_dim,
-                                   alpha=config.network_alpha, conv_classes=UNET_CONV_CLASSES,
-                                   conv_dim=config.conv_dim, conv_alpha=config.conv_alpha)
+                                   alpha=alpha, conv_classes=UNET_CONV_CLASSES,
+                                   conv_dim=config.conv_dim, conv_alpha=config.conv_alpha or config.conv_dim)
             parts.append(apply_lora("lora_unet", base.unet, targets, dora=config.dora))
         else:
             base.unet.requires_grad_(False)
         prefixes = ["lora_te1", "lora_te2"] if base.is_sdxl else ["lora_te"]
         for prefix, encoder in zip(prefixes, base.text_encoders):
             if config.train_text_encoder:
-                targets = find_targets(encoder, TEXT_ENCODER_CLASSES, dim=config.network_dim,
-                                       alpha=config.network_alpha)
+                targets = find_targets(encoder, TEXT_ENCODER_CLASSES, dim=config.network_dim, alpha=alpha)
                 parts.append(apply_lora(prefix, encoder, targets, dora=config.dora))
             else:
                 encoder.requires_grad_(False)
