@@ -1,8 +1,8 @@
 """The ``dedupe`` step: exact and near-duplicate images, grouped through a multi-index hash table.
 
 Each image gets a perceptual hash (imagehash: phash by default). Two images are near duplicates
-when the Hamming distance between their hashes is at most ``threshold``; duplicates are grouped
-transitively (single linkage) and each group keeps its best member.
+when the Hamming distance between their hashes is at most ``threshold``. Groups are built around
+their best member (no chaining), or transitively with ``linkage: single``.
 
 Finding the close pairs among n hashes without comparing all n²/2 pairs is multi-index hashing
 (Norouzi et al., "Fast Search in Hamming Space with Multi-Index Hashing", CVPR 2012): the hash is
@@ -249,12 +249,60 @@ def group_duplicates(words: np.ndarray, threshold: int, nbits: int | None = None
     return labels, pairs
 
 
+LINKAGES = ("keeper", "complete", "single")
+
+
+def group_around_keepers(words: np.ndarray, threshold: int, order: list[int] | np.ndarray,
+                         nbits: int | None = None, complete: bool = False) -> np.ndarray:
+    """Groups that cannot chain: rows are taken best first (``order``); a row not yet grouped
+    becomes a keeper and takes every ungrouped row within ``threshold`` of it. So every member is a
+    near duplicate of its group's keeper (A~B and B~C with A far from C no longer makes one group).
+    ``complete`` also requires each member to be within ``threshold`` of every other member.
+    Returns ``labels`` as ``group_duplicates`` does."""
+    n = len(words)
+    labels = np.full(n, -1, dtype=np.int64)
+    if n == 0:
+        return labels
+    uniq, inverse = np.unique(words, axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    ui, uj, _ = near_pairs(uniq, threshold, nbits)  # pairs of distinct hashes only: rows of ``uniq``
+    neighbours: dict[int, set[int]] = {}
+    for a, b in zip(ui.tolist(), uj.tolist()):
+        neighbours.setdefault(a, set()).add(b)
+        neighbours.setdefault(b, set()).add(a)
+    rows_of: dict[int, list[int]] = {}
+    for row, u in enumerate(inverse.tolist()):
+        rows_of.setdefault(u, []).append(row)
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.asarray(order, dtype=np.int64)] = np.arange(n)
+    group = 0
+    for keeper in order:
+        keeper = int(keeper)
+        if labels[keeper] >= 0:
+            continue
+        labels[keeper] = group
+        ku = int(inverse[keeper])
+        candidates = [r for u in [ku, *sorted(neighbours.get(ku, ()))] for r in rows_of[u] if labels[r] < 0]
+        members_u = [ku]
+        for r in sorted(candidates, key=lambda r: rank[r]):
+            ru = int(inverse[r])
+            if complete and any(m != ru and m not in neighbours.get(ru, ()) for m in members_u):
+                continue
+            labels[r] = group
+            members_u.append(ru)
+        group += 1
+    return labels
+
+
 # ----- the step ------------------------------------------------------------------------------
 class DedupeStep(DatasetStep):
     """Find exact and near-duplicate images and keep one of each group. Exact duplicates have the
     same decoded pixels (whatever the file format); near duplicates have perceptual hashes within
     `threshold` bits of each other (resized, re-compressed, slightly cropped or recoloured copies).
-    Grouping is transitive: if A is near B and B near C, all three form one group.
+    Groups do not chain: each is built around its keeper, and every member is within `threshold`
+    of the keeper (linkage keeper, the default). linkage complete also needs every pair of members
+    within it; linkage single is transitive (A near B and B near C make one group even when A and C
+    are far apart), which on large sets joins unrelated pictures.
 
     Each group keeps its best member: most pixels, then lossless (PNG, BMP, lossless WebP...) over
     lossy (JPEG...), then the name in sort order. The others are set aside (never deleted), and
@@ -264,12 +312,14 @@ class DedupeStep(DatasetStep):
 
     name = "dedupe"
     summary = "Set aside exact and near-duplicate images (perceptual hash), keeping the best of each group."
-    version = "2"
+    version = "3"
     params = [
         Param("hash", str, "phash", "perceptual hash: phash (robust default), dhash, whash or ahash", choices=HASH_METHODS),
         Param("hash_size", int, 8, "hash side: 8 gives 64-bit hashes, 16 gives 256-bit ones", choices=(8, 16)),
         Param("threshold", int, 6, "largest Hamming distance still counted as a duplicate (0 = identical hashes)",
               min=0, max=64),
+        Param("linkage", str, "keeper", "keeper: every member near the one kept (no chains); complete: every "
+              "pair near; single: transitive (A~B, B~C groups A with C)", choices=LINKAGES),
         Param("scope", str, "all", "all: compare every image with every other; subset: only within each subset",
               choices=("all", "subset")),
         Param("hash_workers", int, 0, "processes that hash images (0 = one per CPU core)", min=0),
@@ -298,7 +348,11 @@ class DedupeStep(DatasetStep):
         for part in partitions:
             textured = [k for k in part if not info[k]["flat"]]
             words = hashes_to_words([bytes.fromhex(info[k]["hash"]) for k in textured])
-            labels, _ = group_duplicates(words, o.threshold, nbits)
+            if o.linkage == "single":
+                labels, _ = group_duplicates(words, o.threshold, nbits)
+            else:
+                best_first = sorted(range(len(textured)), key=lambda r: self._rank(items[textured[r]], info[textured[r]]))
+                labels = group_around_keepers(words, o.threshold, best_first, nbits, complete=o.linkage == "complete")
             members: dict[object, list[int]] = {}
             for row, label in enumerate(labels):
                 members.setdefault(int(label), []).append(textured[row])
@@ -327,7 +381,8 @@ class DedupeStep(DatasetStep):
                 groups_report.append(entry)
         kept = [items[k] for k in good if k not in aside]
         groups_report.sort(key=lambda g: (g["subset"], g["kept"]))
-        ctx.report("groups", {"hash": o.hash, "hash_size": o.hash_size, "threshold": o.threshold, "scope": o.scope,
+        ctx.report("groups", {"hash": o.hash, "hash_size": o.hash_size, "threshold": o.threshold,
+                              "linkage": o.linkage, "scope": o.scope,
                               "images": len(items), "groups": len(groups_report), "set_aside": len(aside),
                               "unreadable": len(bad), "duplicate_groups": groups_report})
         exact = sum(1 for g in groups_report for m in g["members"] if m["exact"])

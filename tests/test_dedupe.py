@@ -191,3 +191,71 @@ def test_dedupe_never_calls_single_colour_pictures_near_duplicates(tmp_path):
     res = run_step("dedupe", src, tmp_path / "out", {"threshold": 10})
     assert sorted(r.path for r in res.images) == ["blue.png", "red.png"]
     assert res.reasons() == {"blue_again": "exact duplicate of blue"}
+
+
+def brute_force_keeper_groups(words, threshold, order, complete=False):
+    """The keeper rule written out over all pairs: best first, a keeper takes every ungrouped row
+    within threshold of it (and, for complete, of every member taken so far)."""
+    n = len(words)
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    dist = hamming(words, i.ravel(), j.ravel()).reshape(n, n)
+    labels = [-1] * n
+    rank = {r: k for k, r in enumerate(order)}
+    group = 0
+    for keeper in order:
+        if labels[keeper] >= 0:
+            continue
+        labels[keeper] = group
+        members = [keeper]
+        for r in sorted((r for r in range(n) if labels[r] < 0 and dist[keeper, r] <= threshold), key=rank.get):
+            if complete and any(dist[m, r] > threshold for m in members):
+                continue
+            labels[r] = group
+            members.append(r)
+        group += 1
+    return labels
+
+
+@pytest.mark.parametrize("complete", [False, True])
+@pytest.mark.parametrize("threshold", [0, 4, 10])
+def test_keeper_grouping_equals_the_rule_over_all_pairs(threshold, complete):
+    rng = np.random.default_rng(threshold + 100 * complete)
+    centres = rng.integers(0, 2**63, (30, 1), dtype=np.uint64)
+    rows = []
+    for _ in range(250):
+        w = centres[rng.integers(0, len(centres))].copy()
+        for _ in range(int(rng.integers(0, threshold + 6))):
+            w[0] ^= np.uint64(1) << np.uint64(int(rng.integers(0, 64)))
+        rows.append(w)
+    words = np.array(rows + rows[:15], dtype=np.uint64)
+    order = [int(k) for k in rng.permutation(len(words))]
+    labels = dedupe.group_around_keepers(words, threshold, order, 64, complete=complete)
+    assert canonical(labels) == canonical(brute_force_keeper_groups(words, threshold, order, complete))
+    # the point of it: no member is farther than the threshold from its keeper
+    for g in set(labels.tolist()):
+        rows_g = [r for r in order if labels[r] == g]
+        keeper = rows_g[0]
+        assert all(int(hamming(words, np.array([keeper]), np.array([r]))[0]) <= threshold for r in rows_g)
+
+
+def test_a_chain_of_near_pictures_is_not_one_group_by_default(tmp_path):
+    # hashes A ~ B ~ C with A and C far apart: transitive grouping keeps one, the keeper rule two
+    a = np.uint64(0)
+    b = a ^ np.uint64(0b111111)                   # 6 bits from A
+    c = b ^ np.uint64(0b111111 << 20)             # 6 bits from B, 12 from A
+    words = np.array([[a], [b], [c]], dtype=np.uint64)
+    single, _ = group_duplicates(words, 6)
+    assert len(set(single.tolist())) == 1
+    keeper = dedupe.group_around_keepers(words, 6, [0, 1, 2])
+    assert canonical(keeper) == [0, 0, 1]
+
+
+def test_dedupe_linkage_option_reaches_the_report(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    picture(1).save(src / "a.png")
+    picture(1).resize((200, 150)).save(src / "a_small.png")
+    res = run_step("dedupe", src, tmp_path / "out", {"linkage": "single"})
+    report = json.loads((tmp_path / "out" / "reports" / "dedupe-groups.json").read_text())
+    assert report["linkage"] == "single" and report["set_aside"] == 1
+    assert [r.path for r in res.images] == ["a.png"]
