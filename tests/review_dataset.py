@@ -63,11 +63,15 @@ steps:
 """
 
 
-def write_project(folder: Path, count: int, **kwargs) -> Path:
-    """raw/ + pipeline.yaml in ``folder``; returns the pipeline file (run it with ``lorakit run``)."""
+def write_project(folder: Path, count: int, tagger: Path | None = None, **kwargs) -> Path:
+    """raw/ + pipeline.yaml in ``folder``; returns the pipeline file (run it with ``lorakit run``).
+    With ``tagger`` (a WD14 model folder) a wd14 step appends its tags, with their scores."""
     write_raw(folder / "raw", count, **kwargs)
     pipeline = folder / "pipeline.yaml"
-    pipeline.write_text(PIPELINE, encoding="utf-8")
+    text = PIPELINE
+    if tagger is not None:
+        text += f"  - wd14: {{model: {tagger}, combine: append, general_threshold: 0.3}}\n"
+    pipeline.write_text(text, encoding="utf-8")
     return pipeline
 
 

@@ -47,7 +47,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("review-browser")
-    pipeline = write_project(folder, 200)
+    tagger = None
+    if SHOTS:  # the pictures for the docs show tagger scores: tag with the tiny WD14 model (slower)
+        from test_wd14 import build_tagger
+
+        tagger = build_tagger(folder / "tagger", size=64)
+    pipeline = write_project(folder, 200, tagger=tagger)
     run_project(pipeline)
     return pipeline
 
@@ -92,7 +97,14 @@ def shot(driver, name: str) -> None:
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
         time.sleep(0.3)  # lazy thumbnails
-        driver.save_screenshot(str(Path(SHOTS) / f"review-{name}.png"))
+        import io
+
+        from PIL import Image
+
+        picture = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+        picture = picture.resize((picture.width * 3 // 4, picture.height * 3 // 4), Image.Resampling.LANCZOS)
+        picture.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(
+            Path(SHOTS) / f"review-{name}.png", optimize=True)  # small files for the docs
 
 
 def manifest(project: Path) -> dict:
@@ -151,7 +163,8 @@ def test_filter_batch_remove_exclude_restore_then_the_next_run_keeps_it(project,
     driver.find_element(By.ID, "grid").send_keys(Keys.ENTER)
     wait_for(driver, lambda: driver.find_element(By.ID, "viewer").is_displayed())
     name = driver.find_element(By.ID, "v-name").text.split("/")[-1]
-    assert driver.find_elements(By.CSS_SELECTOR, "#v-tags li")
+    wait_for(driver, lambda: driver.find_elements(By.CSS_SELECTOR, "#v-tags li .score"))
+    assert driver.find_element(By.CSS_SELECTOR, "#v-tags li .score").text == "–"  # from a caption file: no score
     shot(driver, "viewer")
     driver.find_element(By.ID, "v-exclude").click()
     wait_for(driver, lambda: "excluded 1" in driver.find_element(By.ID, "message").text)
@@ -164,7 +177,9 @@ def test_filter_batch_remove_exclude_restore_then_the_next_run_keeps_it(project,
     # restore a set-aside duplicate from the Set aside view, in one click
     driver.find_element(By.CSS_SELECTOR, '#tabs button[data-view="aside"]').click()
     Select(driver.find_element(By.ID, "aside-step")).select_by_value("dedupe")
-    card = wait_for(driver, lambda: driver.find_elements(By.CSS_SELECTOR, "#aside-list .card"))[0]
+    wait_for(driver, lambda: {c.text for c in driver.find_elements(By.CSS_SELECTOR, "#aside-list .card .step")}
+             == {"dedupe"})
+    card = driver.find_elements(By.CSS_SELECTOR, "#aside-list .card")[0]
     restored = card.find_element(By.CSS_SELECTOR, ".row span").text
     shot(driver, "aside")
     card.find_element(By.CSS_SELECTOR, "button.restore").click()
@@ -177,14 +192,16 @@ def test_filter_batch_remove_exclude_restore_then_the_next_run_keeps_it(project,
         shot(driver, view)
     driver.find_element(By.CSS_SELECTOR, '#tabs button[data-view="history"]').click()
     wait_for(driver, lambda: len(driver.find_elements(By.CSS_SELECTOR, "#history-list li")) == 3)
-    logs = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    # script errors fail the test (a picture whose id an edit just retired may 404 while loading: not an error)
+    logs = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE" and entry["source"] != "network"]
     assert not logs, logs
 
     # the next run replays every edit
-    before = {r["path"]: r["caption"] for r in manifest(project)["images"]}
+    # (the restored duplicate goes through the steps after dedupe now, so only its presence is checked)
+    before = {r["path"]: r["caption"] for r in manifest(project)["images"] if Path(r["path"]).stem != restored}
     run_project(project)
     again = manifest(project)
-    assert {r["path"]: r["caption"] for r in again["images"]} == before
+    assert {r["path"]: r["caption"] for r in again["images"] if Path(r["path"]).stem != restored} == before
     names = {Path(r["path"]).stem for r in again["images"]}
     assert name not in names and restored in names
     assert any(a["step"] == "curation" and a["name"] == name for a in again["set_aside"])

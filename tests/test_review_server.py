@@ -137,6 +137,20 @@ def test_large_view_has_each_tag_with_its_score_and_the_steps(project):
     assert d["steps"][:2] == ["folder", "convert"] and d["has_source"]
 
 
+def test_the_large_view_shows_the_tagger_score_of_each_tag(fresh):
+    manifest_path = fresh.parent / "dataset" / "manifest.json"
+    data = json.loads(manifest_path.read_text(encoding="utf-8"))
+    record = data["images"][0]
+    record["tags"] = [{"name": t, "score": 0.25 + i / 10} for i, t in enumerate(record["caption"].split(", "))]
+    record["tags"][0]["score"] = None  # a tag from a caption file
+    manifest_path.write_text(json.dumps(data), encoding="utf-8")
+    c = client_for(fresh)
+    item = next(i for i in c.get("/api/images", params={"limit": 500}).json()["items"]
+                if i["name"] == Path(record["path"]).stem)
+    tags = c.get(f"/api/image/{item['id']}").json()["tags"]
+    assert tags == [{"name": t["name"], "score": t["score"]} for t in record["tags"]]
+
+
 def test_thumbnails_are_made_once_and_kept_in_the_dataset_store(project):
     c = client_for(project)
     first = c.get("/api/images", params={"limit": 1}).json()["items"][0]

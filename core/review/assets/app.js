@@ -21,6 +21,7 @@ const el = (tag, attrs = {}, ...children) => {
 const state = {
   summary: null, filter: emptyFilter(), page: 0, total: 0, items: [], focus: 0,
   selected: new Set(), viewerIndex: null, viewer: null, viewerMode: "image", view: "gallery",
+  pageSeq: 0, asideSeq: 0, maskSeq: 0,
 };
 
 function emptyFilter() {
@@ -148,10 +149,12 @@ async function loadPage(keepFocus = false) {
   const q = filterQuery();
   q.set("offset", state.page * PAGE_SIZE);
   q.set("limit", PAGE_SIZE);
+  const seq = ++state.pageSeq;
   let data;
   try {
     data = await getJSON(`/api/images?${q}`);
   } catch (e) { say(e.message, true); return; }
+  if (seq !== state.pageSeq) return;  // a newer filter's answer is on its way
   state.total = data.total;
   state.items = data.items;
   if (!keepFocus) state.focus = 0;
@@ -384,7 +387,9 @@ async function renderAside() {
   const f = { ...emptyFilter(), status: "aside", aside_step: $("#aside-step").value };
   const q = filterQuery(f);
   q.set("limit", 500);
+  const seq = ++state.asideSeq;
   const data = await getJSON(`/api/images?${q}`);
+  if (seq !== state.asideSeq) return;
   $("#aside-summary").textContent = `${data.total} set aside` + (data.total > 500 ? " (first 500 shown)" : "");
   $("#aside-list").replaceChildren(...data.items.map((it) => el("div", { class: "card", "data-id": it.id },
     it.has_file ? el("img", { src: thumbURL(it), loading: "lazy", alt: it.name }) : el("div", { text: "no copy kept" }),
@@ -402,7 +407,8 @@ async function renderDupes() {
       el("figcaption", {}, el("span", { class: "keeper-mark", text: "kept " }), `${g.kept} ${g.size ? g.size.join("×") : ""}`));
     const members = g.members.map((m) => el("figure", {},
       m.id ? el("img", { src: `/media/thumb/${m.id}`, alt: m.name }) : el("div", { text: "(no copy)" }),
-      el("figcaption", { text: `${m.name} ${m.size ? m.size.join("×") : ""} · distance ${m.distance}${m.exact ? " (exact)" : ""}` }),
+      el("figcaption", { text: `${m.name} ${m.size ? m.size.join("×") : ""} · distance ${m.distance}${m.exact ? " (exact)" : ""}`
+                               + (m.kind === "image" ? " · restored, in the dataset" : " · set aside") }),
       m.id ? el("button", { text: "Keep this one instead",
                             onclick: () => edit({ op: "keeper", group: g.index, target: { ids: [m.id] } }, "keeper") }) : null));
     return el("div", { class: "dupe-group", "data-group": g.index },
@@ -415,7 +421,9 @@ async function renderMasks() {
   const f = { ...emptyFilter(), mask: $("#mask-which").value };
   const q = filterQuery(f);
   q.set("limit", 200);
+  const seq = ++state.maskSeq;
   const data = await getJSON(`/api/images?${q}`);
+  if (seq !== state.maskSeq) return;
   const opacity = $("#mask-opacity").value / 100;
   $("#mask-list").replaceChildren(...data.items.map((it) => el("div", { class: "card", "data-id": it.id },
     el("div", { class: "overlay" }, el("img", { src: thumbURL(it), loading: "lazy", alt: it.name }),
