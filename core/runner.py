@@ -235,7 +235,7 @@ class Runner:
 
     def _save_curation_input(self, path: Path, states: list[State], applied: str) -> None:
         atomic_write_text(path, json.dumps({
-            "version": 1, "applied": applied, "store": str(self.store.root.resolve()), "states": states,
+            "version": 1, "applied": applied, "store": _store_ref(self.store.root, self.output), "states": states,
             "set_aside": [list(x) for x in self.set_aside],
             "subsets": {n: s.to_dict() for n, s in self.subsets.items()},
             "pipeline_subsets": self.pipeline.subsets, "resolution": self.pipeline.resolution,
@@ -769,7 +769,7 @@ def reapply_curation(dataset: Path, curation: "curation_stage.Curation", take_ha
         saved = _input_from_manifest(dataset)
     pipeline = Pipeline(path=None, output=dataset, sources=[], steps=[], subsets=saved.get("pipeline_subsets") or {},
                         resolution=saved.get("resolution") or 512, raw=saved.get("pipeline") or {},
-                        cache_dir=Path(saved["store"]))
+                        cache_dir=dataset / saved["store"])  # relative: the store inside a moved or copied dataset
     runner = Runner(pipeline, console=console or Console(stderr=True, quiet=True), workers=1)
     runner.curation = curation
     runner.subsets = {n: Subset.from_dict(d) for n, d in saved.get("subsets", {}).items()}
@@ -777,6 +777,13 @@ def reapply_curation(dataset: Path, curation: "curation_stage.Curation", take_ha
     hand = curation_stage.take_hand_edits(dataset, curation, runner._ledger()) if take_hand else None
     _, result = runner.finish(saved["states"], hand, save_input=False)
     return result
+
+
+def _store_ref(store: Path, dataset: Path) -> str:
+    """The work store as the curation input records it: relative to the dataset when inside it, so a
+    dataset folder that was moved or copied edits its own files, not the original's."""
+    store, dataset = store.resolve(), dataset.resolve()
+    return store.relative_to(dataset).as_posix() if store.is_relative_to(dataset) else str(store)
 
 
 def _input_from_manifest(dataset: Path) -> dict:
@@ -813,7 +820,7 @@ def _input_from_manifest(dataset: Path) -> dict:
             states.append(state)
         else:
             aside.append([state, step, reason])
-    return {"store": str(store.root.resolve()), "states": states, "set_aside": aside,
+    return {"store": _store_ref(store.root, dataset), "states": states, "set_aside": aside,
             "subsets": {n: s.to_dict() for n, s in manifest.subsets.items()},
             "pipeline_subsets": {}, "resolution": manifest.resolution, "pipeline": manifest.pipeline}
 

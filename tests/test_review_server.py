@@ -438,3 +438,13 @@ def test_undo_removes_the_last_edit_from_the_file_and_the_captions(fresh):
     assert curation_edits(fresh) == []
     r = post(c, "/api/undo", {})
     assert r.status_code == 409 and "nothing to undo" in r.json()["error"]
+
+
+def test_a_copied_dataset_edits_its_own_files_not_the_originals(project, fresh):
+    original = json.loads((project.parent / "dataset" / ".lorakit" / "written.json").read_text())
+    c = client_for(fresh)
+    item = first_item(c, subset="outfit_a")
+    edit(c, {"op": "move_subset", "subset": "outfit_b", "target": {"ids": [item["id"]]}})
+    assert json.loads((project.parent / "dataset" / ".lorakit" / "written.json").read_text()) == original
+    assert (fresh.parent / "dataset" / "outfit_b" / f"{item['name']}.png").is_file()
+    assert (project.parent / "dataset" / "outfit_a" / f"{item['name']}.png").is_file()
