@@ -215,6 +215,7 @@ class Runner:
         else:
             _set_applied(input_path, digest_now)
         n_in = len(states)
+        states = [self._adopt_rejected_mask(s) for s in states]
         states, self.set_aside, result = curation_stage.apply_to_states(states, self.set_aside, edits,
                                                                         self.curation.path)
         result.hand = hand
@@ -241,6 +242,17 @@ class Runner:
             "pipeline_subsets": self.pipeline.subsets, "resolution": self.pipeline.resolution,
             "pipeline": _jsonable(self.pipeline.raw),
         }, ensure_ascii=False, default=str))
+
+    def _adopt_rejected_mask(self, state: State) -> State:
+        """A mask a step rejected but kept (meta ``rejected_mask_file``) becomes the state's
+        ``rejected_mask``: written under set_aside/masks/, and a mask a person can accept."""
+        kept = (state.get("meta") or {}).get("rejected_mask_file")
+        if not kept:
+            return state
+        state = dict(state, meta={k: v for k, v in state["meta"].items() if k != "rejected_mask_file"})
+        if Path(kept).is_file() and not state.get("mask"):
+            state["rejected_mask"] = self.store.add_file(Path(kept))
+        return state
 
     def _ledger(self) -> dict[str, list]:
         """The files earlier runs wrote into the output folder (relative path -> [blob, size, mtime])."""

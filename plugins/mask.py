@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from lorakit.plugin_sdk import (
-    Color, ImageStep, LorakitError, ModelNotFound, Param, Percent, SkipImage, hookimpl, pick_device,
+    Color, ImageStep, LorakitError, ModelNotFound, Param, Percent, SkipImage, hookimpl, pick_device, save_image,
 )
 from lorakit.plugin_sdk import model_file_digest
 
@@ -183,6 +183,19 @@ class SalientObjectMasker:
         return (pred[0, 0].clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
 
 
+def _keep_rejected(mask: np.ndarray, ctx) -> Path:
+    """Save a rejected mask in the step's work folder, named by its content; the host keeps it under
+    set_aside/masks/ (the ``rejected_mask_file`` meta key is the host's convention)."""
+    import hashlib
+
+    data = np.ascontiguousarray(mask, dtype=np.uint8)
+    name = hashlib.sha256(data.tobytes() + str(data.shape).encode()).hexdigest() + ".png"
+    target = Path(ctx.work_dir) / "rejected" / name
+    if not target.is_file():
+        save_image(Image.fromarray(data, "L"), target)
+    return target
+
+
 # ----- the step -------------------------------------------------------------------------------
 class MaskStep(ImageStep):
     """Make a mask for each image for masked-loss training (white = train, black = ignore).
@@ -265,6 +278,8 @@ class MaskStep(ImageStep):
         if reason is not None:
             ctx.log(f"{item.name}: {reason}")
             meta["mask_rejected"] = reason
+            if mask is not None:  # kept aside: a person can look at it and accept it (docs/curation.md)
+                meta["rejected_mask_file"] = str(_keep_rejected(mask, ctx))
             changes = {"mask": None, "pending_mask": None, "meta": meta}
             if self.options.rejected_subset:
                 changes["subset"] = self.options.rejected_subset.replace("{subset}", item.subset)

@@ -282,3 +282,109 @@ def test_train_and_export_read_a_caption_edited_by_hand(tmp_path):
     (tmp_path / "out" / "red.txt").write_text("mychar, 1girl\n")
     red = next(r for r in load_dataset(tmp_path / "out").images if r.path == "red.png")
     assert red.caption == "mychar, 1girl" and [t["name"] for t in red.tags] == ["mychar", "1girl"]
+
+
+def test_a_mask_the_quality_check_rejected_is_kept_and_can_be_accepted(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    ghost = Image.new("RGBA", (64, 64), (255, 0, 0, 0))
+    ghost.paste((255, 0, 0, 128), (16, 16, 48, 48))  # see-through: the check calls it grey
+    ghost.save(raw / "ghost.png")
+    data = {"output": str(tmp_path / "out"), "sources": [{"folder": {"path": str(raw)}}],
+            "steps": [{"mask": {"backend": "alpha"}}]}
+    res = run_pipeline_dict(data, tmp_path)
+    rec = res.by_name("ghost")
+    assert rec.mask is None and "grey" in rec.meta["mask_rejected"]
+    kept = tmp_path / "out" / rec.meta["rejected_mask"]
+    assert kept.is_file() and Image.open(kept).getpixel((32, 32)) == 128
+    cur = Curation.for_target(tmp_path / "out")
+    cur.accept_mask([rec.id])
+    apply_to_dataset(tmp_path / "out", cur)
+    accepted = Manifest.load(tmp_path / "out").images[0]
+    assert accepted.mask == "masks/ghost.png" and "mask_rejected" not in accepted.meta
+    assert run_pipeline_dict(data, tmp_path).by_name("ghost").mask == "masks/ghost.png"
+
+
+# ----- the edit-survival rules, through the real `lorakit` process ----------------------------------
+def _tags_of(path: Path) -> list[str]:
+    return [t.strip() for t in path.read_text(encoding="utf-8").split(",")]
+
+
+def test_hand_edits_survive_reruns_an_upstream_change_export_and_train(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    import yaml
+
+    from conftest import run_cli
+    from test_wd14 import build_tagger
+    from tiny_models import build_tiny_sd15
+
+    tagger = build_tagger(tmp_path / "tagger")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("red", "blue", "green"):
+        Image.new("RGB", (64, 64), name).save(raw / f"{name}.png")
+
+    def pipeline(threshold):
+        (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({
+            "output": "out", "resolution": 64, "sources": [{"folder": {"path": "raw"}}],
+            "steps": ["convert", {"wd14": {"model": str(tagger), "general_threshold": threshold, "device": "cpu"}}]}))
+
+    def run():
+        proc = run_cli("run", str(tmp_path / "pipeline.yaml"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    out = tmp_path / "out"
+    pipeline(0.35)
+    run()
+    assert "long_hair" in _tags_of(out / "red.txt") and "looking_at_viewer" not in _tags_of(out / "red.txt")
+
+    # by hand: drop a tag and put a trigger first in one caption; delete another image
+    edited = ["mychar"] + [t for t in _tags_of(out / "red.txt") if t != "long_hair"]
+    (out / "red.txt").write_text(", ".join(edited) + "\n", encoding="utf-8")
+    (out / "blue.png").unlink()
+    proc = run()
+    assert "1 caption(s) edited by hand" in proc.stderr and "1 image(s) deleted by hand" in proc.stderr
+    assert _tags_of(out / "red.txt") == edited
+    assert not (out / "blue.png").exists() and not (out / "blue.txt").exists()
+    ops = [(e.op, e.names) for e in Curation.for_target(tmp_path / "pipeline.yaml").edits()]
+    assert ("exclude", ["blue"]) in ops and ("remove_tags", ["red"]) in ops and ("add_tags", ["red"]) in ops
+
+    assert "Nothing changed since the last run" in run().stderr  # and nothing is taken in twice
+    assert len(Curation.for_target(tmp_path / "pipeline.yaml").edits()) == len(ops)
+
+    # the tagger runs again with another threshold: its new tags arrive, the hand edits stay
+    pipeline(0.2)
+    run()
+    red = _tags_of(out / "red.txt")
+    assert red[0] == "mychar" and "looking_at_viewer" in red and "long_hair" not in red
+    assert "long_hair" in _tags_of(out / "green.txt") and "looking_at_viewer" in _tags_of(out / "green.txt")
+    assert not (out / "blue.png").exists()
+    manifest = Manifest.load(out)
+    assert {r.path: r.edited for r in manifest.images} == {"red.png": True, "green.png": False}
+
+    proc = run_cli("export", "kohya", str(out), str(tmp_path / "kohya"))
+    assert proc.returncode == 0, proc.stderr
+    exported = sorted(p.name for p in (tmp_path / "kohya" / "img" / "1_default").iterdir())
+    assert exported == ["green.png", "green.txt", "red.png", "red.txt"]
+    assert _tags_of(tmp_path / "kohya" / "img" / "1_default" / "red.txt") == red
+    proc = run_cli("export", "diffusers", str(out), str(tmp_path / "diffusers"))
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in (tmp_path / "diffusers" / "metadata.jsonl").read_text().splitlines()]
+    assert {ln["file_name"]: ln["text"] for ln in lines}["default/red.png"] == ", ".join(red)
+
+    base = build_tiny_sd15(tmp_path / "sd15")
+    train = ["train", str(out), "--base-model", str(base), "--dry-run", "--resolution", "64",
+             "--min-bucket-reso", "32", "--max-bucket-reso", "128", "--bucket-reso-steps", "32", "--device", "cpu"]
+    proc = run_cli(*train)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Batches per epoch: 2" in proc.stderr  # red and green; blue stays excluded
+
+    # deleted by hand and not run again: export and train name the file, write nothing, no traceback
+    (out / "green.png").unlink()
+    for args in (("export", "kohya", str(out), str(tmp_path / "kohya2")), tuple(train)):
+        proc = run_cli(*args)
+        assert proc.returncode == 1 and "green.png" in proc.stderr and "Traceback" not in proc.stderr
+        assert "lorakit curate apply" in proc.stderr
+    assert not (tmp_path / "kohya2").exists()
