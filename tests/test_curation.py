@@ -388,3 +388,35 @@ def test_hand_edits_survive_reruns_an_upstream_change_export_and_train(tmp_path)
         assert proc.returncode == 1 and "green.png" in proc.stderr and "Traceback" not in proc.stderr
         assert "lorakit curate apply" in proc.stderr
     assert not (tmp_path / "kohya2").exists()
+
+
+def test_a_changed_curation_file_reapplies_when_nothing_else_changed(tmp_path):
+    raw = _raw(tmp_path, names=("red",))
+    first = _run(tmp_path, raw)
+    Curation.for_target(tmp_path / "out").add_tags([first.by_name("red").id], ["mychar"], position="front")
+    second = _run(tmp_path, raw)
+    assert not second.run.nothing_changed
+    assert second.by_name("red").caption.startswith("mychar, ")
+    assert _run(tmp_path, raw).run.nothing_changed
+
+
+def test_curate_commands_edit_list_undo_and_apply_from_the_terminal(tmp_path):
+    from conftest import run_cli
+
+    _run(tmp_path, _raw(tmp_path))
+    out = tmp_path / "out"
+    proc = run_cli("curate", "remove-tags", str(out), "-t", "watermark", "--all")
+    assert proc.returncode == 0, proc.stderr
+    assert "watermark" not in (out / "red.txt").read_text() and "watermark" not in (out / "blue.txt").read_text()
+    proc = run_cli("curate", "exclude", str(out), "blue", "--note", "off-model")
+    assert proc.returncode == 0 and not (out / "blue.png").exists()
+    listing = run_cli("curate", "list", str(out))
+    assert "remove watermark" in listing.stdout and "exclude (off-model): blue" in listing.stdout
+    proc = run_cli("curate", "undo", str(out))
+    assert proc.returncode == 0 and (out / "blue.png").is_file()
+    proc = run_cli("curate", "exclude", str(out), "nosuch")
+    assert proc.returncode == 1 and "no image 'nosuch'" in proc.stderr and "Traceback" not in proc.stderr
+    (out / "red.txt").write_text("1girl, red_background")  # a hand edit, taken in by apply
+    proc = run_cli("curate", "apply", str(out))
+    assert proc.returncode == 0 and "edited by hand" in proc.stderr
+    assert [e.op for e in Curation.for_target(out).edits()] == ["remove_tags", "remove_tags"]
