@@ -238,7 +238,11 @@ def test_only_files_the_manifest_names_are_served(project):
         r = c.get(path)
         assert r.status_code in (400, 404), path
         assert "error" in r.json(), path
-    no_mask = c.get("/api/images", params={"mask": "missing", "limit": 1}).json()["items"][0]
+    rejected = c.get("/api/images", params={"mask": "missing", "limit": 1}).json()["items"][0]
+    assert rejected["mask_view"]  # the mask the quality check rejected is kept, so it can be looked at
+    assert c.get(f"/media/mask/{rejected['id']}").status_code == 200
+    no_mask = next(i for i in c.get("/api/images", params={"status": "aside", "limit": 500}).json()["items"]
+                   if not i["mask_view"])
     assert c.get(f"/media/mask/{no_mask['id']}").status_code == 404
 
 
