@@ -420,3 +420,19 @@ def test_curate_commands_edit_list_undo_and_apply_from_the_terminal(tmp_path):
     proc = run_cli("curate", "apply", str(out))
     assert proc.returncode == 0 and "edited by hand" in proc.stderr
     assert [e.op for e in Curation.for_target(out).edits()] == ["remove_tags", "remove_tags"]
+
+
+def test_a_copied_dataset_applies_its_curation_to_itself(tmp_path):
+    import shutil
+
+    res = _run(tmp_path, _raw(tmp_path))
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "out", copy)
+    cur = Curation(copy / "curation.jsonl", copy)
+    cur.add_tags([res.by_name("red").id], ["mychar"], position="front")
+    apply_to_dataset(copy, cur)
+    assert (copy / "red.txt").read_text().startswith("mychar, ")
+    assert not (tmp_path / "out" / "red.txt").read_text().startswith("mychar")
+    cur.undo()
+    apply_to_dataset(copy, cur)
+    assert (copy / "red.txt").read_text() == (tmp_path / "out" / "red.txt").read_text()
