@@ -314,3 +314,19 @@ def test_an_unknown_device_is_refused_before_any_work():
     with pytest.raises(ParamError, match="device"):
         WD14Step.configure({"device": "gpu"})
     assert WD14Step.configure({"device": "cuda:1"}).options.device == "cuda:1"
+
+
+def test_the_model_runs_one_image_at_a_time_on_the_cpu_and_in_batches_when_asked(tmp_path, model_dir):
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (120, 30, 200), (9, 9, 9)]
+    items = [make_item(tmp_path, f"i{n}", c) for n, c in enumerate(colors)]
+    seen: dict[int, list[int]] = {}
+    results = {}
+    for batch_size in (0, 3):
+        step = WD14Step.configure({"model": str(model_dir), "batch_size": batch_size})
+        step.setup(make_ctx(tmp_path))
+        real = step.scores
+        step.scores = lambda batch, real=real, b=batch_size: seen.setdefault(b, []).append(len(batch)) or real(batch)
+        results[batch_size] = step.process_batch(items, make_ctx(tmp_path))
+    assert seen[0] == [1, 1, 1, 1, 1]   # the CPU default: no batch, no activations x16 in memory
+    assert seen[3] == [3, 2]
+    assert [r.tags for r in results[0]] == [r.tags for r in results[3]]
