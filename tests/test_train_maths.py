@@ -234,3 +234,121 @@ def test_buckets_step_and_kohya_export_use_the_trainers_bounds(tmp_path):
     run_step("buckets", dataset / "outfit", tmp_path / "out", resolution=64)
     report = json.loads((tmp_path / "out" / "reports" / "buckets-buckets.json").read_text())
     assert (report["min_size"], report["max_size"]) == bucket_bounds(64)
+
+
+# ----- noise, timesteps and loss weights (kohya's definitions, restated here with numpy) -------------
+def fake_trainer(v_prediction=False, **settings):
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from lorakit.trainer.config import validate_settings
+
+    return SimpleNamespace(config=validate_settings(settings),
+                           base=SimpleNamespace(noise_scheduler=DDPMScheduler(), v_prediction=v_prediction))
+
+
+@pytest.mark.parametrize("v_prediction", [False, True])
+def test_snr_weights_are_kohyas_min_snr_v_scaling_v_like_and_debiased(v_prediction):
+    import numpy as np
+
+    timesteps = torch.tensor([0, 10, 250, 500, 999])
+    fake = fake_trainer(v_prediction, min_snr_gamma=5, scale_v_pred_loss_like_noise_pred=True, v_pred_like_loss=0.1,
+                        debiased_estimation_loss=True)
+    got = Trainer.snr_weights(fake, timesteps).numpy()
+    abar = fake.base.noise_scheduler.alphas_cumprod.numpy().astype(np.float64)[timesteps.numpy()]
+    snr = abar / (1 - abar)
+    expected = np.minimum(snr, 5) / (snr + 1 if v_prediction else snr)  # min-SNR
+    capped = np.minimum(snr, 1000)
+    expected = expected * capped / (capped + 1)  # scale_v_pred_loss_like_noise_pred
+    expected = expected + expected / (capped / (capped + 1)) * 0.1  # v_pred_like_loss: loss + loss / scale * v
+    expected = expected * (1 / (capped + 1) if v_prediction else 1 / np.sqrt(capped))  # debiased estimation
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    assert torch.equal(Trainer.snr_weights(fake_trainer(), timesteps), torch.ones(5))
+
+
+def test_timesteps_stay_within_min_and_max_timestep():
+    latents = torch.zeros(512, 4, 8, 8)
+    fake = fake_trainer(min_timestep=100, max_timestep=200)
+    _, timesteps = Trainer.sample_noise(fake, latents, torch.Generator().manual_seed(0))
+    assert timesteps.min() >= 100 and timesteps.max() < 200 and len(timesteps.unique()) > 50
+    _, fixed = Trainer.sample_noise(fake_trainer(min_timestep=300, max_timestep=300), latents, torch.Generator())
+    assert torch.equal(fixed, torch.full((512,), 300))  # kohya: min == max trains that one timestep
+
+
+def test_multires_noise_has_unit_variance_and_more_low_frequency_power():
+    latents = torch.zeros(64, 4, 32, 32)
+    plain, _ = Trainer.sample_noise(fake_trainer(), latents, torch.Generator().manual_seed(0))
+    pyramid, _ = Trainer.sample_noise(fake_trainer(multires_noise_iterations=6, multires_noise_discount=0.8), latents,
+                                      torch.Generator().manual_seed(0))
+    assert pyramid.std().item() == pytest.approx(1.0, abs=1e-5)
+    # the per-channel mean (the lowest frequency) varies more than in white noise (1/32 for 32x32)
+    assert pyramid.mean(dim=(2, 3)).std() > 2 * plain.mean(dim=(2, 3)).std()
+
+
+def test_adaptive_noise_offset_grows_with_the_latent_mean():
+    bright = torch.full((256, 4, 8, 8), 3.0)
+    generator = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    base, _ = Trainer.sample_noise(fake_trainer(), bright, generator())
+    offset, _ = Trainer.sample_noise(fake_trainer(noise_offset=0.1), bright, generator())
+    adaptive, _ = Trainer.sample_noise(fake_trainer(noise_offset=0.1, adaptive_noise_scale=0.5), bright, generator())
+    # the same draws: the per-channel shift is offset x N(0,1), with offset 0.1 or 0.1 + 0.5 x |3|
+    shift, shift_adaptive = (offset - base).mean(dim=(2, 3)), (adaptive - base).mean(dim=(2, 3))
+    torch.testing.assert_close(shift_adaptive, shift * (0.1 + 0.5 * 3) / 0.1, rtol=1e-4, atol=1e-5)
+
+
+def test_zero_terminal_snr_ends_in_pure_noise_and_keeps_the_first_step():
+    import numpy as np
+    from diffusers import DDPMScheduler
+
+    from lorakit.trainer.loop import training_noise_scheduler
+
+    original = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    fixed = training_noise_scheduler(original.config, zero_terminal_snr=True)
+    # Lin et al. 2023, algorithm 1: shift sqrt(alpha_bar) so the last is 0, scale so the first is unchanged
+    root = np.sqrt(original.alphas_cumprod.numpy().astype(np.float64))
+    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    np.testing.assert_allclose(fixed.alphas_cumprod.numpy(), root ** 2, rtol=1e-4, atol=1e-7)
+    assert float(fixed.alphas_cumprod[-1]) == pytest.approx(0.0, abs=1e-7)
+
+
+# ----- long captions: max_token_length ----------------------------------------------------------------
+def test_max_token_length_150_keeps_a_long_captions_tail_in_two_chunks_of_75(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from lorakit.trainer.prompts import chunk_ids, join_chunks
+    from tests.tiny_models import write_tiny_clip_tokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(tmp_path / "tok"))
+    caption = ", ".join(f"t{i}" for i in range(40))  # 40 tags: about 120 tokens
+    full = tokenizer(caption).input_ids[1:-1]
+    assert 75 < len(full) <= 150
+    ids = chunk_ids(tokenizer, [caption], 150)
+    assert ids.shape == (1, 2, 77)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    assert ids[0, :, 0].tolist() == [bos, bos] and ids[0, 0, -1] == eos
+    assert ids[0, 0, 1:76].tolist() + ids[0, 1, 1:76].tolist()[:len(full) - 75] == full
+    assert chunk_ids(tokenizer, [caption], 75).shape == (1, 1, 77)
+    hidden = torch.arange(2 * 77, dtype=torch.float32).reshape(2, 77, 1)  # position numbers stand for states
+    joined = join_chunks(hidden, 1, 2)[0, :, 0].tolist()
+    assert joined == [0] + list(range(1, 76)) + list(range(78, 153)) + [153]
+
+
+def test_sdxl_long_captions_encode_to_152_states_and_cut_captions_are_reported(tmp_path):
+    from lorakit.manifest import Manifest
+    from tests.tiny_models import build_tiny_sdxl
+
+    sdxl = build_tiny_sdxl(tmp_path / "sdxl")
+    dataset = make_dataset(tmp_path / "d", subsets=(("outfit", 2, 1),))
+    manifest = Manifest.load(dataset)
+    manifest.images[0].caption = ", ".join(f"t{i}" for i in range(40))
+    manifest.save()
+    trainer = prepared(dataset, settings(sdxl, tmp_path / "x.safetensors", max_token_length=150))
+    context, pooled = trainer.encode_prompts([manifest.images[0].caption, "mychar"])
+    assert context.shape[:2] == (2, 152) and pooled.shape[0] == 2
+    loss = trainer.accumulate([(0,)], epoch=0, first_index=0)
+    assert all(map(lambda x: x == x, loss))
+    short = Trainer(dataset, settings(sdxl, tmp_path / "y.safetensors"), quiet())
+    short.setup()
+    assert "1 of 2 captions are longer than max_token_length 75" in short.console.file.getvalue()
+    assert "set max_token_length 150" in short.console.file.getvalue()

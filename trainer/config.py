@@ -74,12 +74,34 @@ SETTINGS: list[Setting] = [
     S("mixed_precision", str, "auto", "auto (bf16/fp16 on CUDA, fp32 on CPU), no, fp16 or bf16",
       choices=("auto", "no", "fp16", "bf16"), group="training"),
     S("gradient_checkpointing", bool, False, "trade speed (30-100% slower) for memory", group="training"),
+    S("max_token_length", int, 75, "caption tokens read by the text encoder: 75, 150 or 225 (chunks of 75, as kohya)",
+      min=75, max=225, group="training"),
     S("clip_skip", int, 1, "use the output of the Nth-from-last text encoder layer (2 for anime)", min=1, max=12,
       group="training"),
     # loss
     S("min_snr_gamma", float, 0.0, "min-SNR weighting gamma (5 is common; 0 = off)", min=0, group="loss"),
     S("noise_offset", float, 0.0, "noise offset (0.1 is common; 0 = off)", min=0, group="loss"),
     S("ip_noise_gamma", float, 0.0, "input perturbation noise gamma (0.1 is common; 0 = off)", min=0, group="loss"),
+    S("noise_offset_random_strength", bool, False, "noise offset strength drawn uniformly in 0..noise_offset per step",
+      group="loss"),
+    S("adaptive_noise_scale", float, None, "add |mean of each latent channel| x this to the noise offset",
+      nullable=True, group="loss"),
+    S("multires_noise_iterations", int, 0, "multires (pyramid) noise iterations (6-10 is common; 0 = off)", min=0,
+      group="loss"),
+    S("multires_noise_discount", float, 0.3, "multires noise: weight of each coarser level", min=0, max=1,
+      group="loss"),
+    S("ip_noise_gamma_random_strength", bool, False, "ip noise strength drawn uniformly in 0..ip_noise_gamma per step",
+      group="loss"),
+    S("zero_terminal_snr", bool, False, "rescale the noise schedule so the last timestep is pure noise (use with v-pred)",
+      group="loss"),
+    S("min_timestep", int, None, "smallest training timestep (default 0)", min=0, max=1000, nullable=True,
+      group="loss"),
+    S("max_timestep", int, None, "training timesteps are below this (default 1000)", min=0, max=1000, nullable=True,
+      group="loss"),
+    S("debiased_estimation_loss", bool, False, "weight the loss by 1/sqrt(SNR) (1/(SNR+1) for v-pred)", group="loss"),
+    S("scale_v_pred_loss_like_noise_pred", bool, False, "v-pred: weight the loss by SNR/(SNR+1), like epsilon's",
+      group="loss"),
+    S("v_pred_like_loss", float, 0.0, "add this much of a v-prediction-like loss (0 = off)", min=0, group="loss"),
     S("loss_type", str, "l2", "l2, huber or smooth_l1", choices=("l2", "huber", "smooth_l1"), group="loss"),
     S("huber_schedule", str, "snr", "huber/smooth_l1: snr, exponential or constant",
       choices=("snr", "exponential", "constant"), group="loss"),
@@ -306,6 +328,12 @@ def validate_settings(settings: dict[str, Any] | None, where: str = "train", *, 
                                                     "slice_p"}
         if unknown:
             raise LorakitError(f"{where}: train setting 'optimizer_args' has '{sorted(unknown)[0]}', which Prodigy does not take")
+    if values["max_token_length"] not in (75, 150, 225):
+        raise LorakitError(f"{where}: train setting 'max_token_length' = {values['max_token_length']} is invalid: "
+                           "expected 75, 150 or 225")
+    low, high = values["min_timestep"], values["max_timestep"]
+    if low is not None and high is not None and low > high:
+        raise LorakitError(f"{where}: train setting 'min_timestep' = {low} is above 'max_timestep' = {high}")
     if values["optimizer"] in ADAPTIVE_OPTIMIZERS and "learning_rate" not in normalised:
         values["learning_rate"] = 1.0  # an adaptive optimiser finds the step size; its LR is a multiplier
     if values["device"] not in ("auto", "cpu") and not values["device"].startswith("cuda"):

@@ -22,6 +22,7 @@ from . import kohya_format
 from .data import LatentCache, TrainingData, build_training_data, load_mask, make_caption
 from .network import LoraNetwork
 from .optim import make_optimizer, make_scheduler
+from .prompts import MAX_TOKEN_LENGTHS, chunk_ids, join_chunks, token_count
 from .plan import make_plan, render, schedule
 
 
@@ -42,6 +43,14 @@ def resolve_precision(config, device: str) -> str:
     if config.mixed_precision == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return config.mixed_precision
+
+
+def training_noise_scheduler(scheduler_config, zero_terminal_snr: bool = False):
+    """DDPM's forward process with the model's betas; ``zero_terminal_snr`` rescales them so that the
+    last timestep is pure noise (Lin et al. 2023, as kohya's ``--zero_terminal_snr``)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(scheduler_config, rescale_betas_zero_snr=zero_terminal_snr)
 
 
 def epoch_file(output: Path, epoch: int) -> Path:
@@ -121,10 +130,12 @@ class Trainer:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
         self.base = load_base_model(config.base_model, vae=config.vae, device=str(device), dtype=self.weight_dtype,
                                     v_prediction=config.v_prediction, config=config.base_config)
+        self.base.noise_scheduler = training_noise_scheduler(self.base.noise_scheduler.config, config.zero_terminal_snr)
         if self.base.vae.dtype != torch.float32:
             self.base.vae.to(device, torch.float32)  # the VAE encodes in fp32 (the SDXL VAE overflows in fp16)
         self.base.vae.requires_grad_(False)
         self.data_ = self.data(self.base.is_sdxl)
+        self.warn_about_cut_captions()
         torch.manual_seed(config.seed)  # LoRA initialisation
         self.network = LoraNetwork.create(self.base, config)
         if config.gradient_checkpointing:
@@ -180,28 +191,46 @@ class Trainer:
         device = self.accelerator.device
         base = self.base
         grad = torch.enable_grad() if self.network.trains_text_encoder() else torch.no_grad()
+        length = self.config.max_token_length
         with grad:
             if not base.is_sdxl:
-                ids = base.tokenizer(captions, padding="max_length", max_length=base.tokenizer.model_max_length,
-                                     truncation=True, return_tensors="pt").input_ids.to(device)
-                out = self.text_encoders[0](ids, output_hidden_states=True)
+                ids = chunk_ids(base.tokenizer, captions, length).to(device)
+                batch, chunks = ids.shape[:2]
+                out = self.text_encoders[0](ids.reshape(batch * chunks, -1), output_hidden_states=True)
                 if self.config.clip_skip == 1:
-                    return out.last_hidden_state, None
+                    return join_chunks(out.last_hidden_state, batch, chunks), None
                 # clip skip N: the Nth-from-last layer, through the final layer norm (as A1111 does).
                 hidden = out.hidden_states[-self.config.clip_skip]
                 encoder = self.accelerator.unwrap_model(self.text_encoders[0])
                 final_norm = getattr(encoder, "text_model", encoder).final_layer_norm  # transformers 5: no text_model
-                return final_norm(hidden), None
+                return join_chunks(final_norm(hidden), batch, chunks), None
             states = []
             pooled = None
             for tokenizer, encoder in zip(base.tokenizers, self.text_encoders):
-                ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids.to(device)
-                out = encoder(ids, output_hidden_states=True)
-                states.append(out.hidden_states[-2])  # SDXL always uses the penultimate layer
+                ids = chunk_ids(tokenizer, captions, length).to(device)
+                batch, chunks = ids.shape[:2]
+                out = encoder(ids.reshape(batch * chunks, -1), output_hidden_states=True)
+                states.append(join_chunks(out.hidden_states[-2], batch, chunks))  # SDXL: the penultimate layer
                 if hasattr(out, "text_embeds"):
-                    pooled = out.text_embeds
+                    pooled = out.text_embeds[::chunks]  # the first chunk's pooled embedding, as kohya
             return torch.cat(states, dim=-1), pooled
+
+    def warn_about_cut_captions(self) -> None:
+        """Captions longer than max_token_length lose their tail: say how many and what to set."""
+        limit = self.config.max_token_length
+        tokenizer = self.base.tokenizer
+        counts = {}
+        for image in self.data_.images:
+            caption = image.caption.replace(image.keep_tokens_separator or "|||", ",")
+            caption = " ".join(t for t in (image.caption_prefix, caption, image.caption_suffix) if t)
+            counts[image.path] = token_count(tokenizer, caption)
+        cut = [(path, n) for path, n in counts.items() if n > limit]
+        if cut:
+            path, n = max(cut, key=lambda pair: pair[1])
+            longer = [x for x in MAX_TOKEN_LENGTHS if x > limit and x >= n] or [MAX_TOKEN_LENGTHS[-1]]
+            self.console.print(
+                f"[yellow]warning[/yellow]: {len(cut)} of {len(counts)} captions are longer than max_token_length "
+                f"{limit} and lose their last tags (longest: {path.name}, {n} tokens); set max_token_length {longer[0]}")
 
     def loss(self, latents: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None,
              time_ids: torch.Tensor | None, weights: torch.Tensor, masks: torch.Tensor | None,
@@ -210,14 +239,16 @@ class Trainer:
         config = self.config
         scheduler = self.base.noise_scheduler
         device = latents.device
-        batch = latents.shape[0]
 
         # 1-2. Noise and a random timestep per image (``sample_noise``), then the forward process q(x_t | x_0).
         noise, timesteps = self.sample_noise(latents, generator)
         input_noise = noise
         if config.ip_noise_gamma:
             # Input perturbation: noise the input a little more than the target says.
-            input_noise = noise + config.ip_noise_gamma * torch.randn(latents.shape, generator=generator).to(device)
+            strength = config.ip_noise_gamma
+            if config.ip_noise_gamma_random_strength:
+                strength = torch.rand(1, generator=generator).item() * config.ip_noise_gamma
+            input_noise = noise + strength * torch.randn(latents.shape, generator=generator).to(device)
         noisy = scheduler.add_noise(latents, input_noise, timesteps)
         # 3. The prediction and its target: the noise (epsilon) or the velocity v = a_t * eps - s_t * x_0.
         added = {"text_embeds": pooled, "time_ids": time_ids} if self.base.is_sdxl else None
@@ -238,25 +269,69 @@ class Trainer:
         if masks is not None:
             loss = loss * masks
         loss = loss.mean(dim=(1, 2, 3))
-        # 6. Per-image weights: the prior-loss weight of regularisation images, then min-SNR.
-        loss = loss * weights
-        if config.min_snr_gamma:
-            alphas_cumprod = scheduler.alphas_cumprod.to(device)[timesteps]
-            snr = alphas_cumprod / (1 - alphas_cumprod)
-            clipped = torch.clamp(snr, max=config.min_snr_gamma)
-            loss = loss * (clipped / (snr + 1) if self.base.v_prediction else clipped / snr)
+        # 6. Per-image weights: the prior-loss weight of regularisation images, then the SNR weights
+        #    (min-SNR, v-pred scaling, v-pred-like loss, debiased estimation; ``snr_weights``).
+        loss = loss * weights * self.snr_weights(timesteps)
         return loss.mean()
 
     def sample_noise(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The noise (optionally offset per channel: darker darks, brighter brights) and a timestep per image."""
+        """The noise and a timestep per image, as kohya draws them.
+
+        Noise offset shifts each channel (darker darks, brighter brights); its strength may be drawn
+        in 0..noise_offset and grow with the latent's mean (adaptive). Multires noise adds coarser
+        noise at random scales and normalises to unit variance. Timesteps are uniform in
+        [min_timestep, max_timestep).
+        """
         config = self.config
-        device, batch = latents.device, latents.shape[0]
+        device, (batch, channels, height, width) = latents.device, latents.shape
         noise = torch.randn(latents.shape, generator=generator).to(device)
         if config.noise_offset:
-            noise = noise + config.noise_offset * torch.randn((batch, latents.shape[1], 1, 1), generator=generator).to(device)
+            offset = config.noise_offset
+            if config.noise_offset_random_strength:
+                offset = torch.rand(1, generator=generator).item() * config.noise_offset
+            if config.adaptive_noise_scale is not None:
+                mean = latents.mean(dim=(2, 3), keepdim=True).abs()
+                offset = torch.clamp(offset + config.adaptive_noise_scale * mean, min=0.0)
+            noise = noise + offset * torch.randn((batch, channels, 1, 1), generator=generator).to(device)
+        if config.multires_noise_iterations:
+            upsample = torch.nn.Upsample(size=(height, width), mode="bilinear")
+            for i in range(config.multires_noise_iterations):
+                r = torch.rand(1, generator=generator).item() * 2 + 2  # each level 2-4 times coarser
+                h, w = max(1, int(height / r ** i)), max(1, int(width / r ** i))
+                noise = noise + upsample(torch.randn((batch, channels, h, w), generator=generator)).to(device) \
+                    * config.multires_noise_discount ** i
+                if h == 1 or w == 1:
+                    break
+            noise = noise / noise.std()
         steps = self.base.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (batch,), generator=generator).to(device)
-        return noise, timesteps
+        low = config.min_timestep or 0
+        high = steps if config.max_timestep is None else config.max_timestep
+        if low < high:
+            timesteps = torch.randint(low, high, (batch,), generator=generator)
+        else:
+            timesteps = torch.full((batch,), high)
+        return noise, timesteps.long().to(device)
+
+    def snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The per-image loss weight from the signal-to-noise ratio: min-SNR, v-pred scaling,
+        v-pred-like loss and debiased estimation, in kohya's order (``post_process_loss``)."""
+        config = self.config
+        v_prediction = self.base.v_prediction
+        alphas_cumprod = self.base.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        weight = torch.ones_like(snr)
+        if config.min_snr_gamma:
+            clipped = torch.clamp(snr, max=config.min_snr_gamma)
+            weight = weight * (clipped / (snr + 1) if v_prediction else clipped / snr.clamp(min=1e-12))
+        capped = torch.clamp(snr, max=1000)  # SNR at t = 0 is huge; kohya caps it at 1000
+        v_scale = capped / (capped + 1)
+        if config.scale_v_pred_loss_like_noise_pred:
+            weight = weight * v_scale
+        if config.v_pred_like_loss:
+            weight = weight * (1 + config.v_pred_like_loss / v_scale.clamp(min=1e-12))
+        if config.debiased_estimation_loss:
+            weight = weight * (1 / (capped + 1) if v_prediction else 1 / capped.clamp(min=1e-12).sqrt())
+        return weight
 
     def huber_c(self, timesteps: torch.Tensor) -> torch.Tensor:
         config = self.config
