@@ -143,6 +143,53 @@ def _fail_if_crashed(result) -> None:
               "was written without them; run again to retry them.")
 
 
+@cli.command()
+@click.argument("target", type=click.Path(exists=True))
+@click.option("--dry-run", is_flag=True, help="only show what would be removed and its size")
+def clean(target, dry_run):
+    """Remove cached results and stored files that no finished run uses any more.
+
+    TARGET is a pipeline file, a dataset folder (its .lorakit store) or a store folder. What the
+    last finished run of each output folder used is kept, so the next run is still all cache
+    hits; results of older settings (another trim fuzz, a removed step) go.
+    """
+    from .store import DB_NAME, Store, clean_store
+
+    path = Path(target)
+    if path.is_file():
+        from .runner import STORE_DIR
+
+        pipeline, _ = _load(target)
+        root = pipeline.cache_dir or pipeline.output / STORE_DIR
+    elif (path / DB_NAME).is_file():
+        root = path
+    else:
+        from .runner import STORE_DIR
+
+        root = path / STORE_DIR
+    if not (root / DB_NAME).is_file():
+        raise LorakitError(f"{root}: no lorakit store here (run a pipeline first; older stores need one run "
+                           "with this version before they can be cleaned)")
+    store = Store(root)
+    try:
+        report = clean_store(store, dry_run=dry_run)
+    finally:
+        store.close()
+    verb = "Would remove" if dry_run else "Removed"
+    out_console.print(f"{verb} {report.entries} cache entries, {report.blobs} stored image(s) and {report.files} "
+                      f"other file(s): {_size(report.bytes)}. Kept {report.kept_entries} entries and "
+                      f"{report.kept_blobs} image(s) ({_size(report.kept_bytes)}) used by {len(report.runs)} "
+                      f"run(s) -> {root}", highlight=False)
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 def print_summary(result) -> None:
     table = Table(title="lorakit run", show_lines=False)
     for col in ("step", "kind", "in", "out", "set aside", "cached", "seconds"):
@@ -248,7 +295,8 @@ def plugins(as_json):
 
 def _step_info(cls: type[Step]) -> dict:
     return {"name": cls.name, "kind": cls.kind, "summary": cls.summary, "version": cls.version,
-            "reads": sorted(cls.reads), "writes": sorted(cls.writes), "description": cls.describe(),
+            "reads": None if cls.reads is None else sorted(cls.reads),
+            "writes": None if cls.writes is None else sorted(cls.writes), "description": cls.describe(),
             "example": cls.example,
             "params": [{"name": p.name, "type": p.expected, "default": None if p.required else p.to_json_schema().get("default"),
                         "required": p.required, "help": p.help} for p in cls.params]}

@@ -6,6 +6,7 @@ is set aside with the step and reason while the run goes on.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -28,10 +29,11 @@ from lorakit.plugin_sdk import (
     verify_image,
 )
 
+from . import chain
 from . import curation as curation_stage
 from .manifest import MANIFEST_NAME, ImageRecord, Manifest, SetAsideRecord
 from .pipeline import ConfiguredStep, Pipeline
-from .store import State, Store, content_of, digest, sha256_file
+from .store import State, Store, digest, sha256_file
 
 STORE_DIR = ".lorakit"
 CURATION_INPUT = "curation-input.json"  # the states before the curation stage (apply_to_dataset redoes it)
@@ -51,6 +53,7 @@ class StepStats:
     set_aside: int = 0
     cached: int = 0
     computed: int = 0
+    replayed: int = 0  # of the cached: run again to rebuild a picture a chain did not keep (chain.py)
     seconds: float = 0.0
     messages: list[str] = field(default_factory=list)
 
@@ -68,59 +71,6 @@ class RunResult:
     @property
     def nothing_changed(self) -> bool:
         return all(s.computed == 0 for s in self.stats)
-
-
-# ----- worker side --------------------------------------------------------------------------
-_WORKER: dict[str, Any] = {"steps": {}}
-
-
-def _init_worker(store_root: str) -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: no worker tracebacks
-    _WORKER["store"] = Store(Path(store_root))
-
-
-def _worker_chunk(step: ImageStep, step_key: str, ctx: StepContext, states: list[State]) -> tuple[list[dict], list[str]]:
-    """Run one chunk in a worker. The pool outlives a step, so each configured step is set up once
-    per worker process and kept (its models stay loaded) for the rest of the run."""
-    steps = _WORKER["steps"]
-    if step_key not in steps:
-        step.setup(ctx)
-        steps[step_key] = step
-    results = apply_image_step(steps[step_key], ctx, _WORKER["store"], states)
-    return results, list(ctx.messages)  # log lines travel back to the main process with the results
-
-
-def apply_image_step(step: ImageStep, ctx: StepContext, store: Store, states: list[State]) -> list[dict]:
-    """Run ``step`` on ``states``; each result is {"outputs": [...]} or {"aside": reason, "final": bool}."""
-    items = [store.item_from_state(s) for s in states]
-    try:
-        outs = step.process_batch(items, ctx)
-        if len(outs) != len(items):
-            raise RuntimeError(f"process_batch returned {len(outs)} results for {len(items)} images")
-    except Exception as exc:  # a whole batch failing sets each of its images aside
-        outs = [exc] * len(items)
-    results: list[dict] = []
-    for out in outs:
-        if is_storage_error(out):
-            raise out  # a full or read-only disk is not about this image: the run stops with a clear message
-        if isinstance(out, BaseException):
-            # Decisions (SkipImage) and unreadable files are final and cached; other errors are retried.
-            results.append({"aside": reason_of(out), "final": isinstance(out, (SkipImage, ImageError))})
-            continue
-        produced = out if isinstance(out, list) else [out]
-        bad = [o for o in produced if not isinstance(o, Item)]
-        if bad:
-            results.append({"aside": f"step returned {type(bad[0]).__name__}, not an Item", "final": False})
-            continue
-        try:
-            results.append({"outputs": [store.state_from_item(o) for o in produced]})
-        except Exception as exc:
-            if is_storage_error(exc):
-                raise
-            results.append({"aside": reason_of(exc), "final": False})
-    return results
 
 
 # ----- the runner ---------------------------------------------------------------------------
@@ -143,6 +93,7 @@ class Runner:
                          else self.output / curation_stage.DATASET_CURATION_NAME)
         self.curation = curation_stage.Curation(curation_file, self.output)
         self._restored: set[str] = set()
+        self._refs: dict[str, list[str]] = {"cache": [], "sources": []}  # what this run used (for `clean`)
 
     def _ctx(self, step) -> StepContext:
         work = self.store.root / "steps" / step.name
@@ -166,6 +117,7 @@ class Runner:
             raise
         finally:
             self._shutdown_pool()
+            self.store.close()  # commits the results finished so far: an interrupted run resumes from them
 
     def _run(self) -> RunResult:
         self.output.mkdir(parents=True, exist_ok=True)
@@ -177,15 +129,17 @@ class Runner:
         self._apply_subset_config(states)
         states = curation_stage.early_moves(states, self.curation.edits())
         self._ensure_subsets(states)
-        for cfg in self.pipeline.steps:
-            if isinstance(cfg.step, ImageStep):
-                states = self._run_image_step(cfg, states)
-            elif isinstance(cfg.step, DatasetStep):
-                states = self._run_dataset_step(cfg, states)
+        for group in _chains(self.pipeline.steps):
+            if isinstance(group[0].step, ImageStep):
+                states = self._run_image_steps(group, states)
+            elif isinstance(group[0].step, DatasetStep):
+                states = self._run_dataset_step(group[0], states)
             self._ensure_subsets(states)
         if not states:
             self._refuse_empty_dataset()
         manifest, curated = self.finish(states, hand)
+        self.store.flush()
+        self.store.record_run(self.output.resolve(), self._refs)
         return RunResult(self.output, self.output / MANIFEST_NAME, manifest, self.stats,
                          manifest.set_aside, curated, list(self.crashed))
 
@@ -229,13 +183,13 @@ class Runner:
             manifest.curation = os.path.relpath(self.curation.path.resolve(), self.output.resolve())
         except ValueError:  # another drive (Windows)
             manifest.curation = str(self.curation.path.resolve())
-        manifest.save()
+        _save_if_changed(manifest)
         stats.seconds = time.perf_counter() - t0
         self.stats.append(stats)
         return manifest, result
 
     def _save_curation_input(self, path: Path, states: list[State], applied: str) -> None:
-        atomic_write_text(path, json.dumps({
+        _write_if_changed(path, json.dumps({
             "version": 1, "applied": applied, "store": _store_ref(self.store.root, self.output), "states": states,
             "set_aside": [list(x) for x in self.set_aside],
             "subsets": {n: s.to_dict() for n, s in self.subsets.items()},
@@ -267,11 +221,6 @@ class Runner:
 
     # ----- sources ---------------------------------------------------------------------------
     def _run_sources(self) -> list[State]:
-        index_path = self.store.root / "source-index.json"
-        try:
-            index = json.loads(index_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            index = {}
         states: list[State] = []
         used_names: set[tuple[str, str]] = set()
         used_ids: set[str] = set()
@@ -281,6 +230,7 @@ class Runner:
             t0 = time.perf_counter()
             ctx = self._ctx(step)
             step.setup(ctx)
+            items: list[Item] = []
             with self._progress() as progress:
                 task = progress.add_task(f"{step.name}: reading", total=None)
                 for item in step.produce(ctx):
@@ -290,47 +240,87 @@ class Runner:
                     item.steps = [step.name]
                     item.source = item.source or str(item.path)
                     item.name = _unique(item.subset, item.name, used_names)
-                    state = self._ingest_source(Path(item.path), item, index, stats)
-                    if state is not None:
-                        state["id"] = _unique_id(curation_stage.source_id(Path(state["image"]).stem), used_ids)
-                        states.append(state)
-                        stats.outputs += 1
+                    items.append(item)
                     progress.update(task, advance=1)
                 progress.update(task, total=stats.inputs, completed=stats.inputs, description=f"{step.name}: {stats.inputs} files")
+                for state in self._ingest_sources(items, stats):
+                    state["id"] = _unique_id(curation_stage.source_id(Path(state["image"]).stem), used_ids)
+                    states.append(state)
+                    stats.outputs += 1
             for item, reason in ctx.set_aside_items:  # files the source could not use (an unreadable caption)
                 stats.inputs += 1
                 self._aside_raw(item, step.name, reason, stats)
             stats.messages.extend(ctx.messages)
             stats.seconds = time.perf_counter() - t0
             self.stats.append(stats)
-        atomic_write_text(index_path, json.dumps(index))
+        self.store.flush()
         return states
 
-    def _ingest_source(self, path: Path, item: Item, index: dict, stats: StepStats) -> State | None:
-        try:
-            st = path.stat()
-            key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-        except OSError as exc:
-            self._aside_raw(item, "source", f"cannot read file ({exc.strerror})", stats)
-            return None
-        entry = index.get(key)
-        if entry is None or (entry.get("blob") and not self.store.blob_path(entry["blob"]).exists()):
-            stats.computed += 1
+    def _ingest_sources(self, items: list[Item], stats: StepStats) -> list[State]:
+        """Check each source file once and read it in place: a file already seen (same path, size,
+        modification time and inode) is found in the index in one batched look-up."""
+        keys: dict[str, str] = {}  # file -> index key
+        files = {}
+        for item in items:
+            for path in (item.path, item.mask):
+                if path is not None and str(path) not in files:
+                    files[str(path)] = path
+        for name, path in files.items():
             try:
-                verify_image(path)
-                entry = {"blob": self.store.add_file(path)}
-            except ImageError as exc:
-                entry = {"error": str(exc)}
-            index[key] = entry
-        else:
-            stats.cached += 1
-        if "error" in entry:
-            self._aside_raw(item, "source", entry["error"], stats)
-            return None
-        state = self.store.state_from_item(item.replace(path=self.store.blob_path(entry["blob"])))
-        if item.mask is not None:  # a mask that came with the source (kohya conditioning dir)
-            state["mask"] = self.store.add_file(Path(item.mask))
-        return state
+                st = os.stat(path)
+                keys[name] = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+            except OSError as exc:
+                keys[name] = "!" + (exc.strerror or str(exc))
+        index = self.store.sources_get_many(k for k in keys.values() if not k.startswith("!"))
+
+        def entry_for(path) -> dict:
+            key = keys[str(path)]
+            if key.startswith("!"):
+                return {"error": f"cannot read file ({key[1:]})"}
+            entry = index.get(key)
+            if entry is None or (entry.get("blob") and "path" not in entry
+                                 and not self.store.blob_path(entry["blob"]).exists()):
+                stats.computed += 1
+                try:
+                    size = verify_image(path)
+                    # read in place: the file is hashed, never copied (the store stays small)
+                    entry = {"blob": sha256_file(Path(path)) + Path(path).suffix.lower(), "size": list(size),
+                             "path": os.path.abspath(path)}
+                except ImageError as exc:
+                    entry = {"error": str(exc)}
+                index[key] = entry
+                self.store.source_put(key, entry)
+            else:
+                stats.cached += 1
+            self._refs["sources"].append(key)
+            return entry
+
+        states = []
+        for item in items:
+            entry = entry_for(item.path)
+            if "error" in entry:
+                self._aside_raw(item, "source", entry["error"], stats)
+                continue
+            blob = entry["blob"]
+            if entry.get("path"):
+                self.store.read_in_place(entry["path"], blob)
+            state = {"name": item.name, "image": blob, "image_path": entry.get("path"),
+                     "size": entry.get("size") or list(self.store.size_of(blob)),
+                     "mask": None, "subset": item.subset, "caption": item.caption,
+                     "tags": [[t, s] for t, s in item.tags.items()], "meta": item.meta,
+                     "source": item.source, "steps": list(item.steps)}
+            if item.mask is not None:  # a mask that came with the source (kohya conditioning dir)
+                stats.cached -= 1  # counted per image, not per file
+                mask_entry = entry_for(item.mask)
+                if "error" in mask_entry:
+                    self._aside_raw(item, "source", f"mask {item.mask}: {mask_entry['error']}", stats)
+                    continue
+                if mask_entry.get("path"):
+                    self.store.read_in_place(mask_entry["path"], mask_entry["blob"])
+                state["mask"] = mask_entry["blob"]
+                state["mask_path"] = mask_entry.get("path")
+            states.append(state)
+        return states
 
     def _aside_raw(self, item: Item, step: str, reason: str, stats: StepStats) -> None:
         stats.set_aside += 1
@@ -358,65 +348,75 @@ class Runner:
                 self.subsets[s["subset"]] = Subset(s["subset"])
 
     # ----- image steps -----------------------------------------------------------------------
-    def _run_image_step(self, cfg: ConfiguredStep, states: list[State]) -> list[State]:
-        step: ImageStep = cfg.step  # type: ignore[assignment]
-        stats = StepStats(step.name, "image", inputs=len(states))
+    def _run_image_steps(self, group: list[ConfiguredStep], states: list[State]) -> list[State]:
+        """Run a chain of per-image steps (see chain.py): what the cache knows is taken in batched
+        look-ups, the rest runs image by image through all the steps of the chain at once."""
         t0 = time.perf_counter()
-        ctx = self._ctx(step)
-        base = {"step": step.name, "version": step.version, "params": step.options.as_json(),
-                "token": step.cache_token()}
-        keys = [digest({**base, "item": content_of(s)}) for s in states]
-        results: list[dict | None] = [self.store.cache_get(k) for k in keys]
-        todo = [i for i, r in enumerate(results) if r is None]
-        stats.cached = len(states) - len(todo)
-
+        steps: list[ImageStep] = [cfg.step for cfg in group]  # type: ignore[misc]
+        ctxs = [self._ctx(step) for step in steps]
+        plans = [chain.make_plan(step, ctx, self.pipeline.resolution) for step, ctx in zip(steps, ctxs)]
+        planned = chain.ChainPlan(plans, self.store, states)
+        jobs = planned.jobs
+        label = "+".join(step.name for step in steps)
         with self._progress() as progress:
-            task = progress.add_task(step.name, total=len(states), completed=stats.cached)
-            if todo:
-                step.setup(ctx)  # load models once here: a missing model stops the run before any image
-                n_workers = step.workers or self.workers or os.cpu_count() or 1
-                size = max(step.batch_size, 1)
-                if step.batch_size <= 1 and n_workers > 1:
-                    size = max(1, min(16, len(todo) // (n_workers * 4)))
-                chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+            total = max(len(states), len(jobs))  # a job per image (per frame once frames are files)
+            task = progress.add_task(label, total=total, completed=total - len(jobs))
+            if jobs:
+                for step, ctx in zip(steps, ctxs):
+                    step.setup(ctx)  # load models once here: a missing model stops the run before any image
+                first = steps[0]
+                n_workers = first.workers or self.workers or os.cpu_count() or 1
+                size = max(first.batch_size, 1)
+                if first.batch_size <= 1 and n_workers > 1:
+                    size = max(1, min(16, len(jobs) // (n_workers * 4)))
+                chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+                run_plans = [chain.StepPlan(**{**p.__dict__, "ctx": _worker_ctx(p.ctx)}) for p in plans]
 
-                def done(chunk, chunk_results):
-                    for i, r in zip(chunk, chunk_results):
-                        results[i] = r
-                        if "outputs" in r or r.get("final"):
-                            self.store.cache_put(keys[i], r)
-                    stats.computed += len(chunk)
+                def done(chunk, trees, messages, seconds):
+                    for job, tree in zip(chunk, trees):
+                        planned.take(job, tree)
+                    for ctx, lines in zip(ctxs, messages or ()):
+                        ctx.messages.extend(lines)
+                    for plan, sec in zip(plans, seconds or ()):
+                        plan.seconds += sec
                     progress.update(task, advance=len(chunk))
 
-                if n_workers > 1 and len(todo) >= max(16, 4 * n_workers):  # below that, process start-up costs more
-                    self._run_pool(step, base, ctx, states, chunks, min(n_workers, len(chunks)), done)
+                if n_workers > 1 and len(jobs) >= max(16, 4 * n_workers):  # below that, process start-up costs more
+                    self._run_pool(run_plans, ctxs[0], chunks, min(n_workers, len(chunks)), done)
                 else:
                     for chunk in chunks:
-                        done(chunk, apply_image_step(step, ctx, self.store, [states[i] for i in chunk]))
-
-        out: list[State] = []
-        used: set[tuple[str, str]] = set()
-        for state, r in zip(states, results):
-            assert r is not None
-            if "outputs" in r:
-                many = len(r["outputs"]) > 1
-                for k, o in enumerate(r["outputs"]):
-                    o = dict(o, steps=state.get("steps", []) + [step.name], source=o.get("source") or state.get("source"))
-                    if state.get("id"):
-                        o["id"] = curation_stage.child_id(state["id"], state["name"], o["name"], k) if many else state["id"]
-                    o["name"] = _unique(o["subset"], o["name"], used)
-                    out.append(o)
-            elif self._keep_restored(state, step.name):
-                out.append(state)
-                stats.messages.append(f"{state['name']}: kept (restored by hand; the step said: {r['aside']})")
+                        for p in run_plans:
+                            p.seconds = 0.0
+                        trees = chain.run_jobs(run_plans, self.store, [(j.state, j.level) for j in chunk])
+                        messages = [list(p.ctx.messages) for p in run_plans]
+                        for p in run_plans:
+                            p.ctx.messages.clear()
+                        done(chunk, trees, messages, [p.seconds for p in run_plans])
+        self.store.flush()
+        out, asides = planned.outputs()
+        for state, step_name, reason in asides:
+            if self._keep_restored(state, step_name) and chain.materialised(state):
+                out.append(chain.final_state(state))  # the rest of its chain is skipped
+                ctxs[0].messages.append(f"{state['name']}: kept (restored by hand; {step_name} said: {reason})")
             else:
-                stats.set_aside += 1
-                self.set_aside.append((state, step.name, self._in_user_words(r["aside"], state)))
-        stats.outputs = len(out)
-        stats.messages.extend(ctx.messages)
-        stats.seconds = time.perf_counter() - t0
-        self.stats.append(stats)
-        _check_losses(step.name, states, results, self.output)
+                self.set_aside.append((state, step_name, self._in_user_words(reason, state)))
+        self._refs["cache"].extend(planned.used_keys)
+        used: set[tuple[str, str]] = set()
+        for o in out:
+            o["name"] = _unique(o["subset"], o["name"], used)
+        wall = time.perf_counter() - t0
+        busy = sum(p.seconds for p in plans) or 1.0
+        for step, ctx, plan, c in zip(steps, ctxs, plans, planned.counts):
+            stats = StepStats(step.name, "image", inputs=c.inputs, outputs=c.outputs, set_aside=c.set_aside,
+                              cached=c.cached, computed=c.computed, replayed=c.replayed,
+                              seconds=wall * plan.seconds / busy if jobs else wall / len(steps))
+            stats.messages.extend(ctx.messages)
+            if c.replayed:
+                stats.messages.append(f"re-ran on {c.replayed} image(s) to rebuild pictures for a later step "
+                                      "of its chain (results unchanged)")
+            self.stats.append(stats)
+        for step, c in zip(steps, planned.counts):
+            _check_losses(step.name, c.failed, c.inputs, self.output)
         return out
 
     def _pool(self, n_workers: int) -> ProcessPoolExecutor:
@@ -424,7 +424,7 @@ class Runner:
         if self._executor is None or self._executor_size < n_workers:
             self._shutdown_pool()
             self._executor = ProcessPoolExecutor(max_workers=n_workers, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_init_worker, initargs=(str(self.store.root),))
+                                                 initializer=chain.init_worker, initargs=(str(self.store.root),))
             self._executor_size = n_workers
         return self._executor
 
@@ -439,19 +439,17 @@ class Runner:
                     proc.terminate()
             self._executor = None
 
-    def _run_pool(self, step, base, ctx, states, chunks, n_workers, done) -> None:
-        """Run ``chunks`` over the worker pool. A worker that dies (kill -9, a decoder crash, the
-        out-of-memory killer) breaks the pool: it is restarted and the lost images are retried, first
-        one per task, then alone; an image that kills its worker even alone is set aside, named."""
-        # ``base`` already holds options and cache token: cache_token() may hash or resolve a model
-        step_key = digest({"class": f"{type(step).__module__}.{type(step).__qualname__}", **base})
-        worker_ctx = StepContext(**{**ctx.__dict__, "messages": [], "set_aside_items": [], "reports": {}})
+    def _run_pool(self, plans, ctx, chunks, n_workers, done) -> None:
+        """Run ``chunks`` of chain jobs over the worker pool. A worker that dies (kill -9, a decoder
+        crash, the out-of-memory killer) breaks the pool: it is restarted and the lost images are
+        retried, first one per task, then alone; an image that kills its worker even alone is set
+        aside, named."""
         health = {"restarts": 0, "ok_since_crash": 0}
 
         def hopeless() -> bool:  # the step kills its workers on every image: stop restarting
             return health["restarts"] >= _MAX_BLIND_RESTARTS and health["ok_since_crash"] == 0
 
-        def run_round(round_chunks: list[list[int]], in_flight: int) -> list[list[int]]:
+        def run_round(round_chunks: list[list], in_flight: int) -> list[list]:
             """Run the chunks with at most ``in_flight`` submitted; return the chunks lost in crashes."""
             queue, lost, pending = list(round_chunks), [], {}
             while queue or pending:
@@ -460,7 +458,7 @@ class Runner:
                 pool = self._pool(n_workers)
                 while queue and len(pending) < in_flight:
                     chunk = queue.pop(0)
-                    pending[pool.submit(_worker_chunk, step, step_key, worker_ctx, [states[i] for i in chunk])] = chunk
+                    pending[pool.submit(chain.worker_jobs, plans, [(j.state, j.level) for j in chunk])] = chunk
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 if any(isinstance(f.exception(), BrokenProcessPool) for f in finished):
                     wait(pending)  # a broken pool fails every task it still held
@@ -476,12 +474,12 @@ class Runner:
                     if is_storage_error(exc):
                         raise exc
                     if exc is not None:  # e.g. a result that cannot travel back: retried next run
-                        chunk_results = [{"aside": f"worker process failed: {reason_of(exc)}", "final": False}] * len(chunk)
+                        reason = f"worker process failed: {reason_of(exc)}"
+                        done(chunk, [_failed_tree(reason) for _ in chunk], None, None)
                     else:
-                        chunk_results, messages = fut.result()
-                        ctx.messages.extend(messages)
+                        trees, messages, seconds = fut.result()
                         health["ok_since_crash"] += bool(health["restarts"])
-                    done(chunk, chunk_results)
+                        done(chunk, trees, messages, seconds)
                 if broken:
                     self._shutdown_pool(cancel=True)
                     health["restarts"] += 1
@@ -495,8 +493,7 @@ class Runner:
             again = [chunk] if hopeless() else run_round([chunk], 1)
             if not again:
                 continue
-            i = chunk[0]
-            who = states[i].get("source") or states[i]["name"]
+            who = chunk[0].state.get("source") or chunk[0].state["name"]
             if hopeless():
                 reason = ("not processed: the worker processes of this step died on every image "
                           f"({health['restarts']} restarts)")
@@ -504,7 +501,7 @@ class Runner:
                 reason = (f"{who}: killed its worker process twice, the second time alone (a decoder crash or "
                           "the out-of-memory killer)")
             crashed.append(who)
-            done(chunk, [{"aside": reason, "final": False, "crashed": True}])
+            done(chunk, [_failed_tree(reason)], None, None)
         if health["restarts"]:
             ctx.log(f"{health['restarts']} worker process(es) died and were restarted; "
                     + (f"{len(crashed)} image(s) set aside for it" if crashed else "every image was retried successfully"))
@@ -516,12 +513,20 @@ class Runner:
         stats = StepStats(step.name, "dataset", inputs=len(states))
         t0 = time.perf_counter()
         ctx = self._ctx(step)
+        # The key holds, per image, its id, name and subset and the fields the step reads; the entry
+        # keeps what the step changed per image, so a field it does not read (a caption for a step
+        # that reads tags) is taken from this run's input, never from the cached result.
+        reads = chain.declared_fields(step, "reads")
+        fields = sorted((chain.READABLE if reads is None else reads) - {"name", "subset", "train"})
         key = digest({"step": step.name, "version": step.version, "params": step.options.as_json(),
-                      "token": step.cache_token(), "resolution": self.pipeline.resolution,
-                      "items": [content_of(s) for s in states],
+                      "token": step.cache_token(), "resolution": self.pipeline.resolution, "reads": fields,
+                      "items": [[s.get("id"), s["name"], s["subset"], *(chain.read_value(s, f) for f in fields)]
+                                for s in states],
                       "subsets": {n: s.to_dict() for n, s in sorted(self.subsets.items())},
-                      **({"train": self.pipeline.train} if "train" in step.reads else {})})
+                      **({"train": self.pipeline.train} if reads is None or "train" in reads else {})})
+        by_id = {s["id"]: s for s in states if s.get("id")}
         hit = self.store.cache_get(key)
+        self._refs["cache"].append(key)
         if hit is None:
             with self.console.status(f"[bold]{step.name}[/] over {len(states)} images"):
                 step.setup(ctx)
@@ -538,8 +543,8 @@ class Runner:
                     st = _with_id(self.store.state_from_item(item), by_name, used_ids)
                     if not st["steps"] or st["steps"][-1] != step.name:
                         st["steps"] = st["steps"] + [step.name]
-                    outputs.append(st)
-                aside = [[_with_id(self.store.state_from_item(i), by_name, used_ids), reason]
+                    outputs.append(_pack(st, by_id))
+                aside = [[_pack(_with_id(self.store.state_from_item(i), by_name, used_ids), by_id), reason]
                          for i, reason in ctx.set_aside_items]
                 hit = {"outputs": outputs, "aside": aside, "messages": ctx.messages, "reports": ctx.reports,
                        "subsets": {n: s.to_dict() for n, s in ctx.subsets.items()}}
@@ -548,22 +553,29 @@ class Runner:
         else:
             stats.cached = len(states)
             for name, data in hit.get("reports", {}).items():
-                ctx.report(name, data)
+                _replay_report(ctx, name, data)
         self.subsets.clear()
         self.subsets.update({n: Subset.from_dict(d) for n, d in hit["subsets"].items()})
         used: set[tuple[str, str]] = set()
         out = []
-        for state, reason in hit["aside"]:
+        undeclared: set[str] = set()
+        for packed, reason in hit["aside"]:
+            state = _unpack(packed, by_id, undeclared)
             if self._keep_restored(state, step.name):
                 out.append(dict(state, steps=state.get("steps", []) + [step.name]))
                 stats.messages.append(f"{state['name']}: kept (restored by hand; the step said: {reason})")
             else:
                 self.set_aside.append((state, step.name, self._in_user_words(reason, state)))
                 stats.set_aside += 1
-        for o in hit["outputs"]:
-            o = dict(o)
+        for packed in hit["outputs"]:
+            o = _unpack(packed, by_id, undeclared)
             o["name"] = _unique(o["subset"], o["name"], used)
             out.append(o)
+        writes = chain.declared_fields(step, "writes")
+        if writes is not None and undeclared - writes and stats.computed:
+            stats.messages.append(f"warning: step '{step.name}' changed {', '.join(sorted(undeclared - writes))}, "
+                                  f"which it does not declare in writes (it declares "
+                                  f"{', '.join(sorted(writes)) or 'nothing'})")
         stats.outputs = len(out)
         messages = hit.get("messages", [])
         # a cached result's log lines describe the run that computed it, not this one
@@ -581,14 +593,14 @@ class Runner:
         except (FileNotFoundError, json.JSONDecodeError):
             ledger = {}
         new_ledger: dict[str, list] = {}
-        planned: list[tuple[str, Path, Path | None, str | None]] = []  # (rel, target, blob, text)
+        planned: list[tuple[str, Path, Path | None, str | None, str | None]] = []  # (rel, target, file, text, blob)
 
         # Nothing is written until every target is known: a file lorakit did not write is never replaced.
-        def place(blob_path: Path, rel: str) -> None:
-            planned.append((rel, confined_path(out, rel, "output file"), blob_path, None))
+        def place(blob_path: Path, rel: str, blob: str | None = None) -> None:
+            planned.append((rel, confined_path(out, rel, "output file"), blob_path, None, blob or blob_path.name))
 
         def place_text(text: str, rel: str) -> None:
-            planned.append((rel, confined_path(out, rel, "output file"), None, text))
+            planned.append((rel, confined_path(out, rel, "output file"), None, text, None))
 
         images: list[ImageRecord] = []
         for s in list(states):
@@ -600,9 +612,9 @@ class Runner:
                 self.set_aside.append((dict(s, name=Path(s["image"]).stem), s["steps"][-1] if s.get("steps") else "output", str(exc)))
                 states.remove(s)
                 continue
-            blob = self.store.blob_path(s["image"])
+            blob = self.store.image_file(s)
             rel = _join(folder, s["name"] + Path(s["image"]).suffix)
-            place(blob, rel)
+            place(blob, rel, s["image"])
             item = self.store.item_from_state(s)
             text = s["text"] if s.get("text") is not None else item.text  # a caption set by hand is verbatim
             caption_rel = None
@@ -612,12 +624,13 @@ class Runner:
             mask_rel = None
             if s.get("mask"):
                 mask_rel = _join("masks", folder, s["name"] + ".png")
-                place(self.store.blob_path(s["mask"]), mask_rel)
+                place(self.store.mask_file(s), mask_rel, s["mask"])
             meta = s.get("meta", {})
             if s.get("rejected_mask"):  # kept for the review page (and for accepting it again)
                 meta = dict(meta, rejected_mask=_join("set_aside", "masks", folder, s["name"] + ".png"))
-                place(self.store.blob_path(s["rejected_mask"]), meta["rejected_mask"])
-            width, height = image_size(blob)  # header only: never decoded here
+                rejected = {"mask": s["rejected_mask"], "mask_path": s.get("mask_path")}
+                place(self.store.mask_file(rejected), meta["rejected_mask"], s["rejected_mask"])
+            width, height = s.get("size") or self.store.size_of(s["image"])  # recorded: nothing is decoded
             images.append(ImageRecord(
                 path=rel, caption=text, subset=s["subset"], width=width, height=height,
                 sha256=Path(s["image"]).stem, caption_path=caption_rel,
@@ -632,20 +645,21 @@ class Runner:
             if state.get("image"):
                 rel = _join("set_aside", step, state["subset"] if state["subset"] != "default" else "",
                             state["name"] + Path(state["image"]).suffix)
-                place(self.store.blob_path(state["image"]), rel)
+                place(self.store.image_file(state), rel, state["image"])
             aside_records.append(SetAsideRecord(name=state["name"], step=step, reason=reason,
                                                 source=state.get("source") or state.get("raw_path"), path=rel,
                                                 id=state.get("id"), subset=state.get("subset")))
 
         self._refuse_foreign_files(planned, ledger)
-        for rel, target, blob_path, text in planned:
+        for rel, target, blob_path, text, blob in planned:
             if blob_path is not None:
-                new_ledger[rel] = _write_blob(target, blob_path, ledger.get(rel))
+                new_ledger[rel] = _write_blob(target, blob_path, ledger.get(rel), blob)
             else:
-                new_ledger[rel] = _write_text(target, text)
+                new_ledger[rel] = _write_text(target, text, ledger.get(rel))
         for rel in sorted(set(ledger) - set(new_ledger)):  # files an earlier run wrote that are no longer wanted
             self._delete_written(rel, ledger[rel])
-        atomic_write_text(ledger_path, json.dumps(new_ledger))
+        if new_ledger != ledger:  # an unchanged re-run writes nothing
+            atomic_write_text(ledger_path, json.dumps(new_ledger))
 
         used_subsets = {s["subset"] for s in states}
         return Manifest(
@@ -661,8 +675,9 @@ class Runner:
         never overwritten (unless --force)."""
         if self.force:
             return
-        foreign = [rel for rel, target, blob, text in planned
-                   if rel not in ledger and (target.exists() or target.is_symlink()) and not _same_content(target, blob, text)]
+        foreign = [rel for rel, target, path, text, blob in planned
+                   if rel not in ledger and (target.exists() or target.is_symlink())
+                   and not _same_content(target, path, text, blob)]
         manifest = self.output / MANIFEST_NAME
         if manifest.exists() and not _is_lorakit_manifest(manifest):
             foreign.insert(0, MANIFEST_NAME)
@@ -688,39 +703,47 @@ class Runner:
         target.unlink(missing_ok=True)
 
 
-def _write_blob(target: Path, blob_path: Path, prev: list | None) -> list:
+def _write_blob(target: Path, blob_path: Path, prev: list | None, blob: str) -> list:
     """Copy a blob to ``target`` unless the ledger shows it is already there; return its ledger entry."""
     try:
         st = target.stat()
     except FileNotFoundError:
         st = None
-    if st and prev and prev[0] == blob_path.name and prev[1] == st.st_size and prev[2] == st.st_mtime_ns:
+    if st and prev and prev[0] == blob and prev[1] == st.st_size and prev[2] == st.st_mtime_ns:
         return prev
     with atomic_path(target) as tmp:
         shutil.copyfile(blob_path, tmp)  # streamed; a large image is never read whole into memory
     st = target.stat()
-    return [blob_path.name, st.st_size, st.st_mtime_ns]
+    return [blob, st.st_size, st.st_mtime_ns]
 
 
-def _write_text(target: Path, text: str) -> list:
+def _write_text(target: Path, text: str, prev: list | None) -> list:
+    """Write a caption unless the ledger shows the file holds it (then it is not even read)."""
     data = text.encode("utf-8")
+    mark = "text:" + hashlib.sha1(data).hexdigest()
     try:
-        same = target.is_file() and target.stat().st_size == len(data) and target.read_bytes() == data
+        st = target.stat()
+    except OSError:
+        st = None
+    if st and prev and prev[0] == mark and prev[1] == st.st_size and prev[2] == st.st_mtime_ns:
+        return prev
+    try:
+        same = st is not None and st.st_size == len(data) and target.read_bytes() == data
     except OSError:
         same = False
     if not same:
         atomic_write_text(target, text)
     st = target.stat()
-    return ["text", st.st_size, st.st_mtime_ns]
+    return [mark, st.st_size, st.st_mtime_ns]
 
 
-def _same_content(target: Path, blob: Path | None, text: str | None) -> bool:
+def _same_content(target: Path, path: Path | None, text: str | None, blob: str | None) -> bool:
     """True when ``target`` already holds exactly what would be written (writing it changes nothing)."""
     try:
         if not target.is_file() or target.is_symlink():
             return False
-        if blob is not None:
-            return target.stat().st_size == blob.stat().st_size and sha256_file(target) == blob.stem
+        if path is not None:
+            return target.stat().st_size == path.stat().st_size and sha256_file(target) == Path(blob or path.name).stem
         return target.read_bytes() == text.encode("utf-8")
     except OSError:
         return False
@@ -837,24 +860,127 @@ def _input_from_manifest(dataset: Path) -> dict:
             "pipeline_subsets": {}, "resolution": manifest.resolution, "pipeline": manifest.pipeline}
 
 
-def _check_losses(step: str, states: list[State], results: list[dict | None], output: Path) -> None:
+def _check_losses(step: str, failed: list[str], total: int, output: Path) -> None:
     """A step that failed (errors and crashes, not decisions) on most of its images stops the run
     before the dataset folder is touched: writing would delete the previous, good dataset."""
-    failed = [(s, r) for s, r in zip(states, results) if r is not None and "aside" in r and not r.get("final")]
-    if failed and len(failed) > _MOST * len(states):
-        reasons = Counter(r["aside"] for _, r in failed).most_common(3)
+    if failed and len(failed) > _MOST * total:
+        reasons = Counter(failed).most_common(3)
         listed = "; ".join(f"{n} x {reason}" for reason, n in reasons)
         raise LorakitError(
-            f"step '{step}' failed on {len(failed)} of {len(states)} images ({listed}). The run stopped and "
+            f"step '{step}' failed on {len(failed)} of {total} images ({listed}). The run stopped and "
             f"{output} was left as it was. Finished results are cached: fix the cause and run again.")
+
+
+_DELTA_SKIP = ("meta", "steps")
+
+
+def _pack(state: State, by_id: dict[str, State]) -> dict:
+    """A dataset step's output as the cache keeps it: what changed against the input with the same
+    id, or the whole state for an image the step made."""
+    base = by_id.get(state.get("id"))
+    if base is None:
+        return {"state": state}
+    delta = {k: v for k, v in state.items() if k not in _DELTA_SKIP and base.get(k) != v}
+    delta.update({k: None for k in base if k not in state and k not in _DELTA_SKIP})
+    meta, old = state.get("meta") or {}, base.get("meta") or {}
+    meta_set = {k: v for k, v in meta.items() if k not in old or old[k] != v}
+    meta_del = [k for k in old if k not in meta]
+    return {"of": state["id"], "delta": delta, "meta_set": meta_set, "meta_del": meta_del,
+            "steps": state.get("steps", [])[len(base.get("steps", [])):]}
+
+
+def _unpack(packed: dict, by_id: dict[str, State], changed: set[str]) -> State:
+    """The state a packed output stands for in this run; ``changed`` collects the fields it changed."""
+    if "state" in packed:
+        return dict(packed["state"])
+    base = by_id[packed["of"]]
+    out = dict(base)
+    out.update(packed["delta"])
+    if packed["meta_set"] or packed["meta_del"]:
+        meta = dict(base.get("meta") or {})
+        meta.update(packed["meta_set"])
+        for k in packed["meta_del"]:
+            meta.pop(k, None)
+        out["meta"] = meta
+        changed.add("meta")
+    out["steps"] = list(base.get("steps", [])) + packed["steps"]
+    changed.update(chain.FIELDS & set(packed["delta"]))
+    return out
+
+
+def _failed_tree(reason: str) -> dict:
+    """The result of a chain job whose worker failed: set aside, retried by the next run."""
+    return {"key": "", "entry": {"aside": reason, "final": False}}
 
 
 def _remove_partial_files(folder: Path) -> None:
     """Delete temporary files a killed run left behind (atomic writes never leave them otherwise):
-    only lorakit's own names (``.lorakit-tmp-`` + 8 random characters), never a user's ``.tmp-*``."""
-    for tmp in folder.rglob(TMP_PREFIX + "*"):
-        if is_partial_file(tmp) and tmp.is_file() and not tmp.is_symlink():
-            tmp.unlink(missing_ok=True)
+    only lorakit's own names (``.lorakit-tmp-`` + 8 random characters), never a user's ``.tmp-*``.
+    The store is skipped: its leftovers are never read, and `lorakit clean` removes them."""
+    for root, dirs, files in os.walk(folder):
+        if root == str(folder) and STORE_DIR in dirs:
+            dirs.remove(STORE_DIR)
+        for name in files:
+            tmp = Path(root, name)
+            if name.startswith(TMP_PREFIX) and is_partial_file(tmp) and tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink(missing_ok=True)
+
+
+def _replay_report(ctx: StepContext, name: str, data: Any) -> None:
+    """A cached dataset step's report: rewritten only when the file differs (or is gone)."""
+    target = ctx.output_dir / "reports" / f"{ctx.step_name}-{name}.json"
+    try:
+        same = target.read_text(encoding="utf-8") == json.dumps(data, indent=2, ensure_ascii=False, default=str)
+    except OSError:
+        same = False
+    if same:
+        ctx.reports[name] = data
+    else:
+        ctx.report(name, data)
+
+
+def _save_if_changed(manifest: Manifest) -> Path:
+    """Write manifest.json unless the one on disk says the same (apart from its creation time)."""
+    target = manifest.root / MANIFEST_NAME
+    try:
+        old = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    if isinstance(old, dict) and old.get("created"):
+        manifest.created = old["created"]
+        new = manifest.to_dict()
+        if new == old:
+            return target
+        manifest.created = ""
+    return manifest.save()
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_text(path, text)
+
+
+def _chains(steps: list[ConfiguredStep]) -> list[list[ConfiguredStep]]:
+    """Group consecutive per-image steps that run in the worker pool (one pass per image); steps that
+    run in the main process (models, ``workers = 1``) or in batches stay on their own."""
+    groups: list[list[ConfiguredStep]] = []
+    for cfg in steps:
+        step = cfg.step
+        fusable = isinstance(step, ImageStep) and step.workers is None and step.batch_size <= 1
+        prev = groups[-1][-1].step if groups else None
+        if fusable and isinstance(prev, ImageStep) and prev.workers is None and prev.batch_size <= 1:
+            groups[-1].append(cfg)
+        else:
+            groups.append([cfg])
+    return groups
+
+
+def _worker_ctx(ctx: StepContext) -> StepContext:
+    return StepContext(**{**ctx.__dict__, "messages": [], "set_aside_items": [], "reports": {}})
 
 
 def _folder(sub: Subset) -> str:

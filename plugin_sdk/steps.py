@@ -115,8 +115,11 @@ class Step:
     version: ClassVar[str] = "1"
     kind: ClassVar[str] = ""
     params: ClassVar[Sequence[Param]] = ()
-    reads: ClassVar[frozenset[str]] = frozenset()
-    writes: ClassVar[frozenset[str]] = frozenset()
+    # The item fields (FIELDS, and "name" for reads) the step looks at and may change. The host keys
+    # a step's cache by what it reads and refuses changes to fields it does not declare in writes.
+    # None (the default) means "not declared": the step may read and change anything.
+    reads: ClassVar[frozenset[str] | None] = None
+    writes: ClassVar[frozenset[str] | None] = None
     example: ClassVar[str] = ""
 
     def __init__(self, params: Params | dict[str, Any] | None = None):

@@ -77,7 +77,7 @@ class BucketsStep(DatasetStep):
         Param("pad_color", Color, Color((255, 255, 255)), "colour of the padding added by --pad-square"),
     ]
     reads = frozenset({"image", "mask"})
-    writes = frozenset({"image", "mask"})
+    writes = frozenset({"image", "mask", "meta"})
     example = "lorakit buckets dataset/ bucketed/ --resolution 1024 --resize --sort"
 
     def __init__(self, params=None):

@@ -25,7 +25,7 @@ class TrimStep(ImageStep):
               "the pixels (a subject on a background of its own colour gets cut away)", min=0, max=100),
     ]
     reads = frozenset({"image"})
-    writes = frozenset({"image"})
+    writes = frozenset({"image", "meta"})
     example = "lorakit trim raw/ trimmed/ --fuzz 20%"
 
     def process(self, item, ctx):
