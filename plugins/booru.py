@@ -13,12 +13,15 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,8 +35,10 @@ from lorakit.plugin_sdk import (
     ParamError,
     SourceStep,
     StepContext,
+    atomic_path,
     atomic_write_text,
     hookimpl,
+    is_partial_file,
 )
 from lorakit.plugins._tagging import format_tag, is_namespaced, style_params, unique_tags
 
@@ -102,8 +107,10 @@ SITES = {
 }
 
 # Parameter names that look like credentials: refused in pipeline.yaml, which gets shared.
-_CREDENTIAL_WORDS = re.compile(r"pass|secret|token|api[_-]?key|apikey|login|user(name|[_-]?id)?$|cookie|auth",
+_CREDENTIAL_WORDS = re.compile(r"pass|secret|token|key|login|user(name|[_-]?id)?$|cookie|auth|cred|session|sid$",
                                re.IGNORECASE)
+# Query parameters that carry credentials in API URLs (Gelbooru's api_key/user_id, Danbooru's login/api_key).
+_SECRET_QUERY = re.compile(r"(?i)\b(api[_-]?key|user[_-]?id|login|password|pass_hash|token|session|auth)=[^&\s'\"]+")
 
 # Post fields kept in the manifest (meta["booru"]); the rest of the post JSON is left out.
 _KEPT_FIELDS = ("id", "md5", "rating", "score", "fav_count", "source", "created_at", "parent_id", "pixiv_id",
@@ -130,6 +137,9 @@ def parse_site(spec: str, engine: str = "danbooru") -> Site:
     if key in SITES:
         return SITES[key]
     parts = urlsplit(spec.strip())
+    if "@" in parts.netloc:
+        raise ValueError("a site URL without a user name or password in it (user:pass@ ends up in logs and the "
+                         "manifest): set LORAKIT_BOORU_LOGIN / LORAKIT_BOORU_API_KEY instead")
     if parts.scheme in ("http", "https") and parts.netloc:
         if engine not in _ENGINE_CONFIG_KEY:
             raise ValueError(f"a self-hosted instance must use engine danbooru, moebooru or gelbooru_v02, not {engine}")
@@ -212,12 +222,22 @@ class BooruStep(SourceStep):
         Param("retries", int, 4, "times a failed request is retried before giving up", min=0),
         Param("extensions", list, ["png", "jpg", "jpeg", "webp", "gif"], "file types kept (videos are skipped)"),
         Param("refresh", bool, False, "ask the site again even if this search already finished once"),
+        Param("timeout", float, 60.0, "seconds one file may take to download, and the site may stay silent, "
+              "before that post is set aside (or the search stops)", min=1),
+        Param("max_file_mb", float, 50.0, "largest file downloaded, in MB: bigger posts are set aside", min=0.001),
+        Param("allowed_hosts", list, [], "other hosts files may be downloaded from (the site's own host and its "
+              "subdomains always are), e.g. [cdn.example.org]"),
         Param("gallery_dl_config", Path, None,
               "gallery-dl config file to take credentials from (default: gallery-dl's usual locations)"),
     ]
 
     @classmethod
     def configure(cls, given: dict[str, Any] | None = None, where: str | None = None) -> "BooruStep":
+        site_value = str((given or {}).get("site", ""))
+        if "@" in urlsplit(site_value.strip()).netloc:
+            raise ParamError(cls.name, "site", redact_url(site_value),
+                             "a site URL without user:password@ in it (it would end up in logs and the manifest): "
+                             "set LORAKIT_BOORU_LOGIN / LORAKIT_BOORU_API_KEY instead", where)
         for key in given or {}:
             if _CREDENTIAL_WORDS.search(str(key)):
                 raise ParamError(
@@ -278,7 +298,26 @@ class BooruStep(SourceStep):
         posts = []
         downloaded = skipped = 0
         complete = True
-        for post, was_skipped in self._run_gallery_dl(ctx, files_dir, site_dir):
+        for leftover in files_dir.iterdir():  # a download a killed run left half-written
+            if is_partial_file(leftover):
+                leftover.unlink(missing_ok=True)
+        downloader = _Downloader(self.site, o, self._credentials().values())
+        for post in self._run_gallery_dl(ctx, files_dir, site_dir):
+            if post is _STALLED:
+                complete = False
+                ctx.log(f"the site sent nothing for {o.timeout:g} s: the search stopped after {len(posts)} "
+                        "picture(s); run again to continue")
+                continue
+            was_skipped = self._has_file(files_dir, post)
+            if not was_skipped:
+                try:
+                    downloader.fetch(post, files_dir)
+                except DownloadRefused as exc:
+                    complete = False  # not remembered as finished: the next run tries again
+                    url = self.site.post_url(post.get("id"))
+                    ctx.set_aside(Item(name=str(post.get("md5") or post.get("id")), path=Path(url), source=url),
+                                  f"post {post.get('id')}: {exc}")
+                    continue
             item = self._item(files_dir, post, ctx)
             if item is None:
                 complete = False  # not remembered as finished: the next run asks again
@@ -287,6 +326,12 @@ class BooruStep(SourceStep):
             skipped += was_skipped
             downloaded += not was_skipped
             yield item
+        if not posts and downloader.refused:
+            raise LorakitError(f"booru: no picture of '{o.tags}' on {self.site.root} could be downloaded; "
+                               f"the first reason: {downloader.refused[0]}")
+        if not posts and not complete:
+            raise LorakitError(f"booru: {self.site.root} did not answer within {o.timeout:g} s (tags '{o.tags}'); "
+                               "try again later, or raise timeout")
         if not posts:
             raise LorakitError(
                 f"booru: no posts on {self.site.root} match '{o.tags}' (with file types "
@@ -301,6 +346,10 @@ class BooruStep(SourceStep):
             record_path.unlink(missing_ok=True)
 
     # ----- items ----------------------------------------------------------------------------------
+    def _has_file(self, files_dir: Path, post: dict[str, Any]) -> bool:
+        md5, ext = str(post.get("md5") or ""), str(post.get("extension") or post.get("file_ext") or "")
+        return bool(md5 and ext) and (files_dir / f"{md5}.{ext.lower()}").is_file()
+
     @staticmethod
     def _file_of(files_dir: Path, post: dict[str, Any]) -> Path:
         return files_dir / f"{post['md5']}.{str(post['extension']).lower()}"
@@ -371,12 +420,12 @@ class BooruStep(SourceStep):
             "base-directory": str(files_dir),
             "directory": [],
             "filename": "{md5}.{extension!l}",
-            "skip": True,
+            "download": False,  # gallery-dl reads the API; lorakit downloads each file (caps, timeouts, hosts)
             "sleep-request": o.delay,
             "sleep": o.delay,
             "sleep-429": max(o.delay, 60.0) if o.retries else o.delay,
             "retries": o.retries,
-            "timeout": 60,
+            "timeout": o.timeout,
             "image-filter": [f"extension.lower() in {exts!r}", *local_filter(o.local_tags)],
             "image-range": f"1-{o.limit}",
             "tags": site.engine != "danbooru",  # other engines: fetch tag categories (one page per post)
@@ -394,11 +443,13 @@ class BooruStep(SourceStep):
             "output": {"mode": "null", "progress": False, "log": "[{name}][{levelname}] {message}"},
         }
 
-    def _run_gallery_dl(self, ctx: StepContext, files_dir: Path, site_dir: Path) -> Iterator[tuple[dict, bool]]:
-        """Run gallery-dl; yield (post metadata, was already here) as each file lands."""
+    def _run_gallery_dl(self, ctx: StepContext, files_dir: Path, site_dir: Path) -> Iterator[dict]:
+        """Run gallery-dl over the search (metadata only); yield each post's metadata as it arrives, and
+        ``_STALLED`` if the site went silent for longer than ``timeout``."""
         site = self.site
         ctx.tmp_dir.mkdir(parents=True, exist_ok=True)
-        run_dir = Path(tempfile.mkdtemp(prefix="booru-", dir=ctx.tmp_dir))
+        _remove_stale_run_dirs(ctx.tmp_dir)  # a killed run's config (it may hold the API key) goes first
+        run_dir = Path(tempfile.mkdtemp(prefix=f"booru-{os.getpid()}-", dir=ctx.tmp_dir))
         config = self.gallery_dl_config(files_dir, run_dir)
         creds = self._credentials()
         if creds:
@@ -416,9 +467,9 @@ class BooruStep(SourceStep):
         errors: list[str] = []
         reader = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
         reader.start()
-        already_here = {p.name for p in files_dir.iterdir()}
         offset = 0
         buffer = ""
+        last_news = time.monotonic()
         try:
             while True:
                 finished = proc.poll() is not None
@@ -431,22 +482,182 @@ class BooruStep(SourceStep):
                     *lines, buffer = buffer.split("\n")
                     for line in lines:
                         if line.strip():
-                            post = json.loads(line)
-                            name = f"{post.get('md5')}.{str(post.get('extension')).lower()}"
-                            yield post, name in already_here
+                            yield json.loads(line)
+                            last_news = time.monotonic()  # time spent downloading is not the site's silence
                 if finished:
                     break
+                silence = self.options.timeout + self.options.delay + (0 if offset else _GALLERY_DL_START_S)
+                if time.monotonic() - last_news > silence:
+                    proc.kill()  # a site that never finishes its answer does not hang the run
+                    proc.wait()
+                    yield _STALLED
+                    return
                 time.sleep(0.1)
             reader.join(timeout=5)
             if proc.returncode != 0:
-                raise LorakitError(explain_failure(site, self.options, proc.returncode, errors))
+                secrets = list(creds.values())
+                raise LorakitError(scrub(explain_failure(site, self.options, proc.returncode, errors), secrets))
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            for leftover in run_dir.iterdir():
-                leftover.unlink()
-            run_dir.rmdir()
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# Seconds gallery-dl may take to start (a Python program importing its extractors) before its first answer.
+_GALLERY_DL_START_S = 20
+_STALLED: dict[str, Any] = {"stalled": True}  # yielded by _run_gallery_dl when the site went silent
+
+
+class DownloadRefused(Exception):
+    """One post's file is not downloaded (too big, too slow, another host, an HTTP error): set aside."""
+
+
+class _NoForeignRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to a host the downloader allows."""
+
+    def __init__(self, allowed):
+        self.allowed = allowed
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not self.allowed(newurl):
+            raise DownloadRefused(f"redirected to {redact_url(newurl)}, which is not one of the site's hosts "
+                                  "(add it to allowed_hosts if you trust it)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class _Downloader:
+    """Downloads post files with a size cap, a time limit per file and an allow-list of hosts.
+
+    The file is written under a temporary name and renamed when complete (atomic_path), so a refused
+    or interrupted download leaves nothing behind."""
+
+    def __init__(self, site: Site, options, secrets=()):
+        self.site, self.options = site, options
+        self.secrets = [str(v) for v in secrets if v]
+        self.refused: list[str] = []
+        self._last = 0.0
+        self._opener = urllib.request.build_opener(_NoForeignRedirects(self.allowed))
+
+    def allowed(self, url: str) -> bool:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        if parts.scheme not in ("http", "https") or not host or parts.username or parts.password:
+            return False
+        site_host = (urlsplit(self.site.root).hostname or "").lower()
+        extra = {h.lower().strip() for h in self.options.allowed_hosts}
+        if host == site_host or host in extra:
+            return True
+        try:  # an address is only ever itself
+            ipaddress.ip_address(site_host)
+            return False
+        except ValueError:
+            pass
+        base = ".".join(site_host.split(".")[-2:])  # danbooru.donmai.us -> donmai.us (cdn.donmai.us)
+        return host == base or host.endswith("." + base)
+
+    def fetch(self, post: dict[str, Any], files_dir: Path) -> Path:
+        try:
+            return self._fetch(post, files_dir)
+        except DownloadRefused as exc:
+            self.refused.append(scrub(str(exc), self.secrets))
+            raise DownloadRefused(self.refused[-1]) from None
+
+    def _fetch(self, post: dict[str, Any], files_dir: Path) -> Path:
+        o = self.options
+        url = str(post.get("file_url") or "")
+        md5, ext = str(post.get("md5") or ""), str(post.get("extension") or post.get("file_ext") or "").lower()
+        if not url or not re.fullmatch(r"[0-9a-f]{32}", md5) or not re.fullmatch(r"[a-z0-9]{1,5}", ext):
+            raise DownloadRefused("the site gave no file URL (restricted or deleted post?)")
+        if url.startswith("//"):
+            url = urlsplit(self.site.root).scheme + ":" + url
+        if not self.allowed(url):
+            raise DownloadRefused(f"its file is on {urlsplit(url).hostname}, not one of the site's hosts "
+                                  "(add it to allowed_hosts if you trust it)")
+        cap = int(o.max_file_mb * 1024 * 1024)
+        declared = post.get("file_size")
+        if isinstance(declared, int) and declared > cap:
+            raise DownloadRefused(f"file is {declared / 1e6:.1f} MB, over max_file_mb={o.max_file_mb:g}")
+        wait_for = self._last + o.delay - time.monotonic()
+        if wait_for > 0:
+            time.sleep(wait_for)  # polite: requests at least `delay` seconds apart
+        target = files_dir / f"{md5}.{ext}"
+        for attempt in range(o.retries + 1):
+            self._last = time.monotonic()
+            try:
+                self._get(url, target, cap)
+                return target
+            except DownloadRefused:
+                raise
+            except (OSError, urllib.error.URLError) as exc:  # connection trouble or HTTP 5xx: retried
+                if attempt == o.retries:
+                    raise DownloadRefused(f"download failed ({scrub(str(exc), self.secrets)})") from None
+                time.sleep(max(o.delay, 1.0))
+        return target
+
+    def _get(self, url: str, target: Path, cap: int) -> None:
+        o = self.options
+        deadline = time.monotonic() + o.timeout
+        request = urllib.request.Request(url, headers={"User-Agent": "lorakit (gallery-dl search)"})
+        try:
+            response = self._opener.open(request, timeout=o.timeout)
+        except urllib.error.HTTPError as exc:
+            if exc.code >= 500:
+                raise
+            raise DownloadRefused(f"HTTP {exc.code} {exc.reason} for its file") from None
+        with response:
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > cap:
+                raise DownloadRefused(f"file is {int(length) / 1e6:.1f} MB, over max_file_mb={o.max_file_mb:g}")
+            received = 0
+            with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+                while True:
+                    if time.monotonic() > deadline:
+                        raise DownloadRefused(f"download took longer than timeout={o.timeout:g} s")
+                    block = response.read1(1 << 16) if hasattr(response, "read1") else response.read(1 << 16)
+                    if not block:
+                        break
+                    received += len(block)
+                    if received > cap:
+                        raise DownloadRefused(f"file is over max_file_mb={o.max_file_mb:g} (stopped at "
+                                              f"{received / 1e6:.1f} MB)")
+                    fh.write(block)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without a user name or password in it."""
+    parts = urlsplit(url.strip())
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
+def scrub(text: str, secrets=()) -> str:
+    """``text`` with credentials removed: userinfo in URLs, secret query parameters, and known values."""
+    text = re.sub(r"(https?://)[^/@\s'\"]+@", r"\1***@", text)
+    text = _SECRET_QUERY.sub(lambda m: m.group(1) + "=***", text)
+    for value in secrets:
+        if value and len(str(value)) >= 4:
+            text = text.replace(str(value), "***")
+    return text
+
+
+def _remove_stale_run_dirs(tmp_dir: Path) -> None:
+    """Delete the gallery-dl run folders (config with credentials) of lorakit processes that are gone."""
+    for folder in tmp_dir.glob("booru-*"):
+        match = re.fullmatch(r"booru-(\d+)-.*", folder.name)
+        pid = int(match.group(1)) if match else None
+        if pid is not None and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # that run is still going
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        elif pid == os.getpid():
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def explain_failure(site: Site, options, code: int, stderr_lines: list[str]) -> str:

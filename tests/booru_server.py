@@ -45,7 +45,7 @@ class Post:
     def all_tags(self) -> list[str]:
         return self.general + self.character + self.copyright + self.artist + self.meta
 
-    def to_json(self, root: str) -> dict:
+    def to_json(self, root: str, file_root: str | None = None) -> dict:
         """A post as Danbooru's /posts.json returns it (the fields gallery-dl and lorakit read)."""
         join = " ".join
         return {
@@ -62,7 +62,7 @@ class Post:
             "tag_string_general": join(self.general), "tag_string_character": join(self.character),
             "tag_string_copyright": join(self.copyright), "tag_string_artist": join(self.artist),
             "tag_string_meta": join(self.meta),
-            "file_url": f"{root}/data/{self.md5}.{self.ext}",
+            "file_url": f"{file_root or root}/data/{self.md5}.{self.ext}",
             "large_file_url": f"{root}/data/{self.md5}.{self.ext}",
             "preview_file_url": f"{root}/data/preview/{self.md5}.jpg",
         }
@@ -77,6 +77,11 @@ class MockDanbooru:
         self.auth: list[str | None] = []  # the Authorization header of each request
         self.fail_with: int | None = None
         self.corrupt: set[str] = set()  # md5s whose file is served damaged
+        self.huge: set[str] = set()  # md5s whose file claims a 2 GB Content-Length
+        self.drip: set[str] = set()  # md5s whose file trickles in one byte at a time, forever
+        self.api_drip = False  # the API answers with a body that never ends
+        self.file_root: str | None = None  # another root for file URLs (a different host name)
+        self.stopping = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.root = f"http://127.0.0.1:{self._server.server_address[1]}"
 
@@ -85,6 +90,7 @@ class MockDanbooru:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stopping.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -116,6 +122,29 @@ class MockDanbooru:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _send_headers_only(self, ctype: str, length: int) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+                try:
+                    self.wfile.write(b"\x00" * 65536)  # the start of a body that would be 2 GB
+                except OSError:
+                    pass
+
+            def _trickle(self, ctype: str, length: int | None = None) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                if length is not None:
+                    self.send_header("Content-Length", str(length))
+                self.end_headers()
+                try:
+                    while not server.stopping.wait(0.2):
+                        self.wfile.write(b"[" if ctype == "application/json" else b"\x00")
+                        self.wfile.flush()
+                except OSError:
+                    pass  # the client gave up
+
             def do_GET(self):
                 server.requests.append((time.monotonic(), self.path))
                 server.auth.append(self.headers.get("Authorization"))
@@ -124,6 +153,8 @@ class MockDanbooru:
                     if server.fail_with:
                         msg = {"success": False, "message": "mock failure"}
                         return self._send(server.fail_with, json.dumps(msg).encode())
+                    if server.api_drip:
+                        return self._trickle("application/json")
                     query = parse_qs(url.query)
                     posts = server.search(query.get("tags", [""])[0])
                     limit = int(query.get("limit", ["20"])[0])
@@ -132,13 +163,18 @@ class MockDanbooru:
                         posts = [p for p in posts if p.id < int(page[1:])]
                     elif page and page.isdigit():
                         posts = posts[(int(page) - 1) * limit:]
-                    body = json.dumps([p.to_json(server.root) for p in posts[:limit]]).encode()
+                    body = json.dumps([p.to_json(server.root, server.file_root) for p in posts[:limit]]).encode()
                     return self._send(200, body)
                 if url.path.startswith("/data/"):
                     name = url.path.rsplit("/", 1)[-1]
                     for post in server.posts:
                         if name == f"{post.md5}.{post.ext}":
                             ctype = "image/png" if post.ext == "png" else "image/jpeg"
+                            if post.md5 in server.huge:
+                                self._send_headers_only(ctype, 2 * 1024 ** 3)
+                                return None
+                            if post.md5 in server.drip:
+                                return self._trickle(ctype)
                             body = post.body + b"damaged" if post.md5 in server.corrupt else post.body
                             return self._send(200, body, ctype)
                 return self._send(404, b'{"success": false, "message": "not found"}')
