@@ -61,3 +61,17 @@ def test_kohya_training_import_lists_an_unusable_image_as_set_aside(tmp_path):
     assert len(manifest.images) == 1
     with Image.open(manifest.images[0].path) as im:
         assert im.size == (64, 64)
+
+
+def test_raising_the_cap_lets_a_genuine_large_image_through(tmp_path):
+    (tmp_path / "raw").mkdir()
+    write_png_bomb(tmp_path / "raw" / "wide.png", 18000)  # 324 megapixels: over the default cap of 268
+    make_image(tmp_path / "raw" / "small.png", (64, 64))
+    refused = run_cli("buckets", str(tmp_path / "raw"), str(tmp_path / "a"))
+    assert refused.returncode == 0, refused.stderr
+    assert len(json.loads((tmp_path / "a" / "manifest.json").read_text())["images"]) == 1
+    raised = run_cli("buckets", str(tmp_path / "raw"), str(tmp_path / "b"),
+                     env_extra={"LORAKIT_MAX_PIXELS": str(400_000_000)})
+    assert raised.returncode == 0, raised.stderr
+    data = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert sorted((r["width"], r["height"]) for r in data["images"]) == [(64, 64), (18000, 18000)]
