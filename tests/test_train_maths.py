@@ -352,3 +352,83 @@ def test_sdxl_long_captions_encode_to_152_states_and_cut_captions_are_reported(t
     short.setup()
     assert "1 of 2 captions are longer than max_token_length 75" in short.console.file.getvalue()
     assert "set max_token_length 150" in short.console.file.getvalue()
+
+
+# ----- optimisers, LoRA+, learning rates, max-norm --------------------------------------------------
+def tiny_network(model, **settings):
+    from lorakit.trainer.config import validate_settings
+    from lorakit.trainer.models import load_base_model
+    from lorakit.trainer.network import LoraNetwork
+
+    config = validate_settings({"network_dim": 4, "network_alpha": 2, **settings})
+    return LoraNetwork.create(load_base_model(model), config), config
+
+
+@pytest.mark.parametrize("name,cls", [("adamw", "torch.optim.adamw.AdamW"), ("prodigy", "prodigyopt.prodigy.Prodigy"),
+                                      ("dadaptation", "dadaptation.dadapt_adam.DAdaptAdam"),
+                                      ("lion", "lion_pytorch.lion_pytorch.Lion"), ("came", "came_pytorch.CAME.CAME"),
+                                      ("torch.optim.SGD", "torch.optim.sgd.SGD")])
+def test_optimizer_presets_and_dotted_paths_build_and_step(name, cls):
+    from lorakit.trainer.config import validate_settings
+    from lorakit.trainer.optim import make_optimizer
+
+    config = validate_settings({"optimizer": name})
+    weight = torch.nn.Parameter(torch.ones(3, 3))
+    optimizer = make_optimizer(config.optimizer, [{"params": [weight], "lr": config.learning_rate, "name": "unet"}],
+                               weight_decay=config.weight_decay, extra=config.optimizer_args, device="cpu")
+    assert f"{type(optimizer).__module__}.{type(optimizer).__name__}" == cls
+    (weight ** 2).sum().backward()
+    optimizer.step()
+    assert not torch.equal(weight.detach(), torch.ones(3, 3))
+    assert config.learning_rate == (1.0 if name in ("prodigy", "dadaptation") else 1e-4)
+
+
+def test_bad_optimizer_names_say_what_is_accepted():
+    from lorakit.plugin_sdk import LorakitError
+    from lorakit.trainer.config import validate_settings
+    from lorakit.trainer.optim import make_optimizer
+
+    with pytest.raises(LorakitError, match="'optimizer' = 'sgd'.*one of adamw, adamw8bit, prodigy.*dotted path"):
+        validate_settings({"optimizer": "sgd"})
+    with pytest.raises(LorakitError, match="cannot import nosuchpackage"):
+        make_optimizer("nosuchpackage.Opt", [], weight_decay=0, extra={}, device="cpu")
+    assert validate_settings({"optimizer": "dadaptation.DAdaptLion"}).learning_rate == 1.0  # kohya: dadapt* adapts
+
+
+def test_loraplus_puts_the_up_matrices_in_groups_at_ratio_times_the_rate(sd15):
+    network, _ = tiny_network(sd15, learning_rate=1e-4, text_encoder_lr=5e-5, loraplus_lr_ratio=16)
+    groups = {g["name"]: g for g in network.parameter_groups()}
+    assert {name: g["lr"] for name, g in groups.items()} == pytest.approx(
+        {"unet": 1e-4, "unet_up": 16e-4, "text_encoder": 5e-5, "text_encoder_up": 80e-5})
+    ups = {id(p) for layer in network.layers.values() for p in layer.lora_B["default"].parameters()}
+    assert all(id(p) in ups for p in groups["unet_up"]["params"] + groups["text_encoder_up"]["params"])
+    assert not any(id(p) in ups for p in groups["unet"]["params"] + groups["text_encoder"]["params"])
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == len(network.parameters())
+
+
+def test_sdxl_text_encoders_get_their_own_rates(tmp_path):
+    from tests.tiny_models import build_tiny_sdxl
+
+    network, _ = tiny_network(build_tiny_sdxl(tmp_path / "sdxl"), text_encoder_lr=1e-5, text_encoder_2_lr=3e-5)
+    rates = {g["name"]: g["lr"] for g in network.parameter_groups()}
+    assert rates == {"unet": 1e-4, "text_encoder": 1e-5, "text_encoder_2": 3e-5}
+
+
+def test_scale_weight_norms_caps_each_layers_change_at_the_max_norm(sd15):
+    network, _ = tiny_network(sd15, network_dim=4, network_alpha=2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in network.layers.values():
+            layer.lora_B["default"].weight.normal_(0, 1.0)
+    def change(layer):  # up @ down x alpha / dim, written out (Linear and 1x1 conv layers)
+        up, down = layer.lora_B["default"].weight, layer.lora_A["default"].weight
+        return (up.flatten(1) @ down.flatten(1)) * 2 / 4
+    before = {name: change(layer).norm().item() for name, layer in network.layers.items()}
+    limit = sorted(before.values())[len(before) // 2]  # half the layers are above it
+    scaled, _, largest = network.apply_max_norm(limit)
+    after = {name: change(layer).norm().item() for name, layer in network.layers.items()}
+    assert scaled == sum(1 for n in before.values() if n > limit) > 0
+    assert largest == pytest.approx(limit, rel=1e-4)
+    for name, norm in before.items():
+        assert after[name] == pytest.approx(min(norm, limit), rel=1e-4)

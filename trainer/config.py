@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,14 +56,24 @@ SETTINGS: list[Setting] = [
     S("unet_lr", float, None, "UNet learning rate (default: learning_rate)", min=0, nullable=True, group="optimiser"),
     S("text_encoder_lr", float, None, "text encoder learning rate (default: learning_rate)", min=0, nullable=True,
       group="optimiser"),
-    S("optimizer", str, "adamw", "adamw, adamw8bit (CUDA, bitsandbytes) or prodigy", choices=("adamw", "adamw8bit", "prodigy"),
-      group="optimiser"),
+    S("text_encoder_2_lr", float, None, "SDXL: the second text encoder's rate (default: text_encoder_lr)", min=0,
+      nullable=True, group="optimiser"),
+    S("loraplus_lr_ratio", float, None, "LoRA+: the up matrices train at this x the rate (16 is common)", min=0,
+      nullable=True, group="optimiser"),
+    S("loraplus_unet_lr_ratio", float, None, "LoRA+ ratio for the UNet only (default: loraplus_lr_ratio)", min=0,
+      nullable=True, group="optimiser"),
+    S("loraplus_text_encoder_lr_ratio", float, None, "LoRA+ ratio for the text encoders (default: loraplus_lr_ratio)",
+      min=0, nullable=True, group="optimiser"),
+    S("optimizer", str, "adamw", "adamw, adamw8bit (CUDA), prodigy, dadaptation, lion, came, or any optimiser "
+      "class by dotted path (torch.optim.SGD)", group="optimiser"),
     S("optimizer_args", dict, {}, "extra optimiser arguments; prodigy starts from the guide's preset", group="optimiser"),
     S("weight_decay", float, 0.01, "weight decay", min=0, group="optimiser"),
     S("lr_scheduler", str, "cosine_with_restarts", "constant, linear, cosine or cosine_with_restarts",
       choices=("constant", "linear", "cosine", "cosine_with_restarts"), group="optimiser"),
     S("lr_scheduler_cycles", int, 1, "cosine_with_restarts: number of cycles (restarts + 1)", min=1, group="optimiser"),
     S("lr_warmup_steps", int, 0, "linear warm-up steps", min=0, group="optimiser"),
+    S("scale_weight_norms", float, None, "scale down any layer whose change has a norm above this (1 is common; "
+      "not with Prodigy)", min=0, nullable=True, group="optimiser"),
     S("max_grad_norm", float, 1.0, "gradient clipping norm (0 = off)", min=0, group="optimiser"),
     S("gradient_accumulation_steps", int, 1, "batches per optimiser step", min=1, group="optimiser"),
     # schedule
@@ -158,8 +169,24 @@ SETTINGS: list[Setting] = [
 ]
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
+# The optimisers known by a short name (kohya's optimizer_type spellings, lower case) and their classes;
+# any other class is given by dotted path. lion, came and dadaptation are in the `optimizers` extra.
+OPTIMIZER_PRESETS = {
+    "adamw": "torch.optim.AdamW",
+    "adamw8bit": "bitsandbytes.optim.AdamW8bit",
+    "prodigy": "prodigyopt.Prodigy",
+    "dadaptation": "dadaptation.DAdaptAdam",
+    "lion": "lion_pytorch.Lion",
+    "came": "came_pytorch.CAME",
+}
 # Optimisers that find their own step size: the learning rate is a multiplier, 1.0 by default.
-ADAPTIVE_OPTIMIZERS = {"prodigy"}
+ADAPTIVE_OPTIMIZERS = {"prodigy", "dadaptation"}
+
+
+def is_adaptive(optimizer: str) -> bool:
+    """kohya's test: D-Adaptation and Prodigy classes (by preset or by dotted path) adapt the step size."""
+    name = optimizer.rsplit(".", 1)[-1].lower()
+    return optimizer in ADAPTIVE_OPTIMIZERS or name.startswith(("dadapt", "prodigy"))
 
 # The guide's Prodigy arguments (seed 002): lr 1 with these.
 PRODIGY_PRESET = {"weight_decay": 0.01, "decouple": True, "use_bias_correction": True, "safeguard_warmup": True,
@@ -322,6 +349,12 @@ def validate_settings(settings: dict[str, Any] | None, where: str = "train", *, 
         raise LorakitError(f"{where}: train setting 'sample_every_n_epochs' needs 'sample_prompts'")
     if not values["train_unet"] and not values["train_text_encoder"]:
         raise LorakitError(f"{where}: train settings: train_unet and train_text_encoder are both false; nothing to train")
+    optimizer = values["optimizer"]
+    if optimizer.lower() in OPTIMIZER_PRESETS:
+        values["optimizer"] = optimizer = optimizer.lower()
+    elif not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", optimizer):
+        raise LorakitError(f"{where}: train setting 'optimizer' = {optimizer!r} is invalid: expected one of "
+                           f"{', '.join(OPTIMIZER_PRESETS)}, or an optimiser class by dotted path (torch.optim.SGD)")
     if values["optimizer"] == "prodigy":
         unknown = set(values["optimizer_args"]) - {"weight_decay", "decouple", "use_bias_correction", "safeguard_warmup",
                                                     "d_coef", "betas", "beta3", "eps", "d0", "growth_rate", "fsdp_in_use",
@@ -334,7 +367,7 @@ def validate_settings(settings: dict[str, Any] | None, where: str = "train", *, 
     low, high = values["min_timestep"], values["max_timestep"]
     if low is not None and high is not None and low > high:
         raise LorakitError(f"{where}: train setting 'min_timestep' = {low} is above 'max_timestep' = {high}")
-    if values["optimizer"] in ADAPTIVE_OPTIMIZERS and "learning_rate" not in normalised:
+    if is_adaptive(values["optimizer"]) and "learning_rate" not in normalised:
         values["learning_rate"] = 1.0  # an adaptive optimiser finds the step size; its LR is a multiplier
     if values["device"] not in ("auto", "cpu") and not values["device"].startswith("cuda"):
         raise LorakitError(f"{where}: train setting 'device' = {values['device']!r} is invalid: expected auto, cpu or cuda[:N]")
@@ -344,7 +377,10 @@ def validate_settings(settings: dict[str, Any] | None, where: str = "train", *, 
 def config_warnings(config: TrainConfig) -> list[str]:
     """Settings that are valid but almost certainly a mistake (kohya warns about the same)."""
     warnings = []
-    if config.optimizer in ADAPTIVE_OPTIMIZERS:
+    if is_adaptive(config.optimizer) and config.scale_weight_norms:
+        warnings.append(f"scale_weight_norms with {config.optimizer}: the guides advise against it (the optimiser "
+                        "already adapts the step size)")
+    if is_adaptive(config.optimizer):
         rates = {"learning_rate": config.learning_rate, "unet_lr": config.unet_lr,
                  "text_encoder_lr": config.text_encoder_lr}
         low = [f"{name} = {value:g}" for name, value in rates.items() if value is not None and value <= 0.1]

@@ -564,6 +564,11 @@ class Trainer:
                     if config.max_grad_norm:
                         self.accelerator.clip_grad_norm_(self.network.parameters(), config.max_grad_norm)
                     self.optimizer.step()
+                    if config.scale_weight_norms:
+                        scaled, _, largest = self.network.apply_max_norm(config.scale_weight_norms)
+                        if self.writer is not None:
+                            self.writer.add_scalar("max_norm/keys_scaled", scaled, self.global_step + 1)
+                            self.writer.add_scalar("max_norm/max_norm", largest, self.global_step + 1)
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.global_step += 1

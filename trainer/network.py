@@ -126,9 +126,13 @@ def apply_lora(prefix: str, model: torch.nn.Module, targets: list[Target], *, do
 class LoraNetwork:
     """All adapted models of one training run, with the parameter groups and the kohya export."""
 
-    def __init__(self, parts: list[AdaptedModel], unet_lr: float, text_encoder_lr: float):
+    def __init__(self, parts: list[AdaptedModel], unet_lr: float, text_encoder_lr: float,
+                 text_encoder_2_lr: float | None = None, loraplus_unet: float | None = None,
+                 loraplus_text_encoder: float | None = None):
         self.parts = parts
         self.unet_lr, self.text_encoder_lr = unet_lr, text_encoder_lr
+        self.text_encoder_2_lr = text_encoder_lr if text_encoder_2_lr is None else text_encoder_2_lr
+        self.loraplus = {"unet": loraplus_unet, "text_encoder": loraplus_text_encoder}
 
     @classmethod
     def create(cls, base, config) -> "LoraNetwork":
@@ -148,7 +152,10 @@ class LoraNetwork:
                 parts.append(apply_lora(prefix, encoder, targets, dora=config.dora))
             else:
                 encoder.requires_grad_(False)
-        return cls(parts, config.effective_unet_lr, config.effective_text_encoder_lr)
+        ratio = config.loraplus_lr_ratio
+        return cls(parts, config.effective_unet_lr, config.effective_text_encoder_lr, config.text_encoder_2_lr,
+                   loraplus_unet=config.loraplus_unet_lr_ratio or ratio,
+                   loraplus_text_encoder=config.loraplus_text_encoder_lr_ratio or ratio)
 
     @property
     def layers(self) -> dict[str, Any]:
@@ -158,15 +165,40 @@ class LoraNetwork:
         return [p for part in self.parts for p in part.parameters()]
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """One optimiser group per learning rate: the UNet's, and the text encoders'."""
-        groups = []
-        unet = [p for part in self.parts if part.prefix == "lora_unet" for p in part.parameters()]
-        text = [p for part in self.parts if part.prefix != "lora_unet" for p in part.parameters()]
-        if unet:
-            groups.append({"params": unet, "lr": self.unet_lr, "name": "unet"})
-        if text:
-            groups.append({"params": text, "lr": self.text_encoder_lr, "name": "text_encoder"})
-        return groups
+        """One optimiser group per learning rate: the UNet's, the text encoder's (SDXL: each one's).
+
+        With LoRA+ (kohya's ``loraplus_lr_ratio``) the up matrices (``lora_B``) of a part train at
+        ratio x its rate, in a group of their own named ``<part>_up``.
+        """
+        rates = {"unet": self.unet_lr, "text_encoder": self.text_encoder_lr, "text_encoder_2": self.text_encoder_2_lr}
+        groups: dict[str, dict[str, Any]] = {}
+        for part in self.parts:
+            name = {"lora_unet": "unet", "lora_te2": "text_encoder_2"}.get(part.prefix, "text_encoder")
+            ratio = self.loraplus["unet" if name == "unet" else "text_encoder"]
+            for layer in part.layers.values():
+                ups = list(layer.lora_B[ADAPTER].parameters())
+                up_ids = {id(p) for p in ups}
+                downs = [p for p in _adapter_parameters(layer) if id(p) not in up_ids]
+                for key, params, lr in ((name, downs, rates[name]),
+                                        (f"{name}_up" if ratio else name, ups, rates[name] * (ratio or 1.0))):
+                    groups.setdefault(key, {"params": [], "lr": lr, "name": key})["params"].extend(params)
+        return [g for g in groups.values() if g["params"]]
+
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        """kohya's ``scale_weight_norms``: scale each layer's down and up by sqrt(ratio) so that the norm of
+        its change (up @ down x alpha / dim) is at most ``max_norm``. Returns (layers scaled, mean norm, max norm)."""
+        scaled, norms = 0, []
+        with torch.no_grad():
+            for layer in self.layers.values():
+                delta = layer.get_delta_weight(ADAPTER).float()
+                norm = delta.norm().clamp(min=max_norm / 2)
+                ratio = (torch.clamp(norm, max=max_norm) / norm).item()
+                if ratio != 1:
+                    scaled += 1
+                    layer.lora_A[ADAPTER].weight.mul_(ratio ** 0.5)
+                    layer.lora_B[ADAPTER].weight.mul_(ratio ** 0.5)
+                norms.append(delta.norm().item() * ratio)
+        return scaled, (sum(norms) / len(norms) if norms else 0.0), max(norms, default=0.0)
 
     def trains_unet(self) -> bool:
         return any(part.prefix == "lora_unet" for part in self.parts)

@@ -60,7 +60,7 @@ def estimate_memory(model: dict[str, Any], config, resolution: int, weight_bytes
     lora_parameters = config.network_dim * 0.6e6 * (unet / SD15_UNET_PARAMETERS) ** 0.8
     if config.conv_dim:
         lora_parameters += config.conv_dim * 0.4e6 * (unet / SD15_UNET_PARAMETERS) ** 0.8
-    optimizer_bytes = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}[config.optimizer]
+    optimizer_bytes = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "dadaptation": 16, "lion": 4}.get(config.optimizer, 8)
     lora = lora_parameters * (4 + 4 + optimizer_bytes) * (1.4 if config.dora else 1.0)
     pixels = resolution * resolution / (512 * 512)
     activations = (ACTIVATION_BYTES_SD15_512 * config.batch_size * pixels * (unet / SD15_UNET_PARAMETERS) ** 0.5
