@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .config import OPTIMIZER_PRESETS
+
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -143,8 +145,7 @@ def metadata(*, config, data, manifest, base, network, epoch: int, step: int, ma
         "ss_text_encoder_lr": str(config.effective_text_encoder_lr) if config.train_text_encoder else "None",
         "ss_lr_scheduler": config.lr_scheduler,
         "ss_lr_warmup_steps": str(config.lr_warmup_steps),
-        "ss_optimizer": {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit",
-                         "prodigy": "prodigyopt.Prodigy"}[config.optimizer]
+        "ss_optimizer": OPTIMIZER_PRESETS.get(config.optimizer, config.optimizer)
         + (f"({','.join(f'{k}={v}' for k, v in optimizer_args.items())})" if optimizer_args else ""),
         "ss_num_train_images": str(train_count),
         "ss_num_reg_images": str(reg_count),
