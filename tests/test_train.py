@@ -164,12 +164,12 @@ def test_locon_puts_conv_rank_on_resnet_convs_and_loads_in_diffusers(sd15, datas
     assert_loads_completely(load_pipeline(sd15), path)
 
 
-def test_dora_writes_one_magnitude_per_output_channel(sd15, dataset, tmp_path):
+def test_dora_writes_one_magnitude_per_input_channel_by_default(sd15, dataset, tmp_path):
     path = train(dataset, settings(sd15, tmp_path / "dora.safetensors", dora=True), console=quiet())
     tensors, _ = kohya_format.read(path)
-    up = tensors["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight"]
+    down = tensors["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"]
     scale = tensors["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.dora_scale"]
-    assert tuple(scale.shape) == (up.shape[0], 1)
+    assert tuple(scale.shape) == (1, down.shape[1])
     assert torch.all(scale > 0)
 
 

@@ -109,11 +109,14 @@ def build_tiny_sd15(path: str | Path, *, seed: int = 0, prediction_type: str = "
 
     path = Path(path)
     torch.manual_seed(seed)
+    # SD1.5's block layout (v1-inference.yaml / the diffusers config): four levels, two ResNets per
+    # down level and three per up level, one transformer block per attention, cross-attention on
+    # the first three levels; only the widths are tiny.
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(8, 8, 16, 16), norm_num_groups=4, cross_attention_dim=32, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     )
     vae = _tiny_vae()
     text_encoder = CLIPTextModel(_text_config())
@@ -137,12 +140,15 @@ def build_tiny_sdxl(path: str | Path, *, seed: int = 0, prediction_type: str = "
     path = Path(path)
     torch.manual_seed(seed)
     te1_hidden, te2_hidden, time_dim = 32, 32, 8
+    # SDXL base's block layout: three levels, two ResNets per down level and three per up level,
+    # no attention on the first level, transformer depth 2 and 10 on the others (10 in the middle
+    # block too), linear projections; only the widths are tiny.
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=(2, 4),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(8, 8, 16), norm_num_groups=4, attention_head_dim=(2, 2, 4),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
         cross_attention_dim=te1_hidden + te2_hidden,
         addition_embed_type="text_time", addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=6 * time_dim + te2_hidden,
@@ -172,6 +178,7 @@ def build_tiny_sdxl(path: str | Path, *, seed: int = 0, prediction_type: str = "
 _UNET_RESNET_PARTS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
                       "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 _UNET_TOP_LEVEL = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                   "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
                    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
 _VAE_ATTENTION_PARTS = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 

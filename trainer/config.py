@@ -48,6 +48,8 @@ SETTINGS: list[Setting] = [
     S("conv_dim", int, 0, "LoCon: rank of the 3x3 conv layers (0 = plain LoRA)", min=0, max=1024, group="network"),
     S("conv_alpha", float, 1.0, "LoCon: alpha of the conv layers", min=0, group="network"),
     S("dora", bool, False, "DoRA: weight-decomposed LoRA (about 40% more memory)", group="network"),
+    S("dora_axis", str, "input", "DoRA magnitude per input channel (A1111, Forge, ComfyUI read it) or per "
+      "output channel (LyCORIS)", choices=("input", "output"), group="network"),
     S("train_unet", bool, True, "train LoRA on the UNet", group="network"),
     S("train_text_encoder", bool, True, "train LoRA on the text encoder(s)", group="network"),
     # optimisation

@@ -1,14 +1,19 @@
 """The kohya LoRA file: key names, tensors, ``ss_*`` and ``modelspec.*`` metadata, hashes.
 
-Keys are ``<prefix>_<diffusers module path with '.' -> '_'>.lora_down.weight`` / ``.lora_up.weight``
-/ ``.alpha`` (and ``.dora_scale`` for DoRA). Prefixes: ``lora_unet``, ``lora_te`` (SD1) or
-``lora_te1`` / ``lora_te2`` (SDXL).
+Keys are ``<prefix>_<module path with '.' -> '_'>.lora_down.weight`` / ``.lora_up.weight`` /
+``.alpha`` (and ``.dora_scale`` for DoRA). Prefixes: ``lora_unet``, ``lora_te`` (SD1) or
+``lora_te1`` / ``lora_te2`` (SDXL). The module path is the one kohya's own models have:
 
-The UNet names are diffusers' module paths for SD1 *and* SDXL. That is exactly what kohya writes
-for SD1.x; for SDXL kohya writes LDM names (``input_blocks_4_1_...``) instead, but diffusers'
-``load_lora_weights``, A1111/Forge (``convert_diffusers_name_to_compvis``) and ComfyUI (its
-``lora_unet_`` + diffusers-path key map) all accept the diffusers-path form for both models, so one
-naming serves every loader. ``docs/trainer.md`` records this choice.
+- SD1: kohya trains SD1 on a diffusers-layout UNet, so the path is diffusers' module path
+  (``lora_unet_down_blocks_0_attentions_0_...``).
+- SDXL: kohya trains SDXL on its own UNet with the original (Stability / LDM) layout, so the path
+  is the LDM one (``lora_unet_input_blocks_4_1_...``, ``middle_block_1``, ``output_blocks_2_2_conv``).
+  kohya's resume (``--network_weights``) and ``sdxl_merge_lora.py`` read only these names, A1111
+  maps them directly onto its SGM modules, diffusers and ComfyUI convert them.
+
+``ldm_unet_path`` converts a diffusers UNet module path to the LDM one from the UNet's config (the
+same numbering as kohya's ``make_unet_conversion_map``); files written before lorakit used it
+(diffusers paths for SDXL too) are still read, see ``legacy_names``.
 """
 from __future__ import annotations
 
@@ -26,15 +31,90 @@ from .config import OPTIMIZER_PRESETS
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _magnitude(layer) -> torch.Tensor | None:
-    magnitude = getattr(layer, "lora_magnitude_vector", None)
-    if magnitude is not None and "default" in magnitude:
-        return magnitude["default"].weight
-    return None
+# ----- key names ---------------------------------------------------------------------------------
+_RESNET_PARTS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+                 "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_TOP_LEVEL = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+              "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+              "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+
+
+def ldm_unet_path(path: str, config) -> str:
+    """A diffusers UNet module path -> the original (LDM/SGM) module path, for this UNet's config.
+
+    The LDM UNet numbers the down path as one flat list (``input_blocks.0`` is ``conv_in``; each
+    level has ``layers_per_block`` entries of resnet [+ attention], then a downsampler except on the
+    last level), the middle block as resnet / attention / resnet, and the up path with
+    ``layers_per_block + 1`` entries per level, the upsampler last in a level's last entry.
+    """
+    per_block = config["layers_per_block"] if isinstance(config, dict) else config.layers_per_block
+    up_types = config["up_block_types"] if isinstance(config, dict) else config.up_block_types
+    if not isinstance(per_block, int):
+        raise ValueError(f"layers_per_block must be one number for LDM names, got {per_block!r}")
+    for diffusers_name, ldm_name in _TOP_LEVEL.items():
+        if path == diffusers_name or path.startswith(diffusers_name + "."):
+            return ldm_name + path[len(diffusers_name):]
+    parts = path.split(".")
+
+    def resnet(rest: list[str]) -> str:
+        return ".".join([_RESNET_PARTS.get(rest[0], rest[0])] + rest[1:])
+
+    if parts[0] == "down_blocks" and len(parts) > 4:
+        level, kind, layer, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "downsamplers":
+            index = 1 + level * (per_block + 1) + per_block
+            return f"input_blocks.{index}.0." + ".".join(["op"] + rest[1:] if rest[0] == "conv" else rest)
+        index = 1 + level * (per_block + 1) + layer
+        if kind == "resnets":
+            return f"input_blocks.{index}.0.{resnet(rest)}"
+        if kind == "attentions":
+            return f"input_blocks.{index}.1." + ".".join(rest)
+    if parts[0] == "mid_block" and len(parts) > 3:
+        kind, layer, rest = parts[1], int(parts[2]), parts[3:]
+        if kind == "resnets":
+            return f"middle_block.{2 * layer}.{resnet(rest)}"
+        if kind == "attentions":
+            return "middle_block.1." + ".".join(rest)
+    if parts[0] == "up_blocks" and len(parts) > 4:
+        level, kind, layer, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "upsamplers":
+            slot = 2 if "CrossAttn" in up_types[level] else 1
+            return f"output_blocks.{level * (per_block + 1) + per_block}.{slot}." + ".".join(rest)
+        index = level * (per_block + 1) + layer
+        if kind == "resnets":
+            return f"output_blocks.{index}.0.{resnet(rest)}"
+        if kind == "attentions":
+            return f"output_blocks.{index}.1." + ".".join(rest)
+    raise ValueError(f"no LDM name for UNet module {path}")
+
+
+def module_key(prefix: str, module_path: str) -> str:
+    """``lora_unet_input_blocks_4_1_..._to_q``: the prefix, then the module path with '.' -> '_'."""
+    return f"{prefix}_{module_path.replace('.', '_')}"
+
+
+def legacy_names(network) -> dict[str, str]:
+    """Older spellings of this network's keys -> today's: SDXL UNet keys with diffusers paths.
+
+    lorakit wrote those before it used kohya's SDXL names; ``load_state_dict`` accepts both.
+    """
+    aliases: dict[str, str] = {}
+    for part in getattr(network, "parts", []):
+        for old, new in getattr(part, "legacy_names", {}).items():
+            aliases[old] = new
+    return aliases
+
+
+def dora_scale_shape(axis: str, weight_shape) -> tuple[int, ...]:
+    """The file shape of a DoRA magnitude: ``(1, in[, 1, 1])`` on the input axis, ``(out, 1[, 1, 1])`` on the output."""
+    ones = (1,) * (len(weight_shape) - 2)
+    return (1, weight_shape[1], *ones) if axis == "input" else (weight_shape[0], 1, *ones)
 
 
 def state_dict(network, save_precision: str = "fp16") -> dict[str, torch.Tensor]:
     """The network's weights under kohya key names, in the save precision."""
+    from .network import dora_magnitude
+
     dtype = SAVE_DTYPES[save_precision]
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in network.layers.items():
@@ -43,39 +123,50 @@ def state_dict(network, save_precision: str = "fp16") -> dict[str, torch.Tensor]
         tensors[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(layer.lora_alpha["default"])).to(dtype)
-        magnitude = _magnitude(layer)
-        if magnitude is not None:
-            # LyCORIS's output-axis DoRA layout: one magnitude per output channel, shaped (out, 1[, 1, 1]).
-            shape = (up.shape[0],) + (1,) * (up.dim() - 1)
+        dora = dora_magnitude(layer)
+        if dora is not None:
+            axis, magnitude = dora
+            shape = dora_scale_shape(axis, layer.get_base_layer().weight.shape)
             tensors[f"{name}.dora_scale"] = magnitude.detach().reshape(shape).to("cpu", dtype).contiguous()
     return tensors
 
 
 def load_state_dict(network, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Put kohya-named weights back into the network (to resume). Every key must match a layer."""
+    """Put kohya-named weights back into the network (to resume). Every key must match a layer.
+
+    Older spellings of the names (``legacy_names``) are accepted.
+    """
     from lorakit.plugin_sdk import LorakitError
 
+    from .network import dora_magnitude
+
     layers = network.layers
+    aliases = legacy_names(network)
     seen = set()
     for key, value in tensors.items():
         name, _, kind = key.partition(".")
+        name = aliases.get(name, name)
         layer = layers.get(name)
         if layer is None:
             raise LorakitError(f"{where}: {key} belongs to no layer of this network (other base model or settings?)")
+        dora = dora_magnitude(layer)
         if kind == "lora_down.weight":
             target = layer.lora_A["default"].weight
         elif kind == "lora_up.weight":
             target = layer.lora_B["default"].weight
-        elif kind == "dora_scale" and _magnitude(layer) is not None:
-            target = _magnitude(layer)
+        elif kind == "dora_scale" and dora is not None:
+            axis, target = dora
+            expected = dora_scale_shape(axis, layer.get_base_layer().weight.shape)
+            if tuple(value.shape) != expected:
+                raise LorakitError(f"{where}: {key} has shape {tuple(value.shape)}; this run trains DoRA on the "
+                                   f"{axis} axis, shape {expected} (set dora_axis to match the file)")
+            value = value.reshape(target.shape)
         elif kind == "alpha":
             if abs(float(value) - float(layer.lora_alpha["default"])) > 1e-3:
                 raise LorakitError(f"{where}: {key} = {float(value)} but this run uses alpha {layer.lora_alpha['default']}")
             continue
         else:
             raise LorakitError(f"{where}: unexpected key {key}")
-        if kind == "dora_scale" and target.numel() == value.numel():
-            value = value.reshape(target.shape)
         if tuple(target.shape) != tuple(value.shape):
             raise LorakitError(f"{where}: {key} has shape {tuple(value.shape)}, the network expects {tuple(target.shape)}")
         with torch.no_grad():
@@ -84,6 +175,34 @@ def load_state_dict(network, tensors: dict[str, torch.Tensor], where: str) -> No
     if seen != set(layers):
         missing = sorted(set(layers) - seen)
         raise LorakitError(f"{where}: no weights for {missing[0]} (and {len(missing) - 1} more)")
+
+
+def merged_weight(base_weight: torch.Tensor, tensors: dict[str, torch.Tensor], name: str,
+                  multiplier: float = 1.0) -> torch.Tensor:
+    """The layer weight with the file's LoRA ``name`` merged in, as lorakit trains it (fp32).
+
+    LoRA: ``W + m * (alpha / dim) * up @ down``. DoRA: ``V = W + (alpha / dim) * up @ down``, then
+    ``W' = dora_scale * V / ||V||`` with the norm over the axis the ``dora_scale`` shape names,
+    and a multiplier below 1 interpolates between ``W`` and ``W'``.
+    """
+    base = base_weight.float()
+    down = tensors[f"{name}.lora_down.weight"].float()
+    up = tensors[f"{name}.lora_up.weight"].float()
+    alpha = float(tensors[f"{name}.alpha"]) if f"{name}.alpha" in tensors else down.shape[0]
+    delta = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(base.shape)
+    delta = delta * alpha / down.shape[0]
+    scale = tensors.get(f"{name}.dora_scale")
+    if scale is None:
+        return base + multiplier * delta
+    merged = base + delta
+    scale = scale.float()
+    if scale.shape[0] == 1 and scale.dim() >= 2 and scale.shape[1] == base.shape[1]:
+        norm = merged.transpose(0, 1).reshape(base.shape[1], -1).norm(dim=1)
+        decomposed = merged * (scale.reshape(-1) / norm).reshape(dora_scale_shape("input", base.shape))
+    else:
+        norm = merged.reshape(base.shape[0], -1).norm(dim=1)
+        decomposed = merged * (scale.reshape(-1) / norm).reshape(dora_scale_shape("output", base.shape))
+    return base + multiplier * (decomposed - base)
 
 
 def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:

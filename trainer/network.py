@@ -10,7 +10,19 @@ kohya's choice of layers, reproduced here:
 
 peft's LoRA layers hold ``lora_A`` (kohya's ``lora_down``, kaiming-uniform init) and ``lora_B``
 (``lora_up``, zero init, so training starts from the base model) and scale by alpha / rank, the
-same maths as kohya's networks.lora. With DoRA, peft adds the magnitude vector.
+same maths as kohya's networks.lora.
+
+DoRA (``W' = m * V / ||V||`` with ``V = W + scale * up @ down``) comes in two layouts, and clients
+read only one each (the table is in docs/trainer.md):
+
+- ``input`` (default): one magnitude per *input* channel, the norm taken over the output axis,
+  ``dora_scale`` shaped ``(1, in)`` / ``(1, in, 1, 1)``. A1111/Forge and ComfyUI compute this one
+  exactly. Trained here by scaling the layer's input channels by ``m / ||V||`` (the same as
+  scaling V's columns), see ``InputAxisDoRA``.
+- ``output``: one magnitude per *output* channel (LyCORIS's ``wd_on_output``, peft's own DoRA),
+  ``dora_scale`` shaped ``(out, 1)`` / ``(out, 1, 1, 1)``. Trained with peft's ``use_dora``.
+
+The norm is treated as a constant in the backward pass, as in the DoRA paper (section 4.3) and peft.
 """
 from __future__ import annotations
 
@@ -28,6 +40,52 @@ TEXT_ENCODER_CLASSES = {"CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttentio
 def kohya_name(prefix: str, module_path: str) -> str:
     """``lora_unet_down_blocks_0_attentions_0_..._to_q``: the prefix, then the module path with '.' -> '_'."""
     return f"{prefix}_{module_path.replace('.', '_')}"
+
+
+DORA_AXES = ("input", "output")
+
+
+def lora_delta(layer) -> torch.Tensor:
+    """``scale * up @ down`` of a peft LoRA layer, in the shape of its base weight (fp32)."""
+    down = layer.lora_A[ADAPTER].weight.float()
+    up = layer.lora_B[ADAPTER].weight.float()
+    base = layer.get_base_layer().weight
+    delta = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+    return (delta * layer.scaling[ADAPTER]).reshape(base.shape)
+
+
+def input_axis_norm(weight: torch.Tensor) -> torch.Tensor:
+    """The norm of each input channel's column (over the output and kernel axes), shape ``(in,)``."""
+    return weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)
+
+
+class InputAxisDoRA(torch.nn.Module):
+    """The input-axis DoRA magnitude of one LoRA layer: ``m`` with one value per input channel.
+
+    Scaling the layer's input channels by ``g = m / ||V||_col`` computes ``V @ diag(g) x``, which is
+    exactly the decomposed weight ``m * V / ||V||_col`` applied to ``x`` (zero padding stays zero,
+    so this holds for convolutions too). The bias is not decomposed, as in every client.
+    """
+
+    def __init__(self, layer):
+        super().__init__()
+        base = layer.get_base_layer().weight.detach().float()
+        self.weight = torch.nn.Parameter(input_axis_norm(base))  # ||W||: training starts at the base model
+        self.layer = [layer]  # not a submodule: the layer owns this, not the other way round
+        self.hook = layer.register_forward_pre_hook(self._scale_input)
+
+    def gain(self) -> torch.Tensor:
+        layer = self.layer[0]
+        with torch.no_grad():
+            merged = layer.get_base_layer().weight.float() + lora_delta(layer)
+            norm = input_axis_norm(merged)
+        return self.weight / norm
+
+    def _scale_input(self, module, args):
+        x, *rest = args
+        gain = self.gain().to(x.dtype)
+        shape = (1, -1, 1, 1) if x.dim() == 4 and isinstance(module.get_base_layer(), torch.nn.Conv2d) else (-1,)
+        return (x * gain.reshape(shape), *rest)
 
 
 @dataclass
@@ -72,6 +130,7 @@ class AdaptedModel:
     model: torch.nn.Module
     targets: list[Target]
     layers: dict[str, Any] = field(default_factory=dict)  # kohya name -> peft LoraLayer
+    legacy_names: dict[str, str] = field(default_factory=dict)  # an older spelling -> its kohya name
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for layer in self.layers.values() for p in _adapter_parameters(layer)]
@@ -85,11 +144,30 @@ def _adapter_parameters(layer) -> list[torch.nn.Parameter]:
     magnitude = getattr(layer, "lora_magnitude_vector", None)
     if magnitude is not None and ADAPTER in magnitude:
         params += list(magnitude[ADAPTER].parameters())
+    if getattr(layer, "lorakit_dora", None) is not None:
+        params.append(layer.lorakit_dora.weight)
     return params
 
 
-def apply_lora(prefix: str, model: torch.nn.Module, targets: list[Target], *, dora: bool = False) -> AdaptedModel:
-    """Inject peft LoRA layers into ``model`` at ``targets``; only the adapters are trainable."""
+def dora_magnitude(layer) -> tuple[str, torch.nn.Parameter] | None:
+    """``(axis, magnitude)`` of a DoRA layer (``input``: shape (in,), ``output``: (out,)), else None."""
+    if getattr(layer, "lorakit_dora", None) is not None:
+        return "input", layer.lorakit_dora.weight
+    magnitude = getattr(layer, "lora_magnitude_vector", None)
+    if magnitude is not None and ADAPTER in magnitude:
+        return "output", magnitude[ADAPTER].weight
+    return None
+
+
+def apply_lora(prefix: str, model: torch.nn.Module, targets: list[Target], *, dora: bool = False,
+               dora_axis: str = "input", file_path=None) -> AdaptedModel:
+    """Inject peft LoRA layers into ``model`` at ``targets``; only the adapters are trainable.
+
+    ``file_path`` turns a module path into the path the file's key is made of (SDXL: the LDM path);
+    by default the module path itself.
+    """
+    if dora_axis not in DORA_AXES:
+        raise ValueError(f"dora_axis must be one of {DORA_AXES}, got {dora_axis!r}")
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
 
@@ -101,7 +179,8 @@ def apply_lora(prefix: str, model: torch.nn.Module, targets: list[Target], *, do
     alpha_pattern = {re.escape(t.path): t.alpha for t in targets if t.alpha != default.alpha}
     config = LoraConfig(
         r=default.rank, lora_alpha=default.alpha, target_modules=[t.path for t in targets],
-        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, init_lora_weights=True, use_dora=dora,
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, init_lora_weights=True,
+        use_dora=dora and dora_axis == "output",
         lora_dropout=0.0, bias="none",
     )
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
@@ -109,14 +188,20 @@ def apply_lora(prefix: str, model: torch.nn.Module, targets: list[Target], *, do
     # kohya names text encoder layers after transformers' classic CLIPTextModel layout
     # (text_model.encoder.layers...); transformers 5 dropped the text_model level, so put it back.
     classic = prefix.startswith("lora_te") and not any(p.startswith("text_model.") for p in by_path)
-    layers = {}
+    layers, legacy = {}, {}
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer) and path in by_path:
-            layers[kohya_name(prefix, f"text_model.{path}" if classic else path)] = module
+            named = f"text_model.{path}" if classic else path
+            name = kohya_name(prefix, file_path(named) if file_path else named)
+            layers[name] = module
+            if name != kohya_name(prefix, named):
+                legacy[kohya_name(prefix, named)] = name
+            if dora and dora_axis == "input":
+                module.lorakit_dora = InputAxisDoRA(module)
     missing = set(by_path) - {p for p, m in model.named_modules() if isinstance(m, LoraLayer)}
     if missing:
         raise RuntimeError(f"{prefix}: peft did not adapt {sorted(missing)[:3]}")
-    adapted = AdaptedModel(prefix, model, targets, layers)
+    adapted = AdaptedModel(prefix, model, targets, layers, legacy)
     for p in adapted.parameters():
         p.requires_grad_(True)
         p.data = p.data.float()  # adapters train in fp32 even when the base model is fp16/bf16
@@ -136,20 +221,26 @@ class LoraNetwork:
 
     @classmethod
     def create(cls, base, config) -> "LoraNetwork":
+        from .kohya_format import ldm_unet_path
+
         parts = []
         alpha = config.network_alpha or config.network_dim  # kohya: alpha 0 (or unset) means alpha = dim, scale 1
+        dora_axis = getattr(config, "dora_axis", "input")
         if config.train_unet:
             targets = find_targets(base.unet, UNET_TRANSFORMER_CLASSES, dim=config.network_dim,
                                    alpha=alpha, conv_classes=UNET_CONV_CLASSES,
                                    conv_dim=config.conv_dim, conv_alpha=config.conv_alpha or config.conv_dim)
-            parts.append(apply_lora("lora_unet", base.unet, targets, dora=config.dora))
+            # kohya names SDXL UNet layers after its own (LDM-layout) SDXL UNet, SD1 after diffusers'.
+            file_path = (lambda path: ldm_unet_path(path, base.unet.config)) if base.is_sdxl else None
+            parts.append(apply_lora("lora_unet", base.unet, targets, dora=config.dora, dora_axis=dora_axis,
+                                    file_path=file_path))
         else:
             base.unet.requires_grad_(False)
         prefixes = ["lora_te1", "lora_te2"] if base.is_sdxl else ["lora_te"]
         for prefix, encoder in zip(prefixes, base.text_encoders):
             if config.train_text_encoder:
                 targets = find_targets(encoder, TEXT_ENCODER_CLASSES, dim=config.network_dim, alpha=alpha)
-                parts.append(apply_lora(prefix, encoder, targets, dora=config.dora))
+                parts.append(apply_lora(prefix, encoder, targets, dora=config.dora, dora_axis=dora_axis))
             else:
                 encoder.requires_grad_(False)
         ratio = config.loraplus_lr_ratio
