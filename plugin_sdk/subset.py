@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,15 @@ class Subset:
     def __post_init__(self):
         if self.folder is None:
             self.folder = "." if self.name == "default" else self.name
+
+    @property
+    def kohya_folder(self) -> str:
+        """The ``N_name`` folder kohya sees for this subset (``lorakit export kohya`` writes it, the
+        trainer's ``ss_dataset_dirs`` / ``ss_reg_dataset_dirs`` / ``ss_tag_frequency`` use it): a reg
+        subset is named after its class tokens, as kohya's reg folders are (``1_1girl``)."""
+        label = (self.class_tokens or self.name.removeprefix("reg_")) if self.is_reg else self.name
+        safe = re.sub(r"[^\w.-]+", "_", label).strip("_") or "subset"
+        return f"{self.repeats}_{safe}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -214,9 +214,59 @@ def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256(blob[8 + header:]).hexdigest()
 
 
+def model_hash(path: Path) -> str:
+    """kohya's ``model_hash`` (A1111's old hash): sha256 of the 64 KiB at offset 1 MiB, first 8 hex digits."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def file_sha256(path: Path) -> str:
+    """kohya's ``calculate_sha256`` (A1111's new hash): sha256 of the whole file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def legacy_hash(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """``sshs_legacy_hash`` as kohya's ``precalculate_safetensors_hashes`` computes it: the old A1111
+    hash (``model_hash``) of the file serialised with only the ``ss_*`` metadata."""
+    from safetensors.torch import save
+
+    blob = save(tensors, {k: v for k, v in meta.items() if k.startswith("ss_")})
+    return hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+
+
+def _model_name_and_hashes(spec, prefix: str) -> dict[str, str]:
+    """``ss_sd_model_name`` + ``ss_sd_model_hash`` / ``ss_new_sd_model_hash`` (or the VAE's): the file
+    name and kohya's two hashes for a local file; a hub id is named as given, without hashes. kohya
+    writes ``IsADirectory`` as the hash of a diffusers folder; lorakit leaves the hashes out instead."""
+    path = Path(str(spec)).expanduser()
+    out = {f"ss_{prefix}_name": path.name if path.exists() else str(spec)}
+    if path.is_file():
+        hash_key = "ss_sd_model_hash" if prefix == "sd_model" else "ss_vae_hash"
+        new_key = "ss_new_sd_model_hash" if prefix == "sd_model" else "ss_new_vae_hash"
+        out[hash_key] = model_hash(path)
+        out[new_key] = file_sha256(path)
+    return out
+
+
 def metadata(*, config, data, manifest, base, network, epoch: int, step: int, max_steps: int,
-             started_at: float, session_id: str, output_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    """The ``ss_*`` (kohya / Civitai) and ``modelspec.*`` (Stability's model spec) metadata, all strings."""
+             started_at: float, session_id: str, output_name: str, tensors: dict[str, torch.Tensor],
+             num_epochs: int | None = None, mixed_precision: str | None = None,
+             num_processes: int = 1) -> dict[str, str]:
+    """The ``ss_*`` (kohya / Civitai) and ``modelspec.*`` (Stability's model spec) metadata, all strings.
+
+    The ``ss_*`` keys have kohya train_network.py's names, formats and meanings: image counts
+    include repeats, ``ss_dataset_dirs`` / ``ss_reg_dataset_dirs`` / ``ss_tag_frequency`` are keyed
+    by the ``N_name`` folders ``lorakit export kohya`` writes, ``ss_num_epochs`` is the number of
+    epochs the run has (``max_train_steps`` can end it early), ``ss_mixed_precision`` the resolved
+    precision (``no`` / ``fp16`` / ``bf16``).
+    """
+    from lorakit.manifest import split_caption
+
     triggers: list[str] = []
     for subset in manifest.subsets.values():
         for trigger in subset.triggers:
@@ -224,33 +274,58 @@ def metadata(*, config, data, manifest, base, network, epoch: int, step: int, ma
                 triggers.append(trigger)
     comment = config.training_comment if config.training_comment is not None else (
         f"triggers: {', '.join(triggers)}" if triggers else "")
-    dataset_dirs: dict[str, dict[str, int]] = {}
+    subsets = {}
     for image in data.images:
-        folder = f"{image.repeats}_{image.subset}"
-        entry = dataset_dirs.setdefault(folder, {"n_repeats": image.repeats, "img_count": 0})
+        subset = manifest.subsets.get(image.subset)
+        folder = subset.kohya_folder if subset is not None else f"{image.repeats}_{image.subset}"
+        entry = subsets.setdefault(folder, {"image": image, "img_count": 0, "tags": {}, "subset": subset})
         entry["img_count"] += 1
-    train_count = len(data.train_images)
-    reg_count = len(data.reg_images)
+        for tag in split_caption(image.caption):
+            entry["tags"][tag] = entry["tags"].get(tag, 0) + 1
+    dataset_dirs = {f: {"n_repeats": e["image"].repeats, "img_count": e["img_count"]}
+                    for f, e in subsets.items() if not e["image"].is_reg}
+    reg_dataset_dirs = {f: {"n_repeats": e["image"].repeats, "img_count": e["img_count"]}
+                        for f, e in subsets.items() if e["image"].is_reg}
+    tag_frequency = {f: e["tags"] for f, e in subsets.items()}
+    train_count = sum(i.repeats for i in data.train_images)
+    reg_count = sum(i.repeats for i in data.reg_images)
     bucket_counts = data.bucket_counts()
     bucket_info = {
         "buckets": {str(i): {"resolution": list(b), "count": n} for i, (b, n) in enumerate(bucket_counts.items())},
         "mean_img_ar_error": data.mean_aspect_error(),
     }
+    resolution = data.resolution
+    max_bucket = config.max_bucket_reso or 2 * resolution
+    datasets = [{
+        "is_dreambooth": True, "batch_size_per_device": config.batch_size, "num_train_images": train_count,
+        "num_reg_images": reg_count, "resolution": [resolution, resolution], "enable_bucket": config.enable_bucket,
+        "min_bucket_reso": config.min_bucket_reso, "max_bucket_reso": max_bucket, "tag_frequency": tag_frequency,
+        "bucket_info": bucket_info,
+        "subsets": [{
+            "img_count": e["img_count"], "num_repeats": e["image"].repeats, "color_aug": False,
+            "flip_aug": bool(e["image"].flip_aug),
+            "random_crop": False, "shuffle_caption": bool(e["image"].shuffle_caption),
+            "keep_tokens": e["image"].keep_tokens, "keep_tokens_separator": e["image"].keep_tokens_separator or "",
+            "secondary_separator": None, "enable_wildcard": False, "caption_prefix": None, "caption_suffix": None,
+            "image_dir": folder, "class_tokens": e["subset"].class_tokens if e["subset"] is not None else None,
+            "is_reg": e["image"].is_reg,
+        } for folder, e in subsets.items()],
+    }]
     network_args: dict[str, str] = {}
     if config.conv_dim:
         network_args.update(conv_dim=str(config.conv_dim), conv_alpha=str(config.conv_alpha))
     if config.dora:
-        network_args.update(dora_wd="True", wd_on_output="True")
+        axis = getattr(config, "dora_axis", "input")
+        network_args.update(dora_wd="True", wd_on_output=str(axis == "output"))
     now = _dt.datetime.now(_dt.timezone.utc)
-    resolution = data.resolution
-    model_hash = tensors_hash(tensors)
+    model_hash_ = tensors_hash(tensors)
     optimizer_args = dict(config.optimizer_args)
     ss = {
         "ss_session_id": session_id,
         "ss_training_started_at": str(started_at),
         "ss_training_finished_at": str(now.timestamp()),
         "ss_output_name": output_name,
-        "ss_sd_model_name": Path(str(base.source)).name,
+        **_model_name_and_hashes(base.source, "sd_model"),
         "ss_base_model_version": "sdxl_base_v1-0" if base.is_sdxl else "sd_v1",
         "ss_v2": "False",
         "ss_v_parameterization": str(base.v_prediction),
@@ -269,21 +344,25 @@ def metadata(*, config, data, manifest, base, network, epoch: int, step: int, ma
         "ss_num_train_images": str(train_count),
         "ss_num_reg_images": str(reg_count),
         "ss_num_batches_per_epoch": str(data.batches_per_epoch()),
-        "ss_num_epochs": str(config.epochs),
+        "ss_num_epochs": str(num_epochs if num_epochs is not None else config.epochs),
         "ss_epoch": str(epoch),
         "ss_steps": str(step),
         "ss_max_train_steps": str(max_steps),
         "ss_batch_size_per_device": str(config.batch_size),
+        "ss_total_batch_size": str(config.batch_size * num_processes * config.gradient_accumulation_steps),
         "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
         "ss_gradient_checkpointing": str(config.gradient_checkpointing),
-        "ss_mixed_precision": config.mixed_precision,
+        "ss_mixed_precision": mixed_precision or config.mixed_precision,
         "ss_full_fp16": "False",
         "ss_save_precision": config.save_precision,
         "ss_seed": str(config.seed),
         "ss_clip_skip": str(config.clip_skip),
+        "ss_max_token_length": "None",  # kohya's default: 75 tokens + BOS/EOS, what lorakit uses
+        "ss_cache_latents": str(config.cache_latents != "none"),
         "ss_max_grad_norm": str(config.max_grad_norm),
         "ss_noise_offset": str(config.noise_offset),
         "ss_ip_noise_gamma": str(config.ip_noise_gamma),
+        "ss_zero_terminal_snr": "False",
         "ss_min_snr_gamma": str(config.min_snr_gamma),
         "ss_loss_type": config.loss_type,
         "ss_huber_schedule": config.huber_schedule,
@@ -293,7 +372,7 @@ def metadata(*, config, data, manifest, base, network, epoch: int, step: int, ma
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_enable_bucket": str(config.enable_bucket),
         "ss_min_bucket_reso": str(config.min_bucket_reso),
-        "ss_max_bucket_reso": str(config.max_bucket_reso or 2 * resolution),
+        "ss_max_bucket_reso": str(max_bucket),
         "ss_bucket_no_upscale": "False",
         "ss_bucket_info": json.dumps(bucket_info),
         "ss_keep_tokens": str(config.keep_tokens),
@@ -301,24 +380,30 @@ def metadata(*, config, data, manifest, base, network, epoch: int, step: int, ma
         "ss_caption_dropout_rate": str(config.caption_dropout_rate),
         "ss_caption_tag_dropout_rate": str(config.caption_tag_dropout_rate),
         "ss_flip_aug": str(config.flip_aug),
-        "ss_cache_latents": str(config.cache_latents != "none"),
+        "ss_color_aug": "False",
+        "ss_random_crop": "False",
+        "ss_datasets": json.dumps(datasets),
         "ss_dataset_dirs": json.dumps(dataset_dirs),
-        "ss_tag_frequency": json.dumps(manifest.tag_frequency()),
+        "ss_reg_dataset_dirs": json.dumps(reg_dataset_dirs),
+        "ss_tag_frequency": json.dumps(tag_frequency),
         "ss_training_comment": comment,
-        "sshs_model_hash": model_hash,
-        "lorakit_version": _version(),
     }
+    if config.vae:
+        ss.update(_model_name_and_hashes(config.vae, "vae"))
+    ss["sshs_model_hash"] = model_hash_
+    ss["sshs_legacy_hash"] = legacy_hash(tensors, ss)
+    ss["lorakit_version"] = _version()
     modelspec = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": ("stable-diffusion-xl-v1-base" if base.is_sdxl else "stable-diffusion-v1") + "/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if base.is_sdxl else "diffusers",
-        "modelspec.title": output_name if epoch == config.epochs else f"{output_name} epoch {epoch}",
+        "modelspec.title": output_name if epoch == (num_epochs or config.epochs) else f"{output_name} epoch {epoch}",
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": now.isoformat(timespec="seconds"),
         "modelspec.prediction_type": "v" if base.v_prediction else "epsilon",
-        "modelspec.hash_sha256": "0x" + model_hash,
+        "modelspec.hash_sha256": "0x" + model_hash_,
         "modelspec.trigger_phrase": ", ".join(triggers),
-        "modelspec.description": comment or f"LoRA trained by lorakit on {train_count} images",
+        "modelspec.description": comment or f"LoRA trained by lorakit on {len(data.train_images)} images",
         "modelspec.tags": ", ".join(_top_tags(manifest, 20)),
     }
     return {**ss, **modelspec}

@@ -381,7 +381,9 @@ class Trainer:
         meta = kohya_format.metadata(config=config, data=self.data_, manifest=self.manifest, base=self.base,
                                      network=self.network, epoch=epoch, step=self.global_step,
                                      max_steps=self.total_steps, started_at=self.started_at,
-                                     session_id=self.session_id, output_name=self.output.stem, tensors=tensors)
+                                     session_id=self.session_id, output_name=self.output.stem, tensors=tensors,
+                                     num_epochs=self.epochs, mixed_precision=self.precision,
+                                     num_processes=self.accelerator.num_processes)
         if self.accelerator.is_main_process:
             kohya_format.save(path, tensors, meta)
         return path
