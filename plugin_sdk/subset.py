@@ -40,7 +40,7 @@ class Subset:
         trainer's ``ss_dataset_dirs`` / ``ss_reg_dataset_dirs`` / ``ss_tag_frequency`` use it): a reg
         subset is named after its class tokens, as kohya's reg folders are (``1_1girl``)."""
         label = (self.class_tokens or self.name.removeprefix("reg_")) if self.is_reg else self.name
-        safe = re.sub(r"[^\w.-]+", "_", label).strip("_") or "subset"
+        safe = re.sub(r"[^\w.-]+", "_", label).strip("_.") or "subset"
         return f"{self.repeats}_{safe}"
 
     def to_dict(self) -> dict[str, Any]:
