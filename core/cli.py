@@ -345,7 +345,9 @@ def schema():
 @click.argument("dataset", type=click.Path(exists=True))
 @click.argument("output", type=click.Path(file_okay=False))
 @click.option("--repeat-lines", is_flag=True, help="diffusers: write each image's line 'repeats' times")
-def export(format, dataset, output, repeat_lines):
+@click.option("--relative-paths", is_flag=True,
+              help="kohya: image_dir relative to the config's folder (default: absolute)")
+def export(format, dataset, output, repeat_lines, relative_paths):
     """Export DATASET (a lorakit dataset folder) to OUTPUT in another trainer's layout.
 
     \b
@@ -353,12 +355,14 @@ def export(format, dataset, output, repeat_lines):
     diffusers: images + metadata.jsonl (file_name, text)
     """
     from .export import export_diffusers
-    from .kohya import export_kohya
+    from .kohya import export_kohya_report
     from .manifest import load_dataset
 
     manifest = load_dataset(Path(dataset))
+    report = None
     if format == "kohya":
-        target = export_kohya(manifest, Path(output))
+        report = export_kohya_report(manifest, Path(output), relative_paths=relative_paths)
+        target = report.config
     else:
         target = export_diffusers(manifest, Path(output), repeat_lines=repeat_lines)
     exported = len(manifest.images)
@@ -369,6 +373,10 @@ def export(format, dataset, output, repeat_lines):
         if reg:
             note = f" ({reg} regularisation image(s) left out: diffusers' scripts take them as a class folder)"
     console.print(Text.assemble(("Exported", "green"), f" {exported} image(s) -> {target}{note}"), soft_wrap=True)
+    if report is not None:
+        console.print(Text(f"Train with: {report.command(sdxl=(manifest.resolution or 512) >= 1024)}"), soft_wrap=True)
+        for item in report.lost:
+            console.print(Text(f"Not kept by kohya: {item}", style="yellow"), soft_wrap=True)
 
 
 from .review.command import review as _review  # noqa: E402  (the review page: core/review/)

@@ -177,46 +177,114 @@ def manifest_from_kohya(path: Path, reg: Path | None = None) -> Manifest:
                     subsets=subsets, images=records, set_aside=aside, external_paths=True)
 
 
-def export_kohya(manifest: Manifest, out: Path) -> Path:
-    """Write ``img/N_name``, ``reg/N_name``, ``mask/N_name`` and a ``dataset_config.toml``; return its path."""
+@dataclass
+class KohyaExport:
+    """What ``export_kohya`` wrote: the config, whether it needs ``--masked_loss``, what kohya cannot keep."""
+
+    config: Path
+    masked_loss: bool
+    lost: list[str]
+
+    def command(self, sdxl: bool = False) -> str:
+        """The sd-scripts command line for this config (model, output and network options to add)."""
+        script = "sdxl_train_network.py" if sdxl else "train_network.py"
+        return (f"accelerate launch {script} --dataset_config {self.config} --network_module networks.lora"
+                + (" --masked_loss" if self.masked_loss else ""))
+
+
+def export_kohya(manifest: Manifest, out: Path, *, relative_paths: bool = False) -> Path:
+    """Write ``img/N_name``, ``reg/N_name``, ``mask/N_name`` and a ``dataset_config.toml``; return its path.
+
+    See ``export_kohya_report`` for what the config needs (``--masked_loss``) and what it loses."""
+    return export_kohya_report(manifest, out, relative_paths=relative_paths).config
+
+
+def export_kohya_report(manifest: Manifest, out: Path, *, relative_paths: bool = False) -> KohyaExport:
+    """Export in kohya's layout, with a ``dataset_config.toml`` that kohya's ``ConfigSanitizer`` accepts.
+
+    kohya reads masks for masked loss only from a ControlNet-style dataset (every subset with a
+    ``conditioning_data_dir``, and then no ``is_reg`` / ``class_tokens``), and refuses
+    ``conditioning_data_dir`` in a DreamBooth subset. So subsets with masks go into a ``[[datasets]]``
+    block of their own (an image without a mask gets a white one: train everywhere, as without a
+    mask); regularisation subsets cannot be masked in kohya and keep their images without masks.
+    ``image_dir`` paths are absolute (kohya resolves relative ones against its working directory);
+    ``relative_paths`` writes them relative to the config's folder instead.
+    """
     out = Path(out)
-    subsets_toml = []
+    plain, masked, lost = [], [], []
     for name, sub in manifest.subsets.items():
         records = manifest.images_in(name)
         if not records:
             continue
-        label = _safe_name(sub.class_tokens or name.removeprefix("reg_")) if sub.is_reg else _safe_name(name)
-        folder = confined_path(out, f"{'reg' if sub.is_reg else 'img'}/{sub.repeats}_{label}", "export folder")
-        mask_folder = confined_path(out, f"mask/{sub.repeats}_{label}", "export folder")
+        folder = confined_path(out, f"{'reg' if sub.is_reg else 'img'}/{sub.kohya_folder}", "export folder")
+        mask_folder = confined_path(out, f"mask/{sub.kohya_folder}", "export folder")
+        with_masks = any(r.mask for r in records) and not sub.is_reg
+        if sub.is_reg and any(r.mask for r in records):
+            lost.append(f"{name}: kohya cannot mask regularisation images; its masks are not exported")
         for r in records:
             src = manifest.abspath(r.path)
             _copy(src, folder / src.name)
             atomic_write_text((folder / src.name).with_suffix(".txt"), r.caption)
-            if r.mask:
-                _copy(manifest.abspath(r.mask), mask_folder / (Path(src.name).stem + ".png"))
-        entry = {"image_dir": str(folder.relative_to(out)), "num_repeats": sub.repeats, "caption_extension": ".txt",
-                 "is_reg": sub.is_reg, "keep_tokens": sub.keep_tokens}
-        if sub.class_tokens:
-            entry["class_tokens"] = sub.class_tokens
+            if with_masks:
+                mask_target = mask_folder / (Path(src.name).stem + ".png")
+                if r.mask:
+                    _copy(manifest.abspath(r.mask), mask_target)
+                else:
+                    _white_mask(src, mask_target)
+        entry = {"image_dir": _config_path(folder, out, relative_paths), "num_repeats": sub.repeats,
+                 "caption_extension": ".txt", "keep_tokens": sub.keep_tokens}
         if sub.keep_tokens_separator:
             entry["keep_tokens_separator"] = sub.keep_tokens_separator
         for key in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate", "flip_aug"):
             if getattr(sub, key) is not None:
                 entry[key] = getattr(sub, key)
-        if any(r.mask for r in records):
-            entry["conditioning_data_dir"] = str(mask_folder.relative_to(out))
-        subsets_toml.append(entry)
+        if with_masks:
+            entry["conditioning_data_dir"] = _config_path(mask_folder, out, relative_paths)
+            if sub.class_tokens:
+                lost.append(f"{name}: class_tokens {sub.class_tokens!r} (kohya's masked datasets have none; "
+                            "every image has its caption file)")
+            if any(not r.mask for r in records):
+                lost.append(f"{name}: images without a mask get a white one (trained everywhere)")
+            masked.append(entry)
+        else:
+            entry["is_reg"] = sub.is_reg
+            if sub.class_tokens:
+                entry["class_tokens"] = sub.class_tokens
+            plain.append(entry)
     resolution = manifest.resolution or 512
     min_bucket, max_bucket = bucket_bounds(resolution, step=64)  # the rule the trainer and the buckets step use
+    datasets = [{"resolution": resolution, "batch_size": 1, "subsets": subsets} for subsets in (plain, masked) if subsets]
     config = {
         "general": {"enable_bucket": True, "bucket_no_upscale": False, "min_bucket_reso": min_bucket,
                     "max_bucket_reso": max_bucket, "bucket_reso_steps": 64},
-        "datasets": [{"resolution": resolution, "batch_size": 1, "subsets": subsets_toml}],
+        "datasets": datasets,
     }
     target = out / "dataset_config.toml"
-    atomic_write_text(target, "# Written by lorakit export kohya. Paths are relative to this file's folder:\n"
-                              "# run sd-scripts from here, or make them absolute.\n" + tomli_w.dumps(config))
-    return target
+    report = KohyaExport(target.resolve() if not relative_paths else target, bool(masked), lost)
+    header = ["Written by lorakit export kohya.",
+              "Paths are relative to this file's folder: run sd-scripts from here." if relative_paths
+              else "Paths are absolute.",
+              "Train with: " + report.command(sdxl=(manifest.resolution or 512) >= 1024)]
+    if masked:
+        header.append("The masked subsets are a dataset of their own: kohya reads masks (white = train) from "
+                      "conditioning_data_dir only there, and only with --masked_loss.")
+    header += ["Not kept by kohya: " + item for item in lost]
+    atomic_write_text(target, "".join(f"# {line}\n" for line in header) + tomli_w.dumps(config))
+    return report
+
+
+def _config_path(folder: Path, out: Path, relative: bool) -> str:
+    return folder.relative_to(out).as_posix() if relative else str(folder.resolve())
+
+
+def _white_mask(image: Path, target: Path) -> None:
+    """A white mask (train everywhere) the size of ``image``, for kohya's masked dataset."""
+    from PIL import Image
+
+    with Image.open(image) as im:
+        size = im.size
+    with atomic_path(target) as tmp:
+        Image.new("L", size, 255).save(tmp, format="PNG")
 
 
 def _copy(src: Path, dst: Path) -> None:

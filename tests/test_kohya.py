@@ -66,10 +66,12 @@ def test_export_kohya_round_trips(tmp_path, kohya_dir):
     run_pipeline_dict({"output": str(tmp_path / "ds"), "sources": [{"kohya": {"path": str(kohya_dir)}}]}, tmp_path)
     proc = run_cli("export", "kohya", str(tmp_path / "ds"), str(tmp_path / "k"))
     assert proc.returncode == 0, proc.stderr
+    assert "--masked_loss" in proc.stdout + proc.stderr
     config = tomllib.loads((tmp_path / "k" / "dataset_config.toml").read_text())
-    subsets = {s["image_dir"]: s for s in config["datasets"][0]["subsets"]}
-    assert subsets["img/10_mychar"]["num_repeats"] == 10 and subsets["reg/1_1girl"]["is_reg"]
-    assert subsets["img/10_mychar"]["conditioning_data_dir"] == "mask/10_mychar"
+    k = (tmp_path / "k").resolve()
+    subsets = {s["image_dir"]: s for d in config["datasets"] for s in d["subsets"]}
+    assert subsets[str(k / "img/10_mychar")]["num_repeats"] == 10 and subsets[str(k / "reg/1_1girl")]["is_reg"]
+    assert subsets[str(k / "img/10_mychar")]["conditioning_data_dir"] == str(k / "mask/10_mychar")
     assert (tmp_path / "k" / "img" / "10_mychar" / "a.txt").read_text() == "mychar, 1girl, smile"
     again = load_dataset(tmp_path / "k")
     assert {r.caption for r in again.images} == {r.caption for r in Manifest.load(tmp_path / "ds").images}
