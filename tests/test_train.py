@@ -140,7 +140,7 @@ def test_metadata_has_kohya_and_modelspec_fields(sd15_lora):
     assert meta["modelspec.trigger_phrase"] == "mychar"
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert meta["ss_base_model_version"] == "sd_v1"
-    assert meta["ss_num_train_images"] == "4" and meta["ss_steps"] == "8"
+    assert meta["ss_num_train_images"] == "8" and meta["ss_steps"] == "8"  # 4 images x 2 repeats (kohya)
     tensors, _ = kohya_format.read(sd15_lora)
     assert meta["sshs_model_hash"] == kohya_format.tensors_hash(tensors)
 
