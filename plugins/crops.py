@@ -16,6 +16,7 @@ confidence threshold go through non-maximum suppression and are scaled back to t
 from __future__ import annotations
 
 import ast
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from ._tagging import tag_key
 KINDS = ("person", "halfbody", "head", "face")
 SUFFIXES = {"person": "full", "halfbody": "upper", "head": "head", "face": "face"}
 # The framing tag a crop of each kind gets (Danbooru's names), replacing the picture's own.
-FRAMING = {"person": None, "halfbody": "upper_body", "head": "portrait", "face": "close-up"}
+FRAMING = {"person": None, "halfbody": "upper_body", "head": "portrait", "face": "close-up", "manual": None}
 FRAMING_TAGS = frozenset({"full_body", "cowboy_shot", "upper_body", "lower_body", "portrait", "close-up",
                           "feet_out_of_frame", "head_out_of_frame", "out_of_frame"})
 # Tags a crop no longer shows. Upper-body crops lose the feet; head and face crops lose everything
@@ -51,7 +52,7 @@ _LOWER_EXACT = {"zettai_ryouiki", "thick_thighs", "wide_hips", "bare_legs", "sit
 
 def removed_by_crop(tag: str, kind: str) -> bool:
     """Whether a crop of ``kind`` no longer shows what canonical ``tag`` names."""
-    if kind == "person":
+    if kind in ("person", "manual"):
         return False
     if tag in FRAMING_TAGS:
         return True
@@ -228,6 +229,42 @@ def fit_ratio(box, ratio: float, size: tuple[int, int]) -> tuple[int, int, int, 
 
 
 # ----- the step ---------------------------------------------------------------------------------------
+def read_boxes(path: Path) -> dict[str, list[dict]]:
+    """Manual crop boxes: ``{image name: [[x0, y0, x1, y1], {"box": [...], "kind": "face", "name": "closeup"}]}``
+    (JSON). A bad entry names the file, the image and the problem."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"a readable JSON file of crop boxes ({path}: {exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"a JSON object {{image name: [boxes]}} ({path} holds a {type(data).__name__})")
+    out: dict[str, list[dict]] = {}
+    for name, entries in data.items():
+        if not isinstance(entries, list):
+            entries = [entries]
+        boxes = []
+        for n, entry in enumerate(entries, start=1):
+            spec = entry if isinstance(entry, dict) else {"box": entry}
+            box = spec.get("box")
+            kind = spec.get("kind", "manual")
+            label = str(spec.get("name") or (SUFFIXES.get(kind, "crop") + (str(n) if len(entries) > 1 else "")))
+            if (not isinstance(box, (list, tuple)) or len(box) != 4
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+                    or box[2] <= box[0] or box[3] <= box[1]):
+                raise ValueError(f"boxes [x0, y0, x1, y1] with x1 > x0 and y1 > y0 ({path}: {name!r} entry {n} is {box!r})")
+            if kind not in KINDS + ("manual",):
+                raise ValueError(f"kinds among {', '.join(KINDS)}, manual ({path}: {name!r} entry {n} has {kind!r})")
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", label):
+                raise ValueError(f"crop names of letters, digits, _ . - ({path}: {name!r} entry {n} has {label!r})")
+            boxes.append({"box": [int(round(v)) for v in box], "kind": kind, "name": label})
+        out[str(name)] = boxes
+    return out
+
+
+def _check_boxes(path: Path) -> None:
+    read_boxes(path)
+
+
 def _model_spec(spec: str) -> tuple[str, str]:
     """``path`` / ``folder`` / ``owner/repo`` / ``owner/repo:file/in/repo.onnx`` -> (spec, file name)."""
     path = Path(str(spec)).expanduser()
@@ -282,14 +319,18 @@ class CropsStep(ImageStep):
         Param("max_area", float, 0.8, "largest crop kept, as a share of the picture (a bigger one adds nothing)",
               min=0.05, max=1),
         Param("framing_tags", bool, True, "give crops their framing tag (upper_body, portrait, close-up)"),
+        Param("boxes", Path, None, "JSON file of crop boxes chosen by hand: {image name: [[x0, y0, x1, y1], "
+              "{box: [...], kind: face, name: closeup}]}; cut as given, with or without detectors",
+              validate=_check_boxes),
         device_param(),
     ]
 
     def __init__(self, params=None):
         super().__init__(params)
-        if not any(self.options[f"{k}_model"] for k in KINDS):
+        if not any(self.options[f"{k}_model"] for k in KINDS) and self.options.boxes is None:
             raise ParamError(self.name, "person_model", None,
-                             "at least one detector (person_model, halfbody_model, head_model or face_model)")
+                             "at least one detector (person_model, halfbody_model, head_model or face_model) "
+                             "or a boxes file")
 
     def _model_files(self) -> dict[str, Path]:
         files = {}
@@ -301,7 +342,10 @@ class CropsStep(ImageStep):
         return files
 
     def cache_token(self) -> str:
-        return "crops:" + ",".join(f"{k}={model_file_digest(p)}" for k, p in self._model_files().items())
+        token = "crops:" + ",".join(f"{k}={model_file_digest(p)}" for k, p in self._model_files().items())
+        if self.options.boxes is not None:
+            token += ",boxes=" + model_file_digest(self.options.boxes)
+        return token
 
     def setup(self, ctx: StepContext) -> None:
         device = pick_device(chosen_device(self.options.device, ctx.device))
@@ -309,6 +353,7 @@ class CropsStep(ImageStep):
         self.detectors = {kind: YoloDetector(path, providers, self.options.max_infer_size or None)
                           for kind, path in self._model_files().items()}
         self.resolution = ctx.resolution
+        self.manual = read_boxes(self.options.boxes) if self.options.boxes is not None else {}
 
     def _bucket_ratio(self, w: float, h: float) -> float:
         from lorakit.buckets import make_buckets, select_bucket
@@ -320,15 +365,28 @@ class CropsStep(ImageStep):
         o = self.options
         if not hasattr(self, "detectors"):
             self.setup(ctx)
+        manual = self.manual.get(item.name, [])
         image = item.open()
         size = image.size
         min_pixels = o.min_crop_pixels or ctx.resolution * ctx.resolution
-        if size[0] * size[1] < min_pixels:
+        if size[0] * size[1] < min_pixels and not manual:
             return item  # too small for any crop to reach training resolution
         mask = item.open_mask()
         found: list[dict] = []
         crops: list[Item] = []
-        for kind, detector in self.detectors.items():
+        for entry in manual:
+            x0, y0, x1, y1 = entry["box"]
+            box = (max(0, x0), max(0, y0), min(size[0], x1), min(size[1], y1))
+            record = {"kind": entry["kind"], "label": "manual", "score": None, "box": entry["box"]}
+            found.append(record)
+            if box[2] <= box[0] or box[3] <= box[1]:
+                record["skipped"] = f"outside the {size[0]}x{size[1]} picture"
+                continue
+            record["crop"] = list(box)
+            record["name"] = f"{item.name}_{entry['name']}"
+            crops.append(self._crop_item(item, image, mask, entry["kind"], Detection(box, "manual", 1.0), box,
+                                         record["name"]))
+        for kind, detector in (self.detectors.items() if size[0] * size[1] >= min_pixels else ()):
             detections = detector.detect(image, o.conf_threshold, o.iou_threshold)
             made = 0
             for d in detections:
@@ -375,7 +433,8 @@ class CropsStep(ImageStep):
         if framing and tag_key(framing) not in {tag_key(t) for t in tags}:
             tags[framing] = None
         meta = {k: v for k, v in item.meta.items() if k not in ("crops", "trim")}
-        meta["crop"] = {"kind": kind, "label": d.label, "score": round(d.score, 4), "detected": list(d.box),
+        meta["crop"] = {"kind": kind, "label": d.label, "score": None if d.label == "manual" else round(d.score, 4),
+                        "detected": None if d.label == "manual" else list(d.box),
                         "box": list(box), "from": list(image.size), "parent": item.name, "removed_tags": removed}
         crop = item.with_image(image.crop(box), name=name, tags=tags, meta=meta)
         if mask is not None:

@@ -1,6 +1,7 @@
 """crops: a tiny ONNX detector with imgutils' YOLO signature, whose boxes are known, and real onnxruntime."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -287,3 +288,32 @@ def test_an_uncached_hub_detector_offline_says_what_to_download(tmp_path, monkey
         step.setup(ctx(tmp_path))
     assert "face_detect_v1.4_s/model.onnx" in str(err.value)
     assert "https://huggingface.co/deepghs/anime_face_detection" in str(err.value)
+
+
+def test_boxes_chosen_by_hand_are_cut_as_given_without_detectors(tmp_path):
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"girl": [[10, 20, 310, 420], {"box": [400, 250, 620, 500], "kind": "face",
+                                                                "name": "closeup"}]}))
+    step = CropsStep.configure({"boxes": str(boxes)})
+    c = ctx(tmp_path, resolution=512)  # manual boxes ignore the size limits
+    step.setup(c)
+    original, whole, face = step.process(caption_item(tmp_path, mask=False), c)
+    assert whole.name == "girl_crop1" and whole.pending_image.size == (300, 400)
+    assert whole.meta["crop"]["kind"] == "manual" and "boots" in whole.tags  # manual: no tag is removed
+    assert face.name == "girl_closeup" and face.meta["crop"]["box"] == [400, 250, 620, 500]
+    assert "boots" not in face.tags and "close-up" in face.tags
+    assert [r["label"] for r in original.meta["crops"]] == ["manual", "manual"]
+
+
+@pytest.mark.parametrize("content, words", [
+    ('{"a": [[10, 10, 5, 50]]}', "x1 > x0"),
+    ('{"a": [{"box": [0, 0, 5, 5], "kind": "feet"}]}', "kinds among"),
+    ('{"a": [{"box": [0, 0, 5, 5], "name": "../x"}]}', "crop names"),
+    ('[1, 2]', "JSON object"),
+])
+def test_bad_box_files_are_refused_naming_the_problem(tmp_path, content, words):
+    path = tmp_path / "boxes.json"
+    path.write_text(content)
+    with pytest.raises(ParamError, match="boxes") as err:
+        CropsStep.configure({"boxes": str(path)})
+    assert words in str(err.value)
