@@ -27,7 +27,7 @@ class BackgroundStep(ImageStep):
     meta.background."""
 
     name = "background"
-    summary = "Paint the background white (or a colour, or blur it) using the mask, like transparent-background."
+    summary = "Paint the background white (or a colour, or blur it) through the mask."
     version = "1"
     params = [
         Param("color", Color, Color((255, 255, 255)), "background colour (name, #rrggbb or rgb(r,g,b))"),

@@ -289,17 +289,16 @@ class CropsStep(ImageStep):
     max_area of the picture (else it is nearly the picture itself). With ratio, crops grow to a
     fixed aspect (3:4, 1:1, or bucket: the nearest kohya bucket of the crop). The original stays,
     with its detections and crop boxes in meta.crops; each crop has meta.crop (kind, box, score,
-    parent, removed tags).
+    parent, removed tags). boxes adds crops chosen by hand (a JSON file).
     """
 
     name = "crops"
-    summary = "Extra crops (full body, upper body, head, face) of large images from ONNX detectors."
+    summary = "Extra crops of large images (full body, upper body, head, face) by detectors."
     version = "1"
     workers = 1
     reads = frozenset({"image", "tags", "mask"})
     writes = frozenset({"image", "tags", "mask", "meta"})
-    example = ("lorakit crops big/ cropped/ --face-model deepghs/anime_face_detection:face_detect_v1.4_s/model.onnx "
-               "--ratio bucket")
+    example = "lorakit crops big/ cropped/ --face-model face_detect.onnx --ratio bucket"
     params = [
         *[Param(f"{kind}_model", ModelRef, None, f"{kind} detector: .onnx file, folder with model.onnx, or "
                 f"hub repo[:file]" + (" (e.g. deepghs/anime_person_detection:person_detect_v1.3_s/model.onnx)"

@@ -75,10 +75,10 @@ class GalleryDLSource(SourceStep):
     """
 
     name = "gallerydl"
-    summary = "Download from any gallery-dl URL (pixiv, Sankaku, X, boorus...) with its config and logins."
+    summary = "Download from any gallery-dl URL (pixiv, Sankaku, X...) with its logins."
     version = "1"
     writes = frozenset({"image", "tags", "meta"})
-    example = 'lorakit gallerydl dataset/ --url "https://www.pixiv.net/en/users/123" --limit 50'
+    example = 'lorakit gallerydl raw/ --url "https://www.pixiv.net/en/users/123" --limit 50'
     params = [
         Param("url", list, help="one or more URLs gallery-dl supports (comma-separated on the command line)",
               validate=_check_urls),

@@ -128,7 +128,7 @@ class TagFilterStep(DatasetStep):
     """
 
     name = "tagfilter"
-    summary = "Keep, drop or move images by tags and scores (chibi, watermark...); balance monochrome."
+    summary = "Keep, drop or move images by tags and scores; balance monochrome."
     version = "1"
     params = [
         Param("preset", str, "none", "built-in drop rules: guides = guide 002's list (chibi, group shots, "
@@ -157,7 +157,7 @@ class TagFilterStep(DatasetStep):
     ]
     reads = frozenset({"tags", "image", "subset"})
     writes = frozenset({"meta", "subset"})
-    example = "lorakit tagfilter tagged/ filtered/ --preset guides --move monochrome=manga --monochrome-share 50%"
+    example = "lorakit tagfilter tagged/ kept/ --preset guides --monochrome-share 50%"
 
     def __init__(self, params=None):
         super().__init__(params)
