@@ -845,8 +845,13 @@ def take_hand_edits(dataset: str | os.PathLike, curation: Curation, written: dic
                 continue
             cap_rel = r.get("caption_path") or str(Path(r["path"]).with_suffix(".txt"))
             cap = dataset / cap_rel
-            if not cap.is_file():
+            try:
+                st = cap.stat()
+            except OSError:
                 continue  # a deleted caption file is rewritten
+            entry = (written or {}).get(cap_rel)
+            if entry and len(entry) >= 3 and entry[1] and (entry[1], entry[2]) == (st.st_size, st.st_mtime_ns):
+                continue  # exactly as lorakit wrote it (the ledger's size and time): no need to read it
             try:
                 text = cap.read_text(encoding="utf-8").strip()
             except (UnicodeDecodeError, OSError):

@@ -173,7 +173,7 @@ class Runner:
         states, self.set_aside, result = curation_stage.apply_to_states(states, self.set_aside, edits,
                                                                         self.curation.path)
         result.hand = hand
-        result.changed = digest_now != previous or bool(hand)
+        result.changed = (digest_now != previous and (bool(edits) or previous is not None)) or bool(hand)
         self._ensure_subsets(states)
         stats = StepStats("curation", "curation", inputs=n_in, outputs=len(states), set_aside=len(result.excluded),
                           computed=int(result.changed), cached=0 if result.changed else n_in)
