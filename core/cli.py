@@ -92,9 +92,10 @@ def _load(path: str, output: str | None = None):
     pipeline = load_pipeline(Path(path), host, output)
     train_config = None
     if pipeline.train is not None:
-        from lorakit.trainer.config import validate_settings  # no torch import just to check settings
+        from lorakit.trainer.config import check_model_paths, validate_settings  # no torch import just to check
 
         train_config = validate_settings(pipeline.train, f"{path}: train", base_dir=Path(path).resolve().parent)
+        check_model_paths(train_config, f"{path}: train")  # a missing local base model fails before any work
     return pipeline, train_config
 
 

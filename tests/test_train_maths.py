@@ -432,3 +432,43 @@ def test_scale_weight_norms_caps_each_layers_change_at_the_max_norm(sd15):
     assert largest == pytest.approx(limit, rel=1e-4)
     for name, norm in before.items():
         assert after[name] == pytest.approx(min(norm, limit), rel=1e-4)
+
+
+# ----- planning: --dry-run without the weights, validate before work -------------------------------------
+def test_dry_run_without_the_weights_takes_the_model_type_and_prints_the_run(tmp_path):
+    from lorakit.plugin_sdk import LorakitError
+    from lorakit.trainer.api import dry_run
+    from lorakit.trainer.config import validate_settings
+
+    dataset = make_dataset(tmp_path / "d")
+    missing = str(tmp_path / "models" / "sdxl.safetensors")
+    config = validate_settings({"base_model": missing, "model_type": "sdxl", "optimizer": "prodigy", "network_dim": 8,
+                                "network_alpha": 4, "resolution": 64, "output": str(tmp_path / "me.safetensors")})
+    console = quiet()
+    plan = dry_run(dataset, config, console=console)
+    text = console.file.getvalue()
+    assert plan.model["is_sdxl"] and not plan.model["counted"]
+    for expected in ("prodigyopt.Prodigy", "learning rate UNet 1", "dim 8, alpha 4 (scale 0.5)",
+                     "cosine_with_restarts", str(tmp_path / "me.safetensors"), "s per step"):
+        assert expected in text.replace("\n", " "), expected
+    assert plan.seconds_per_step > 0
+    with pytest.raises(LorakitError, match="pass --model-type sd15 or sdxl"):
+        dry_run(dataset, config.replace(model_type=None), console=quiet())
+
+
+def test_validate_names_a_missing_local_base_model_before_any_work(tmp_path):
+    import yaml
+
+    from conftest import run_cli
+
+    (tmp_path / "raw").mkdir()
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"sources": [{"folder": {"path": "raw"}}], "output": "out",
+                                    "train": {"base_model": "models/sd15.safetensors", "vae": "owner/vae"}}))
+    proc = run_cli("validate", str(path))
+    assert proc.returncode != 0
+    assert "train setting 'base_model'" in proc.stderr + proc.stdout and "no such file or folder" in proc.stderr + proc.stdout
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "sd15.safetensors").write_bytes(b"")
+    proc = run_cli("validate", str(path))
+    assert proc.returncode == 0, proc.stderr  # a hub id (owner/vae) is the loader's business

@@ -42,6 +42,8 @@ SETTINGS: list[Setting] = [
     S("v_prediction", bool, None, "train a v-prediction model (default: what the model says)", nullable=True,
       group="model"),
     S("device", str, "auto", "auto (CUDA when present), cpu or cuda[:N]", group="model"),
+    S("model_type", str, None, "sd15 or sdxl: what the base model is, for --dry-run without its weights",
+      choices=("sd15", "sdxl"), nullable=True, group="model"),
     # network
     S("network_dim", int, 32, "LoRA rank (dim)", min=1, max=1024, group="network"),
     S("network_alpha", float, 16.0, "LoRA alpha; the LoRA is scaled by alpha / dim", min=0, group="network"),
@@ -392,6 +394,21 @@ def config_warnings(config: TrainConfig) -> list[str]:
     return warnings
 
 
+def _looks_local(spec: str) -> bool:
+    """A path rather than a hub id (``owner/name``)."""
+    parts = spec.split("/")
+    hub_id = len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~")) and "\\" not in spec
+    return not hub_id or spec.endswith(".safetensors")
+
+
+def check_model_paths(config: TrainConfig, where: str = "train") -> None:
+    """Local base model / VAE / config paths must exist before any work starts (hub ids are left to the loader)."""
+    for name in ("base_model", "vae", "base_config"):
+        value = config.values.get(name)
+        if value and _looks_local(str(value)) and not Path(str(value)).expanduser().exists():
+            raise LorakitError(f"{where}: train setting '{name}' = {value!r}: no such file or folder")
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML, YAML or JSON config file; a ``train`` table/section is used when present."""
     path = Path(path)
@@ -465,4 +482,4 @@ def fields() -> list[str]:
 
 
 __all__ = ["Setting", "SETTINGS", "TrainConfig", "validate_settings", "load_config_file", "show_config",
-           "config_schema", "config_warnings", "PRODIGY_PRESET", "ADAPTIVE_OPTIMIZERS"]
+           "config_schema", "config_warnings", "check_model_paths", "PRODIGY_PRESET", "ADAPTIVE_OPTIMIZERS"]

@@ -100,14 +100,27 @@ class Trainer:
         return build_training_data(self.manifest, self.config, self.resolution(is_sdxl), use_masks=self.config.masked_loss)
 
     def plan(self):
-        from .models import describe_base_model
+        from lorakit.plugin_sdk import ModelNotFound
 
-        if not self.config.base_model:
+        from .models import STANDARD_PARAMETERS, describe_base_model
+
+        config = self.config
+        hint = config.model_type
+        if not config.base_model and not hint:
             raise LorakitError("train settings: 'base_model' is required (a .safetensors file, diffusers folder or hub id)")
-        model = describe_base_model(self.config.base_model)
+        try:
+            # The file header, the folder's configs or the hub cache say what the model is; no weights are read.
+            model = describe_base_model(config.base_model) if config.base_model else None
+        except ModelNotFound as exc:
+            if not hint:
+                raise LorakitError(f"{exc}. For a plan without the weights, pass --model-type sd15 or sdxl") from None
+            model = None
+        if model is None or (hint and not model.get("counted")):
+            is_sdxl = hint == "sdxl" if hint else model["is_sdxl"]
+            model = {"is_sdxl": is_sdxl, **STANDARD_PARAMETERS[is_sdxl], "counted": False}
         data = self.data(model["is_sdxl"])
-        return make_plan(self.manifest, data, self.config, model, self.device,
-                         self.precision if self.precision != "no" else "fp32")
+        return make_plan(self.manifest, data, config, model, self.device,
+                         self.precision if self.precision != "no" else "fp32", output=self.output)
 
     def dry_run(self):
         plan = self.plan()

@@ -31,6 +31,8 @@ class TrainingPlan:
     memory: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     precision: str = "fp32"
+    settings: dict[str, Any] = field(default_factory=dict)  # optimiser, rates, network, schedule, output
+    seconds_per_step: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -38,7 +40,8 @@ class TrainingPlan:
             "buckets": {f"{w}x{h}": n for (w, h), n in self.buckets.items()},
             "batches_per_epoch": self.batches_per_epoch, "steps_per_epoch": self.steps_per_epoch,
             "epochs": self.epochs, "total_steps": self.total_steps, "memory_gb": self.memory,
-            "device": self.device, "precision": self.precision,
+            "device": self.device, "precision": self.precision, "settings": self.settings,
+            "seconds_per_step": self.seconds_per_step,
         }
 
 
@@ -73,8 +76,60 @@ def estimate_memory(model: dict[str, Any], config, resolution: int, weight_bytes
             "activations": round(activations / gb, 4), "total": round(total / gb, 4)}
 
 
+# SD1.5's UNet does about 400 G multiply-adds per 512x512 image forward; a training step is about three
+# forwards (forward + backward), four with gradient checkpointing. Only a rough guide.
+SD15_UNET_MACS_512 = 400e9
+MATMUL_EFFICIENCY = 0.4  # a UNet step reaches about this fraction of the device's large-matmul rate
+
+
+def device_matmul_rate(device: str, precision: str, seconds: float = 0.3) -> float:
+    """Multiply-adds per second of a large matrix product on ``device`` (a short measurement)."""
+    import time
+
+    import torch
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    n = 1024 if device == "cpu" else 4096
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or runs < 2:
+        a @ b
+        runs += 1
+        if device != "cpu":
+            torch.cuda.synchronize()
+    return runs * n ** 3 / (time.perf_counter() - started)
+
+
+def estimate_seconds_per_step(model: dict[str, Any], config, resolution: int, device: str, precision: str) -> float:
+    macs = (SD15_UNET_MACS_512 * model["unet"] / SD15_UNET_PARAMETERS * (resolution / 512) ** 2 * config.batch_size
+            * config.gradient_accumulation_steps)
+    passes = 4 if config.gradient_checkpointing else 3
+    return macs * passes / (device_matmul_rate(device, precision) * MATMUL_EFFICIENCY)
+
+
+def run_settings(config, output) -> dict[str, Any]:
+    """What a user checks before a long run: optimiser, rates, network, schedule, precision, output."""
+    from .config import OPTIMIZER_PRESETS
+
+    optimizer = OPTIMIZER_PRESETS.get(config.optimizer, config.optimizer)
+    if config.optimizer_args:
+        optimizer += "(" + ", ".join(f"{k}={v}" for k, v in config.optimizer_args.items()) + ")"
+    schedule = config.lr_scheduler + (f", {config.lr_warmup_steps} warm-up steps" if config.lr_warmup_steps else "")
+    if config.lr_scheduler == "cosine_with_restarts":
+        schedule += f", {config.lr_scheduler_cycles} cycle(s)"
+    alpha = config.network_alpha or config.network_dim
+    return {"optimizer": optimizer, "unet_lr": config.effective_unet_lr,
+            "text_encoder_lr": config.effective_text_encoder_lr if config.train_text_encoder else None,
+            "network": f"dim {config.network_dim}, alpha {alpha:g} (scale {alpha / config.network_dim:g})"
+                       + (f"; conv dim {config.conv_dim}, alpha {config.conv_alpha or config.conv_dim:g}" if config.conv_dim else "")
+                       + ("; DoRA" if config.dora else ""),
+            "scheduler": schedule, "save_precision": config.save_precision, "output": str(output)}
+
+
 def make_plan(manifest, data, config, model: dict[str, Any], device: str, precision: str,
-              num_processes: int = 1) -> TrainingPlan:
+              num_processes: int = 1, output=None) -> TrainingPlan:
     subsets: OrderedDict[str, dict[str, Any]] = OrderedDict()
     for image in data.images:
         entry = subsets.setdefault(image.subset, {"images": 0, "repeats": image.repeats, "is_reg": image.is_reg,
@@ -88,6 +143,8 @@ def make_plan(manifest, data, config, model: dict[str, Any], device: str, precis
         model=model, resolution=data.resolution, subsets=subsets, buckets=data.bucket_counts(),
         batches_per_epoch=batches, steps_per_epoch=steps_per_epoch, epochs=epochs, total_steps=total,
         memory=estimate_memory(model, config, data.resolution, weight_bytes), device=device, precision=precision,
+        settings=run_settings(config, output),
+        seconds_per_step=estimate_seconds_per_step(model, config, data.resolution, device, precision),
     )
 
 
@@ -99,6 +156,12 @@ def render(plan: TrainingPlan, console) -> None:
     console.print(f"[bold]Base model[/bold]: {kind}, UNet {plan.model['unet'] / 1e6:.0f} M parameters"
                   f"{'' if plan.model.get('counted') else ' (standard size; weights not inspected)'}")
     console.print(f"[bold]Resolution[/bold]: {plan.resolution}, device {plan.device}, precision {plan.precision}")
+    s = plan.settings
+    if s:
+        rates = f"UNet {s['unet_lr']:g}" + (f", text encoder {s['text_encoder_lr']:g}" if s["text_encoder_lr"] is not None else "")
+        console.print(f"[bold]Optimiser[/bold]: {s['optimizer']}; learning rate {rates}; schedule {s['scheduler']}")
+        console.print(f"[bold]Network[/bold]: {s['network']}; saved in {s['save_precision']}")
+        console.print(f"[bold]Output[/bold]: {s['output']}")
     table = Table(title="Subsets")
     for col in ("subset", "images", "repeats", "images x repeats", "regularisation"):
         table.add_column(col, justify="right" if col not in ("subset",) else "left")
@@ -115,6 +178,10 @@ def render(plan: TrainingPlan, console) -> None:
     console.print(f"[bold]Steps per epoch[/bold]: {plan.steps_per_epoch}")
     console.print(f"[bold]Epochs[/bold]: {plan.epochs}")
     console.print(f"[bold]Total steps[/bold]: {plan.total_steps}")
+    if plan.seconds_per_step is not None:
+        total = plan.seconds_per_step * plan.total_steps
+        console.print(f"[bold]Time[/bold]: about {plan.seconds_per_step:.2g} s per step on {plan.device}, "
+                      f"{total / 60:.1f} min in all (from a matrix-product measurement of this device; rough)")
     m = plan.memory
     console.print(f"[bold]Estimated memory[/bold]: {m['total']:.1f} GB (weights {m['weights']:.1f}, LoRA + optimiser "
                   f"{m['lora_and_optimizer']:.2f}, activations {m['activations']:.1f}); a rough estimate")
