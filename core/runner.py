@@ -689,14 +689,16 @@ class Runner:
                 "--force to overwrite them.")
 
     def _delete_written(self, rel: str, entry: list) -> None:
-        """Delete a file an earlier run wrote, unless it has changed since (then it is the user's now)."""
+        """Delete a file an earlier run wrote, unless it is a picture that changed since (the user's now)."""
         try:
             target = confined_path(self.output, rel, "ledger entry")
             st = target.lstat()
         except (PathEscape, FileNotFoundError):
             return
         size, mtime = (entry[1], entry[2]) if len(entry) >= 3 else (0, 0)
-        if (size or mtime) and (st.st_size, st.st_mtime_ns) != (size, mtime):
+        # A caption edited by hand was taken into the curation file at the start of the run, so only
+        # other files (pictures) that changed since lorakit wrote them are left to the user.
+        if entry[0] != "text" and (size or mtime) and (st.st_size, st.st_mtime_ns) != (size, mtime):
             self.console.print(f"[yellow]kept[/] {target}: no longer wanted, but changed since lorakit wrote it",
                                highlight=False)
             return
