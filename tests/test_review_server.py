@@ -452,3 +452,29 @@ def test_a_copied_dataset_edits_its_own_files_not_the_originals(project, fresh):
     assert json.loads((project.parent / "dataset" / ".lorakit" / "written.json").read_text()) == original
     assert (fresh.parent / "dataset" / "outfit_b" / f"{item['name']}.png").is_file()
     assert (project.parent / "dataset" / "outfit_a" / f"{item['name']}.png").is_file()
+
+
+def test_a_link_leading_out_of_the_dataset_is_not_served(fresh, tmp_path):
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not for the page")
+    data = json.loads((fresh.parent / "dataset" / "manifest.json").read_text(encoding="utf-8"))
+    linked = data["images"][0]
+    (fresh.parent / "dataset" / linked["path"]).unlink()
+    (fresh.parent / "dataset" / linked["path"]).symlink_to(secret)
+    c = client_for(fresh)
+    item = next(i for i in c.get("/api/images", params={"limit": 500}).json()["items"]
+                if i["name"] == Path(linked["path"]).stem)
+    for kind in ("image", "thumb"):
+        r = c.get(f"/media/{kind}/{item['id']}")
+        assert r.status_code == 404 and b"not for the page" not in r.content
+
+
+def test_a_manifest_path_leading_out_of_the_dataset_stops_the_page_with_a_clear_error(fresh):
+    from lorakit.plugin_sdk import LorakitError
+
+    manifest_path = fresh.parent / "dataset" / "manifest.json"
+    data = json.loads(manifest_path.read_text(encoding="utf-8"))
+    data["images"][1]["path"] = "../../secret.png"
+    manifest_path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(LorakitError, match="leaves its folder"):
+        client_for(fresh)

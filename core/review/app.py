@@ -151,12 +151,13 @@ def create_app(dataset_dir: Path, pipeline_path: Path | None = None, *, token: s
         if path is None:
             raise RequestError(f"{e.name}: no {kind} file", 404)
         cache = "private, max-age=86400" if request.query_params.get("v") else "no-cache"
+        path = state.data.served_path(path, inside=kind != "source")  # a source lies outside the dataset
         if kind == "thumb":
             try:
-                path = await run_in_threadpool(state.thumbs.path_for, path, e.sha256)
+                body = await run_in_threadpool(state.thumbs.thumbnail, path, e.sha256)
             except ThumbnailError as exc:
                 raise RequestError(str(exc), 422) from None
-            return FileResponse(path, media_type="image/jpeg", headers={"cache-control": cache})
+            return Response(body, media_type="image/jpeg", headers={"cache-control": cache})
         return FileResponse(path, headers={"cache-control": cache})
 
     async def read_json(request: Request) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,14 +103,6 @@ def _bucket_text(bucket: Any) -> str | None:
     return None
 
 
-def _inside(root: Path, path: Path) -> bool:
-    try:
-        path.resolve().relative_to(root)
-        return True
-    except ValueError:
-        return False
-
-
 class ReviewData:
     """The dataset indexed for the page: entries by id, tag frequencies, reports."""
 
@@ -124,14 +117,21 @@ class ReviewData:
 
     # ----- building -----------------------------------------------------------------------------
     def _file(self, relative: str | None) -> Path | None:
-        """A manifest path as a file inside the dataset folder (None when missing or outside it)."""
+        """A manifest path as a file inside the dataset folder (None when missing or outside it).
+        Checked lexically here (fast on thousands); ``served_path`` resolves links before serving."""
         if not relative or "\x00" in relative:
             return None
-        path = Path(relative)
-        path = path if path.is_absolute() else self.root / path
-        if not _inside(self.root, path) or not path.is_file():
+        path = Path(os.path.normpath(os.path.join(self.root, relative)))
+        if not path.is_relative_to(self.root) or not path.is_file():
             return None
-        return path.resolve()
+        return path
+
+    def served_path(self, path: Path, inside: bool = True) -> Path:
+        """The file to send: links resolved, and still inside the dataset when it must be."""
+        resolved = path.resolve()
+        if (inside and not resolved.is_relative_to(self.root)) or not resolved.is_file():
+            raise RequestError(f"{path.name}: not a file of this dataset", 404)
+        return resolved
 
     def _build(self) -> None:
         m = self.manifest

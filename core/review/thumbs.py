@@ -49,6 +49,10 @@ class Thumbnails:
                 atomic_write_bytes(target, self.render(image))
         return target
 
+    def thumbnail(self, image: Path, content: str | None = None) -> bytes:
+        """The thumbnail's bytes (small: read whole, which is faster to send than streaming a file)."""
+        return self.path_for(image, content).read_bytes()
+
     def render(self, image: Path, side: int | None = None) -> bytes:
         side = side or self.side
         try:
