@@ -64,13 +64,13 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-@click.command("review")
+@click.command("review", short_help="Look at a dataset in the browser and curate it by hand.")
 @click.argument("target", metavar="PIPELINE_OR_DATASET", type=click.Path(exists=True))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="address to serve on; other than loopback needs --allow-remote")
 @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
               help="port (0: any free one)")
-@click.option("--allow-remote", is_flag=True, help="allow a non-loopback --host (the token is then required)")
+@click.option("--allow-remote", is_flag=True, help="allow a non-loopback --host (visitors still need the token)")
 @click.option("--no-browser", is_flag=True, help="print the URL only, do not open a browser")
 def review(target, host, port, allow_remote, no_browser):
     """Open the review page for a pipeline's dataset (or a dataset folder).
