@@ -478,3 +478,13 @@ def test_a_manifest_path_leading_out_of_the_dataset_stops_the_page_with_a_clear_
     manifest_path.write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(LorakitError, match="leaves its folder"):
         client_for(fresh)
+
+
+def test_review_says_when_the_port_is_taken(project):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        r = run_cli("review", str(project), "--port", str(taken.getsockname()[1]), "--no-browser")
+    assert r.returncode != 0 and "--port" in r.stderr and "Traceback" not in r.stderr

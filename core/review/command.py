@@ -53,15 +53,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _port_free(host: str, port: int) -> bool:
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the listening socket first: the port (even --port 0's) is known before the page exists,
+    so the Host check never has a gap, and a port in use is a clear error."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host.strip("[]"), port))
-        except OSError:
-            return False
-    return True
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise LorakitError(f"cannot listen on {host} port {port} ({exc.strerror}): another `lorakit review`? "
+                           "Pick a port with --port, or --port 0 for any free one") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
 
 
 @click.command("review", short_help="Look at a dataset in the browser and curate it by hand.")
@@ -91,12 +97,10 @@ def review(target, host, port, allow_remote, no_browser):
     if not is_loopback(host) and not allow_remote:
         raise LorakitError(f"--host {host} would let other machines reach the page: add --allow-remote "
                            "to do that on purpose (the access token printed with the URL is then required)")
-    if port and not _port_free(host, port):
-        raise LorakitError(f"port {port} on {host} is in use (another `lorakit review`?): pick one with --port, "
-                           "or --port 0 for any free one")
-    app = create_app(dataset, pipeline, hosts=allowed_hosts(host, port) if port else None)
-    config = uvicorn.Config(app, host=host.strip("[]"), port=port, log_level="warning", lifespan="off",
-                            server_header=False, date_header=False)
+    sock = _listen(host, port)
+    port = sock.getsockname()[1]
+    app = create_app(dataset, pipeline, hosts=allowed_hosts(host, port))
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", server_header=False, date_header=False)
     server = uvicorn.Server(config)
 
     def announce():
@@ -104,14 +108,12 @@ def review(target, host, port, allow_remote, no_browser):
             if server.should_exit:
                 return
             threading.Event().wait(0.05)
-        bound = port
-        if not bound and server.servers:  # --port 0: the port the system picked
-            bound = server.servers[0].sockets[0].getsockname()[1]
-            app.hosts = allowed_hosts(host, bound)
         shown = host if ":" not in host or host.startswith("[") else f"[{host}]"
-        url = f"http://{shown}:{bound}/?token={app.token}"
-        click.echo(f"Reviewing {dataset} ({len(app.review.data.entries)} images)"
-                   + (f", edits go to the curation file beside {pipeline.name}" if pipeline else ""))
+        url = f"http://{shown}:{port}/?token={app.token}"
+        from lorakit.curation import curation_path_for
+
+        images = sum(1 for e in app.review.data.entries if e.kind == "image")
+        click.echo(f"Reviewing {dataset} ({images} images); edits go to {curation_path_for(pipeline or dataset)}")
         click.echo(f"Open {url}\nPress Ctrl+C to stop.")
         sys.stdout.flush()
         if not no_browser:
@@ -122,4 +124,4 @@ def review(target, host, port, allow_remote, no_browser):
             webbrowser.open(url)
 
     threading.Thread(target=announce, daemon=True).start()
-    server.run()
+    server.run(sockets=[sock])
