@@ -100,7 +100,8 @@ def _tags(values) -> list[str]:
     return [t.strip() for v in values for t in v.split(",") if t.strip()]
 
 
-@click.group(context_settings={"max_content_width": 80})
+@click.group(context_settings={"max_content_width": 80},
+             short_help="Hand edits (tags, exclusions, subsets) that every run keeps.")
 def curate():
     """Hand edits of a dataset, kept in a curation file that every run
     re-applies (TARGET: pipeline.yaml or a dataset folder).

@@ -436,3 +436,28 @@ def test_a_copied_dataset_applies_its_curation_to_itself(tmp_path):
     cur.undo()
     apply_to_dataset(copy, cur)
     assert (copy / "red.txt").read_text() == (tmp_path / "out" / "red.txt").read_text()
+
+
+def test_animation_frames_keep_their_own_ids_across_reruns(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "green", "blue")]
+    frames[0].save(raw / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    res = _run(tmp_path, raw)
+    ids = {r.path: r.id for r in res.images}
+    assert sorted(ids) == ["anim_0001.png", "anim_0002.png", "anim_0003.png"]
+    assert len({i.split(":")[0] for i in ids.values()}) == 1 and ids["anim_0002.png"].endswith(":0002")
+    Curation.for_target(tmp_path / "out").exclude([ids["anim_0002.png"]])
+    again = _run(tmp_path, raw, steps=({"convert": {"frame_step": 1}}, "alpha"))
+    assert {r.path: r.id for r in again.images} == {k: v for k, v in ids.items() if k != "anim_0002.png"}
+
+
+def test_an_edit_whose_image_is_gone_is_reported_in_the_run_summary(tmp_path):
+    raw = _raw(tmp_path)
+    res = _run(tmp_path, raw)
+    Curation.for_target(tmp_path / "out").remove_tags([res.by_name("red").id], ["solo"])
+    (raw / "red.png").unlink()
+    again = _run(tmp_path, raw)
+    messages = next(s for s in again.stats if s.name == "curation").messages
+    assert any("names 1 image(s) no longer in the dataset: red" in m for m in messages)
+    assert [e.op for e in Curation.for_target(tmp_path / "out").edits()] == ["remove_tags"]  # kept, not dropped
