@@ -103,7 +103,8 @@ def _load(path: str, output: str | None = None):
 @click.argument("pipeline_file", type=click.Path(dir_okay=False))
 @click.option("--workers", type=click.IntRange(1), default=None, help="processes for per-image steps [default: all cores]")
 @click.option("--no-train", is_flag=True, help="prepare the dataset but skip the pipeline's train: section")
-@click.option("--force", is_flag=True, help="overwrite files in the output that lorakit did not write")
+@click.option("--force", is_flag=True, help="overwrite files in the output that lorakit did not write; "
+              "retrain even when the dataset and train: settings are unchanged")
 @click.option("--output", "-o", type=click.Path(file_okay=False), default=None,
               help="write the dataset here instead of the pipeline's output: folder")
 def run(pipeline_file, workers, no_train, force, output):
@@ -121,7 +122,7 @@ def run(pipeline_file, workers, no_train, force, output):
     if train_config is not None and not no_train:
         from lorakit.trainer.api import train
 
-        train(result.output_dir, train_config, console=console)
+        train(result.output_dir, train_config, console=console, force=force)  # unchanged: not trained again
 
 
 @cli.command()

@@ -472,3 +472,29 @@ def test_validate_names_a_missing_local_base_model_before_any_work(tmp_path):
     (tmp_path / "models" / "sd15.safetensors").write_bytes(b"")
     proc = run_cli("validate", str(path))
     assert proc.returncode == 0, proc.stderr  # a hub id (owner/vae) is the loader's business
+
+
+# ----- re-runs -------------------------------------------------------------------------------------------
+def test_an_unchanged_run_is_not_trained_again_and_another_runs_output_is_never_overwritten(sd15, tmp_path):
+    from lorakit.manifest import Manifest
+    from lorakit.plugin_sdk import LorakitError
+    from lorakit.trainer import kohya_format
+    from lorakit.trainer.api import train
+
+    dataset = make_dataset(tmp_path / "d")
+    out = tmp_path / "o" / "lora.safetensors"
+    train(dataset, settings(sd15, out, max_train_steps=1), console=quiet())
+    first = out.read_bytes()
+    console = quiet()
+    assert train(dataset, settings(sd15, out, max_train_steps=1), console=console) == out
+    assert "already trained" in console.file.getvalue() and out.read_bytes() == first
+    with pytest.raises(LorakitError, match="lora.safetensors exists, from another dataset or other settings; pass --force"):
+        train(dataset, settings(sd15, out, max_train_steps=1, network_dim=2), console=quiet())
+    manifest = Manifest.load(dataset)
+    manifest.images[0].caption = "mychar, green hair"
+    manifest.save()
+    with pytest.raises(LorakitError, match="pass --force"):  # an edited caption is another dataset
+        train(dataset, settings(sd15, out, max_train_steps=1), console=quiet())
+    assert out.read_bytes() == first
+    train(dataset, settings(sd15, out, max_train_steps=1, network_dim=2), console=quiet(), force=True)
+    assert kohya_format.read(out)[1]["ss_network_dim"] == "2"

@@ -14,13 +14,15 @@ from .plan import TrainingPlan
 __all__ = ["validate_settings", "train", "dry_run", "TrainConfig", "TrainingStopped"]
 
 
-def train(dataset: Path, config: TrainConfig, console=None) -> Path:
+def train(dataset: Path, config: TrainConfig, console=None, force: bool = False) -> Path:
     """Train a LoRA on ``dataset`` (folder with manifest.json, a manifest file or a kohya folder).
 
     Returns the path of the final ``.safetensors``. Raises ``LorakitError`` for user mistakes and
     ``TrainingStopped`` when the loss became NaN/infinite (the message names the kept checkpoint).
+    An output from the same dataset and settings is kept (nothing to do); one from another run is
+    never overwritten unless ``force``.
     """
-    return Trainer(Path(dataset), config, console).run()
+    return Trainer(Path(dataset), config, console, force=force).run()
 
 
 def dry_run(dataset: Path, config: TrainConfig, console=None) -> TrainingPlan:

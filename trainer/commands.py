@@ -48,7 +48,7 @@ def _option(setting) -> click.Option:
 
 
 def build_command() -> click.Command:
-    def callback(dataset, config_file, show, dry, **options):
+    def callback(dataset, config_file, show, dry, force, **options):
         from rich.console import Console
 
         from lorakit.plugin_sdk import LorakitError
@@ -71,7 +71,7 @@ def build_command() -> click.Command:
         if dry:
             dry_run(Path(dataset), config, console=console)
             return
-        path = train(Path(dataset), config, console=console)
+        path = train(Path(dataset), config, console=console, force=force)
         click.echo(str(path))
 
     params = [
@@ -80,6 +80,9 @@ def build_command() -> click.Command:
                      help="read settings from a TOML, YAML or JSON file (a train: section is used when present)"),
         click.Option(["--show-config", "show"], is_flag=True,
                      help="print every setting (defaults, then --config and options applied) as TOML and exit"),
+        click.Option(["--force", "force"], is_flag=True,
+                     help="train even when the output is from the same dataset and settings, and overwrite "
+                          "an output from another run"),
         click.Option(["--dry-run", "dry"], is_flag=True,
                      help="print the plan (subsets, repeats, buckets, steps, memory estimate) and exit"),
     ] + [_option(s) for s in SETTINGS]

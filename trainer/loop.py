@@ -76,8 +76,18 @@ def load_manifest(dataset: Path):
     return manifest_module.Manifest.load(dataset)
 
 
+# Settings that change where things go or how they are shown, not what is trained.
+NOT_IN_FINGERPRINT = {"output", "resume", "logging_dir", "device", "cache_dir", "cache_latents", "model_type",
+                      "sample_every_n_epochs", "sample_prompts", "sample_steps"}
+
+
+def run_record(output: Path) -> Path:
+    """``name.run.json`` beside the LoRA: the fingerprint of the run that wrote it and its files."""
+    return output.with_name(f"{output.stem}.run.json")
+
+
 class Trainer:
-    def __init__(self, dataset: Path, config, console=None):
+    def __init__(self, dataset: Path, config, console=None, force: bool = False):
         from rich.console import Console
 
         self.dataset = Path(dataset)
@@ -85,12 +95,61 @@ class Trainer:
         self.console = console or Console(stderr=True)
         self.output = Path(config.output) if config.output else default_output(self.dataset)
         self.manifest = load_manifest(self.dataset)
+        self.force = force
         self.device = pick_device(config.device)
         self.precision = resolve_precision(config, self.device)
         from .config import config_warnings
 
         for warning in config_warnings(config):
             self.console.print(f"[yellow]warning[/yellow]: {warning}")
+
+    # ----- re-runs --------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """A hash of what the LoRA is trained from: every image (bytes, caption, repeats, mask) and the settings."""
+        import hashlib
+
+        images = [[r.path, r.sha256, r.caption, r.repeats, bool(r.is_reg), r.mask, r.subset]
+                  for r in self.manifest.images]
+        subsets = {name: repr(sub) for name, sub in sorted(self.manifest.subsets.items())}
+        settings = {k: v for k, v in sorted(self.config.values.items()) if k not in NOT_IN_FINGERPRINT}
+        text = json.dumps({"images": images, "subsets": subsets, "settings": settings}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def existing_outputs(self) -> list[Path]:
+        """The files and state folders this run would write that are already there."""
+        pattern = [self.output, state_folder(self.output)]
+        pattern += sorted(self.output.parent.glob(f"{self.output.stem}-[0-9]*"))
+        return [p for p in pattern if p.exists()]
+
+    def already_trained(self) -> bool:
+        """True when the output is from a run with the same dataset and settings (say so; --force retrains).
+        Raises when the output (or its epoch files/state) is from another run: it is never overwritten unasked."""
+        if self.force or self.config.resume:
+            return False
+        record_file = run_record(self.output)
+        try:
+            record = json.loads(record_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            record = None
+        existing = self.existing_outputs()
+        fingerprint = self.fingerprint()
+        if record and record.get("fingerprint") == fingerprint and self.output.is_file():
+            self.console.print(f"already trained: {self.output} is from this dataset with these settings "
+                               "(nothing to do; --force retrains)")
+            return True
+        if existing:
+            why = "another dataset or other settings" if record else "a run lorakit has no record of"
+            raise LorakitError(f"{existing[0]} exists, from {why}; pass --force to overwrite it, set another "
+                               "output, or --resume a saved state")
+        return False
+
+    def write_run_record(self) -> None:
+        from lorakit.plugin_sdk import atomic_write_text
+
+        if self.accelerator.is_main_process:
+            atomic_write_text(run_record(self.output), json.dumps({
+                "fingerprint": self.fingerprint(), "output": self.output.name,
+                "files": sorted(p.name for p in self.existing_outputs())}, indent=2))
 
     # ----- planning -----------------------------------------------------------------------------
     def resolution(self, is_sdxl: bool) -> int:
@@ -552,6 +611,8 @@ class Trainer:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         config = self.config
+        if self.already_trained():
+            return self.output
         self.setup()
         if config.resume:
             self.load_state(Path(config.resume))
@@ -612,6 +673,7 @@ class Trainer:
         path = self.save_lora(self.output, final_epoch)
         if config.save_state:
             self.save_state(state_folder(self.output), final_epoch)
+        self.write_run_record()
         if self.writer is not None:
             self.writer.close()
         self.accelerator.end_training()
