@@ -147,7 +147,7 @@ def create_app(dataset_dir: Path, pipeline_path: Path | None = None, *, token: s
         if kind not in MEDIA_KINDS:
             raise RequestError(f"unknown media kind {kind!r} (one of {', '.join(MEDIA_KINDS)})", 404)
         e = state.data.entry(entry_id)
-        path = {"thumb": e.file, "image": e.file, "mask": e.mask or e.rejected_mask, "source": e.source}[kind]
+        path = {"thumb": e.file, "image": e.file, "mask": e.mask or e.rejected_mask, "source": e.source() if kind == "source" else None}[kind]
         if path is None:
             raise RequestError(f"{e.name}: no {kind} file", 404)
         cache = "private, max-age=86400" if request.query_params.get("v") else "no-cache"

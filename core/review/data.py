@@ -50,8 +50,7 @@ class Entry:
     mask_rejected: str | None = None
     rejected_mask: Path | None = None  # a mask taken off by hand, kept under set_aside/masks/
     mask_stats: dict[str, Any] | None = None
-    source: Path | None = None
-    source_text: str | None = None
+    source_text: str | None = None  # where the image came from (a file is shown as "before")
     edited: bool = False
     aside_step: str | None = None
     aside_reason: str | None = None
@@ -62,6 +61,13 @@ class Entry:
     tag_set: frozenset[str] = frozenset()
     caption_lower: str = ""
     record: ImageRecord | SetAsideRecord | None = None
+
+    def source(self) -> Path | None:
+        """The source file, when it is a file that still exists (looked at only when asked)."""
+        if self.kind != "image" or not self.source_text or "://" in self.source_text or "\x00" in self.source_text:
+            return None
+        path = Path(self.source_text)
+        return path if path.is_absolute() and path.is_file() else None
 
     def brief(self) -> dict[str, Any]:
         """What a gallery cell needs."""
@@ -77,7 +83,7 @@ class Entry:
         return {**self.brief(),
                 "tags": [{"name": t, "score": self.scores.get(t)} for t in self.tags],
                 "steps": self.steps, "meta": self.meta, "source": self.source_text,
-                "has_source": self.source is not None, "mask_stats": self.mask_stats,
+                "has_source": self.source() is not None, "mask_stats": self.mask_stats,
                 "identity": self.identity}
 
 
@@ -108,6 +114,8 @@ class ReviewData:
 
     def __init__(self, dataset_dir: Path, pipeline_path: Path | None = None):
         self.root = Path(dataset_dir).resolve()
+        self._root_text = str(self.root)
+        self._root_prefix = os.path.join(self._root_text, "")
         self.pipeline_path = pipeline_path
         self.manifest = Manifest.load(self.root)
         self.entries: list[Entry] = []
@@ -118,13 +126,13 @@ class ReviewData:
     # ----- building -----------------------------------------------------------------------------
     def _file(self, relative: str | None) -> Path | None:
         """A manifest path as a file inside the dataset folder (None when missing or outside it).
-        Checked lexically here (fast on thousands); ``served_path`` resolves links before serving."""
+        Checked lexically here (strings: fast on thousands); ``served_path`` resolves links."""
         if not relative or "\x00" in relative:
             return None
-        path = Path(os.path.normpath(os.path.join(self.root, relative)))
-        if not path.is_relative_to(self.root) or not path.is_file():
+        path = os.path.normpath(os.path.join(self._root_text, relative))
+        if not path.startswith(self._root_prefix) or not os.path.isfile(path):
             return None
-        return path
+        return Path(path)
 
     def served_path(self, path: Path, inside: bool = True) -> Path:
         """The file to send: links resolved, and still inside the dataset when it must be."""
@@ -136,6 +144,7 @@ class ReviewData:
     def _build(self) -> None:
         m = self.manifest
         buckets = make_buckets(m.resolution or 512)
+        bucket_of: dict[tuple[int, int], str] = {}
         used: set[str] = set()
 
         def unique(identity: str) -> str:
@@ -152,18 +161,18 @@ class ReviewData:
             meta = r.meta if isinstance(r.meta, dict) else {}
             bucket = _bucket_text(meta.get("bucket"))
             if bucket is None and r.width and r.height:
-                w, h = select_bucket(r.width, r.height, buckets).bucket
-                bucket = f"{w}x{h}"
-            source = Path(r.source) if r.source and "://" not in r.source else None
-            if source is not None and not source.is_absolute():
-                source = self.root / source
+                bucket = bucket_of.get((r.width, r.height))
+                if bucket is None:
+                    w, h = select_bucket(r.width, r.height, buckets).bucket
+                    bucket = bucket_of[(r.width, r.height)] = f"{w}x{h}"
             identity = record_identity(r)
-            e = Entry(id=unique("image:" + identity), kind="image", name=Path(r.path).stem, subset=r.subset,
+            stem = os.path.splitext(os.path.basename(r.path))[0]
+            e = Entry(id=unique("image:" + identity), kind="image", name=stem, subset=r.subset,
                       identity=identity, caption=r.caption, tags=tags, scores=scores, width=r.width,
                       height=r.height, bucket=bucket, file=self._file(r.path), mask=self._file(r.mask),
                       mask_rejected=meta.get("mask_rejected"), mask_stats=meta.get("mask"),
                       rejected_mask=self._file(meta.get("rejected_mask")) if isinstance(meta.get("rejected_mask"), str) else None,
-                      source=source if source is not None and source.is_file() else None, source_text=r.source,
+                      source_text=r.source,
                       edited=record_edited(r), sha256=r.sha256, steps=list(r.steps), meta=meta,
                       tag_set=frozenset(tags), caption_lower=r.caption.lower(), record=r)
             self.entries.append(e)
