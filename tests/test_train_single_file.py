@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_cli
@@ -69,10 +70,10 @@ def test_exported_file_has_the_original_ldm_key_layout(sd15, single_file):
             with safe_open(str(file), framework="pt") as f:
                 diffusers_count += len(list(f.keys()))
     assert len(keys) == diffusers_count
-    # Block indices of the two-level tiny UNet (layers_per_block 1): the level-0 downsampler is
-    # input_blocks.2, the level-0 upsampler (no attention there) is output_blocks.1 slot 1.
-    assert "model.diffusion_model.input_blocks.2.0.op.weight" in keys
-    assert "model.diffusion_model.output_blocks.1.1.conv.weight" in keys
+    # Block indices of the tiny UNet with SD1.5's layout (layers_per_block 2): the level-0
+    # downsampler is input_blocks.3, the level-0 upsampler (no attention there) output_blocks.2 slot 1.
+    assert "model.diffusion_model.input_blocks.3.0.op.weight" in keys
+    assert "model.diffusion_model.output_blocks.2.1.conv.weight" in keys
     assert "model.diffusion_model.output_blocks.3.1.transformer_blocks.0.attn2.to_k.weight" in keys
     assert "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight" in keys
     assert len(q_shape) == 4  # LDM's VAE attention projections are 1x1 convolutions
@@ -119,7 +120,8 @@ def test_single_file_pipeline_runs_one_inference_step_like_the_diffusers_pipelin
 
     image = render(load_pipeline(single_file, config=config_only))
     assert image.shape == (1, 64, 64, 3)
-    assert (image == render(load_pipeline(sd15))).all()
+    # the same weights (test above); only the float summation order may differ (tensor strides)
+    assert np.allclose(image, render(load_pipeline(sd15)), atol=1e-5)
 
 
 def test_config_folder_with_other_weights_gives_only_the_architecture(sd15, single_file, tmp_path, offline):
