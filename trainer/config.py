@@ -49,6 +49,12 @@ SETTINGS: list[Setting] = [
     S("network_alpha", float, 16.0, "LoRA alpha; the LoRA is scaled by alpha / dim", min=0, group="network"),
     S("conv_dim", int, 0, "LoCon: rank of the 3x3 conv layers (0 = plain LoRA)", min=0, max=1024, group="network"),
     S("conv_alpha", float, 1.0, "LoCon: alpha of the conv layers", min=0, group="network"),
+    S("network_dropout", float, 0.0, "dropout on each LoRA's down output (kohya; 0.1 is common)", min=0, max=1,
+      group="network"),
+    S("rank_dropout", float, 0.0, "chance of dropping each rank per sample (kohya's network_args)", min=0, max=0.99,
+      group="network"),
+    S("module_dropout", float, 0.0, "chance of skipping a whole LoRA layer per step (kohya's network_args)", min=0,
+      max=1, group="network"),
     S("dora", bool, False, "DoRA: weight-decomposed LoRA (about 40% more memory)", group="network"),
     S("dora_axis", str, "input", "DoRA magnitude per input channel (A1111, Forge, ComfyUI read it) or per "
       "output channel (LyCORIS)", choices=("input", "output"), group="network"),

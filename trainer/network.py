@@ -208,6 +208,27 @@ def apply_lora(prefix: str, model: torch.nn.Module, targets: list[Target], *, do
     return adapted
 
 
+def add_dropout(layer, *, neuron: float = 0.0, rank: float = 0.0, module: float = 0.0) -> None:
+    """kohya's LoRA dropouts, on the down projection's output ``lx`` while training: ``network_dropout``
+    drops single values, ``rank_dropout`` whole ranks (the rest scaled by 1 / (1 - p)), and
+    ``module_dropout`` the whole layer's change for that step."""
+    def hook(down, inputs, lx):
+        if not down.training:
+            return lx
+        if module and torch.rand(1).item() < module:
+            return torch.zeros_like(lx)
+        if neuron:
+            lx = torch.nn.functional.dropout(lx, p=neuron)
+        if rank:
+            mask = (torch.rand((lx.shape[0], lx.shape[1] if lx.dim() == 4 else lx.shape[-1]), device=lx.device) > rank)
+            mask = mask.to(lx.dtype)
+            mask = mask[:, :, None, None] if lx.dim() == 4 else (mask[:, None, :] if lx.dim() == 3 else mask)
+            lx = lx * mask / (1.0 - rank)
+        return lx
+
+    layer.lora_A[ADAPTER].register_forward_hook(hook)
+
+
 class LoraNetwork:
     """All adapted models of one training run, with the parameter groups and the kohya export."""
 
@@ -243,6 +264,11 @@ class LoraNetwork:
                 parts.append(apply_lora(prefix, encoder, targets, dora=config.dora, dora_axis=dora_axis))
             else:
                 encoder.requires_grad_(False)
+        if config.network_dropout or config.rank_dropout or config.module_dropout:
+            for part in parts:
+                for layer in part.layers.values():
+                    add_dropout(layer, neuron=config.network_dropout, rank=config.rank_dropout,
+                                module=config.module_dropout)
         ratio = config.loraplus_lr_ratio
         return cls(parts, config.effective_unet_lr, config.effective_text_encoder_lr, config.text_encoder_2_lr,
                    loraplus_unet=config.loraplus_unet_lr_ratio or ratio,
