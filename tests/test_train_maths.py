@@ -498,3 +498,47 @@ def test_an_unchanged_run_is_not_trained_again_and_another_runs_output_is_never_
     assert out.read_bytes() == first
     train(dataset, settings(sd15, out, max_train_steps=1, network_dim=2), console=quiet(), force=True)
     assert kohya_format.read(out)[1]["ss_network_dim"] == "2"
+
+
+def test_a_run_with_the_kohya_options_writes_kohyas_metadata_for_them(sd15, square_dataset, tmp_path):
+    from lorakit.trainer import kohya_format
+    from lorakit.trainer.api import train
+
+    out = train(square_dataset, settings(sd15, tmp_path / "k.safetensors", max_train_steps=2, max_token_length=150,
+                                         zero_terminal_snr=True, v_prediction=True, multires_noise_iterations=4,
+                                         scale_weight_norms=1.0, debiased_estimation_loss=True,
+                                         noise_offset=0.05, noise_offset_random_strength=True,
+                                         caption_dropout_every_n_epochs=2, loraplus_lr_ratio=4),
+                console=quiet())
+    tensors, meta = kohya_format.read(out)
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert (meta["ss_max_token_length"], meta["ss_zero_terminal_snr"], meta["ss_multires_noise_iterations"]) == \
+        ("150", "True", "4")
+    assert (meta["ss_scale_weight_norms"], meta["ss_debiased_estimation"], meta["ss_noise_offset_random_strength"],
+            meta["ss_caption_dropout_every_n_epochs"]) == ("1.0", "True", "True", "2")
+    assert (meta["ss_min_bucket_reso"], meta["ss_max_bucket_reso"]) == ("32", "128")
+
+
+def test_rank_and_module_dropout_are_kohyas_on_the_down_output(sd15):
+    network, _ = tiny_network(sd15, network_dim=4, network_alpha=2, rank_dropout=0.5)
+    name, layer = next((n, l) for n, l in network.layers.items() if isinstance(l.base_layer, torch.nn.Linear))
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    down, up = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(6, down.shape[1])
+    layer.train()
+    torch.manual_seed(3)
+    got = layer(x)
+    torch.manual_seed(3)
+    mask = (torch.rand(6, 4) > 0.5).float()  # kohya: a rank survives when rand > p, then x 1 / (1 - p)
+    expected = layer.base_layer(x) + ((x @ down.T) * mask / 0.5) @ up.T * (2 / 4)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    layer.eval()  # no dropout when not training
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + (x @ down.T) @ up.T * 0.5, rtol=1e-5, atol=1e-6)
+    skipped, _ = tiny_network(sd15, module_dropout=1.0)
+    layer = next(l for l in skipped.layers.values() if isinstance(l.base_layer, torch.nn.Linear))
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    layer.train()
+    x = torch.randn(2, layer.lora_A["default"].weight.shape[1])
+    torch.testing.assert_close(layer(x), layer.base_layer(x))

@@ -295,11 +295,17 @@ def metadata(*, config, data, manifest, base, network, epoch: int, step: int, ma
         "mean_img_ar_error": data.mean_aspect_error(),
     }
     resolution = data.resolution
-    max_bucket = config.max_bucket_reso or 2 * resolution
+    from lorakit.buckets import bucket_bounds
+
+    try:  # the bounds the trainer used (kohya's defaults widened to the resolution)
+        min_bucket, max_bucket = bucket_bounds(resolution, config.min_bucket_reso, config.max_bucket_reso,
+                                               config.bucket_reso_steps)
+    except ValueError:
+        min_bucket, max_bucket = config.min_bucket_reso, config.max_bucket_reso
     datasets = [{
         "is_dreambooth": True, "batch_size_per_device": config.batch_size, "num_train_images": train_count,
         "num_reg_images": reg_count, "resolution": [resolution, resolution], "enable_bucket": config.enable_bucket,
-        "min_bucket_reso": config.min_bucket_reso, "max_bucket_reso": max_bucket, "tag_frequency": tag_frequency,
+        "min_bucket_reso": min_bucket, "max_bucket_reso": max_bucket, "tag_frequency": tag_frequency,
         "bucket_info": bucket_info,
         "subsets": [{
             "img_count": e["img_count"], "num_repeats": e["image"].repeats, "color_aug": False,
@@ -357,12 +363,20 @@ def metadata(*, config, data, manifest, base, network, epoch: int, step: int, ma
         "ss_save_precision": config.save_precision,
         "ss_seed": str(config.seed),
         "ss_clip_skip": str(config.clip_skip),
-        "ss_max_token_length": "None",  # kohya's default: 75 tokens + BOS/EOS, what lorakit uses
+        "ss_max_token_length": "None" if config.max_token_length == 75 else str(config.max_token_length),  # kohya: None = 75
         "ss_cache_latents": str(config.cache_latents != "none"),
         "ss_max_grad_norm": str(config.max_grad_norm),
         "ss_noise_offset": str(config.noise_offset),
         "ss_ip_noise_gamma": str(config.ip_noise_gamma),
-        "ss_zero_terminal_snr": "False",
+        "ss_zero_terminal_snr": str(config.zero_terminal_snr),
+        "ss_multires_noise_iterations": str(config.multires_noise_iterations or None),
+        "ss_multires_noise_discount": str(config.multires_noise_discount),
+        "ss_adaptive_noise_scale": str(config.adaptive_noise_scale),
+        "ss_noise_offset_random_strength": str(config.noise_offset_random_strength),
+        "ss_ip_noise_gamma_random_strength": str(config.ip_noise_gamma_random_strength),
+        "ss_debiased_estimation": str(config.debiased_estimation_loss),
+        "ss_scale_weight_norms": str(config.scale_weight_norms),
+        "ss_caption_dropout_every_n_epochs": str(config.caption_dropout_every_n_epochs),
         "ss_min_snr_gamma": str(config.min_snr_gamma),
         "ss_loss_type": config.loss_type,
         "ss_huber_schedule": config.huber_schedule,
@@ -371,7 +385,7 @@ def metadata(*, config, data, manifest, base, network, epoch: int, step: int, ma
         "ss_masked_loss": str(config.masked_loss),
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_enable_bucket": str(config.enable_bucket),
-        "ss_min_bucket_reso": str(config.min_bucket_reso),
+        "ss_min_bucket_reso": str(min_bucket),
         "ss_max_bucket_reso": str(max_bucket),
         "ss_bucket_no_upscale": "False",
         "ss_bucket_info": json.dumps(bucket_info),
