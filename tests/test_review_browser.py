@@ -176,12 +176,13 @@ def test_filter_batch_remove_exclude_restore_then_the_next_run_keeps_it(project,
 
     # restore a set-aside duplicate from the Set aside view, in one click
     driver.find_element(By.CSS_SELECTOR, '#tabs button[data-view="aside"]').click()
+    wait_for(driver, lambda: "curation" in {c.text for c in driver.find_elements(By.CSS_SELECTOR, "#aside-list .card .step")})
+    shot(driver, "aside")
     Select(driver.find_element(By.ID, "aside-step")).select_by_value("dedupe")
     wait_for(driver, lambda: {c.text for c in driver.find_elements(By.CSS_SELECTOR, "#aside-list .card .step")}
              == {"dedupe"})
     card = driver.find_elements(By.CSS_SELECTOR, "#aside-list .card")[0]
     restored = card.find_element(By.CSS_SELECTOR, ".row span").text
-    shot(driver, "aside")
     card.find_element(By.CSS_SELECTOR, "button.restore").click()
     wait_for(driver, lambda: "restored 1" in driver.find_element(By.ID, "message").text)
     assert restored in {Path(r["path"]).stem for r in manifest(project)["images"]}

@@ -76,7 +76,8 @@ class Entry:
                 "mask": self.mask is not None, "mask_rejected": self.mask_rejected,
                 "mask_view": self.mask is not None or self.rejected_mask is not None, "edited": self.edited,
                 "aside_step": self.aside_step, "aside_reason": self.aside_reason,
-                "dedupe_group": self.dedupe_group, "has_file": self.file is not None}
+                "dedupe_group": self.dedupe_group, "has_file": self.file is not None,
+                "version": (self.sha256 or "")[:12] or self.name}  # new picture, new thumbnail URL
 
     def detail(self) -> dict[str, Any]:
         """What the large view needs: every tag with its tagger score, the steps, the metadata."""

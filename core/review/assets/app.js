@@ -69,7 +69,7 @@ function filterObject(f = state.filter) {
   return out;
 }
 
-const thumbURL = (it) => `/media/thumb/${it.id}?v=${encodeURIComponent(it.name)}`;
+const thumbURL = (it) => `/media/thumb/${it.id}?v=${encodeURIComponent(it.version)}`;
 
 // ----- summary: subsets, tags, buckets ------------------------------------------------------
 async function loadSummary() {
