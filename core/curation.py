@@ -152,6 +152,12 @@ class Edit:
         if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
             raise LorakitError(f"{where}: ids must be a non-empty list of image ids")
         edit = cls(**{"batch": 0, **{k: v for k, v in data.items() if k in known}})
+        names = edit.names
+        if names is not None and (not isinstance(names, list) or len(names) != len(ids)
+                                  or not all(isinstance(n, str) for n in names)):
+            edit.names = None  # informative only: a hand-edited list that does not match is ignored
+        if not isinstance(edit.by, str) or not isinstance(edit.at, str):
+            raise LorakitError(f"{where}: by and at must be strings")
         try:
             _check(edit)
         except LorakitError as exc:

@@ -461,3 +461,10 @@ def test_an_edit_whose_image_is_gone_is_reported_in_the_run_summary(tmp_path):
     messages = next(s for s in again.stats if s.name == "curation").messages
     assert any("names 1 image(s) no longer in the dataset: red" in m for m in messages)
     assert [e.op for e in Curation.for_target(tmp_path / "out").edits()] == ["remove_tags"]  # kept, not dropped
+
+
+def test_names_that_do_not_match_the_ids_are_ignored_not_fatal(tmp_path):
+    path = tmp_path / "c.curation.jsonl"
+    path.write_text('{"op": "exclude", "ids": ["a", "b"], "names": ["only_one"]}\n')
+    (edit,) = Curation(path).edits()
+    assert edit.names is None and edit.describe() == "exclude: a, b"
