@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import sqlite3
 import sys
 import textwrap
 from collections import Counter
@@ -58,7 +59,7 @@ class StepGroup(click.Group):
             return super().invoke(ctx)
         except LorakitError as exc:
             _fail(str(exc))
-        except OSError as exc:  # a full disk, a read-only or non-writable folder: a sentence, no traceback
+        except (OSError, sqlite3.Error) as exc:  # a full disk, a read-only or non-writable folder: a sentence
             message = storage_error_message(exc)
             if message is None:
                 raise

@@ -131,7 +131,8 @@ class Store:
                     db.executemany(f"INSERT OR REPLACE INTO {table} (key, value) VALUES (?, ?)", entries.items())
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite may have rolled back already (a full disk does)
+                db.execute("ROLLBACK")
             raise
         for entries in self._pending.values():
             entries.clear()

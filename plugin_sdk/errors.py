@@ -51,21 +51,42 @@ _STORAGE_ERRNOS = {"ENOSPC": "the disk is full", "EDQUOT": "the disk quota is us
                    "EACCES": "permission denied", "EPERM": "operation not permitted"}
 
 
-def is_storage_error(exc: BaseException) -> bool:
-    """True for an OSError about the disk or permissions (full, read-only, not writable)."""
+def _sqlite_kind(exc: BaseException) -> str | None:
+    """The errno name a SQLite error stands for (the work store's index is a SQLite file)."""
+    import sqlite3
+
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc).lower()
+        if "disk is full" in text:
+            return "ENOSPC"
+        if "readonly" in text or "read-only" in text:
+            return "EROFS"
+        if "unable to open" in text or "disk i/o error" in text:
+            return "EACCES"
+    return None
+
+
+def _kind(exc: BaseException) -> str | None:
     import errno
 
-    return isinstance(exc, OSError) and exc.errno in {getattr(errno, n) for n in _STORAGE_ERRNOS if hasattr(errno, n)}
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, "")
+        return name if name in _STORAGE_ERRNOS else None
+    return _sqlite_kind(exc)
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """True for an error about the disk or permissions (full, read-only, not writable), from a file
+    write or from the work store's SQLite index."""
+    return _kind(exc) is not None
 
 
 def storage_error_message(exc: BaseException) -> str | None:
-    """One actionable sentence for a storage OSError (None for other exceptions)."""
-    import errno
-
-    if not is_storage_error(exc):
+    """One actionable sentence for a storage error (None for other exceptions)."""
+    name = _kind(exc)
+    if name is None:
         return None
-    name = errno.errorcode.get(exc.errno, "")
-    where = exc.filename or "a file"
+    where = getattr(exc, "filename", None) or ("a file" if isinstance(exc, OSError) else "the work store's index")
     advice = {
         "ENOSPC": "free some space (or choose an output or cache_dir on another disk) and run again",
         "EDQUOT": "free some space (or choose an output or cache_dir on another disk) and run again",
@@ -73,5 +94,5 @@ def storage_error_message(exc: BaseException) -> str | None:
         "EROFS": "choose an output on a writable disk",
     }.get(name, "check the folder's permissions, or choose an output you can write to")
     verb = "access" if name in ("EACCES", "EPERM") else "write"
-    return (f"cannot {verb} {where}: {_STORAGE_ERRNOS[name]} ([Errno {exc.errno}] {name}). Finished results are "
-            f"kept: {advice}.")
+    code = f"[Errno {exc.errno}] {name}" if isinstance(exc, OSError) else f"{name}: {exc}"
+    return f"cannot {verb} {where}: {_STORAGE_ERRNOS[name]} ({code}). Finished results are kept: {advice}."
