@@ -22,6 +22,8 @@ def logical_lines(text: str) -> list[str]:
     out: list[str] = []
     for raw in (text or "").strip("\n").splitlines():
         line = raw.rstrip()
+        if line.strip() == "\b":  # click's "keep this paragraph as it is" marker: not text
+            line = ""
         if not line.strip():
             if out and out[-1] != "":
                 out.append("")

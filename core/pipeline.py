@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,8 +258,9 @@ def _check_model_paths(cls: type[Step], step: Step, where: str) -> None:
             continue
         value = step.options[p.name]
         text = str(value)
-        local = (Path(text).is_absolute() or text.startswith((".", "~")) or Path(text).suffix.lower() in _MODEL_SUFFIXES
-                 or text.count("/") > 1)
+        explicit = Path(text).is_absolute() or text.startswith((".", "~"))
+        hub_file = re.fullmatch(r"[\w.-]+/[\w.-]+:.+", text)  # owner/name:path/in/repo
+        local = explicit or (not hub_file and (Path(text).suffix.lower() in _MODEL_SUFFIXES or text.count("/") > 1))
         if local and not Path(os.path.expanduser(text)).exists():
             raise LorakitError(f"{where}: step '{cls.name}': {p.name} = {text!r}: no such file or folder "
                                "(a local model path must exist; a hub id is written owner/name)")

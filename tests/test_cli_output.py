@@ -149,3 +149,12 @@ def test_a_configured_subset_that_gets_no_images_is_named_as_a_likely_typo(tmp_p
     proc = lorakit("run", str(path), columns=200)
     assert proc.returncode == 0, proc.stderr
     assert "subsets: 'mychr' has no images" in proc.stderr and "Did you mean 'mychar'?" in proc.stderr
+
+
+def test_validate_takes_a_hub_repo_with_a_file_for_a_hub_id_not_a_missing_path(tmp_path):
+    (tmp_path / "raw").mkdir()
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"sources": [{"folder": {"path": "raw"}}], "output": "out",
+                                    "steps": [{"crops": {"face_model": "deepghs/anime_face_detection:face_v1/model.onnx"}}]}))
+    proc = lorakit("validate", str(path), columns=200)
+    assert proc.returncode == 0, proc.stderr
