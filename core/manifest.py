@@ -144,8 +144,8 @@ class Manifest:
             "pipeline": self.pipeline,
             "curation": self.curation,
             "subsets": {name: {k: v for k, v in s.to_dict().items() if k != "name"} for name, s in self.subsets.items()},
-            "images": [dataclasses.asdict(r) for r in self.images],
-            "set_aside": [dataclasses.asdict(r) for r in self.set_aside],
+            "images": [_record_dict(r) for r in self.images],
+            "set_aside": [_record_dict(r) for r in self.set_aside],
         }
 
     def save(self, path: str | Path | None = None) -> Path:
@@ -172,6 +172,12 @@ class Manifest:
             for tag in split_caption(r.caption):
                 counts[tag] = counts.get(tag, 0) + 1
         return freq
+
+
+def _record_dict(record) -> dict[str, Any]:
+    """A record's fields as a dict (shallow: the values are JSON data already; asdict's deep copy
+    costs more than the rest of writing a manifest)."""
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
 
 
 def split_caption(caption: str) -> list[str]:

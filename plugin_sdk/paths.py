@@ -39,8 +39,8 @@ def check_relative(relative: str, what: str = "path") -> str:
 
 def is_within(path: str | os.PathLike, root: str | os.PathLike) -> bool:
     """True when ``path``, with symlinks resolved, is ``root`` or inside it."""
-    real, base = Path(path).resolve(), Path(root).resolve()
-    return real == base or base in real.parents
+    real, base = os.path.realpath(path), os.path.realpath(root)  # strings: a dataset has many files
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
 
 
 def confined_path(root: str | os.PathLike, relative: str | os.PathLike, what: str = "path") -> Path:
