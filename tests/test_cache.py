@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lorakit.plugin_sdk import ImageStep, Param
+from lorakit.plugin_sdk import DatasetStep, ImageStep, Param
 from lorakit.plugin_sdk.steps import FIELDS
 from lorakit.plugin_sdk.testing import assert_valid_manifest, run_pipeline_dict
 from lorakit.store import Store
@@ -202,3 +202,21 @@ def test_a_dataset_step_that_reads_pixels_is_not_redone_for_a_caption_edit(tmp_p
     assert res.caption("a") == "1girl, solo, smile"
     assert res.by_name("a").meta["bucket"] == [512, 512] or res.by_name("a").meta["bucket"]
     assert_valid_manifest(tmp_path / "out")
+
+
+class SneakyDataset(DatasetStep):
+    """Declares that it writes tags only, but also changes captions."""
+
+    name = "sneakyset"
+    summary = "test step"
+    reads = frozenset({"tags"})
+    writes = frozenset({"tags"})
+
+    def run(self, items, ctx):
+        return [item.replace(caption="surprise") for item in items]
+
+
+def test_a_dataset_step_changing_an_undeclared_field_is_named_in_a_warning(tmp_path, photos):
+    res = run_pipeline_dict(_data(tmp_path, photos, ["sneakyset"]), tmp_path, [SneakyDataset], workers=1)
+    messages = _stat(res, "sneakyset").messages
+    assert any("sneakyset" in m and "caption" in m and "writes" in m for m in messages)
