@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from lorakit.plugin_sdk import (
     DatasetStep, ImageError, ImageStep, Item, LorakitError, PathEscape, SkipImage, SourceStep, StepContext, Subset,
     TMP_PREFIX, atomic_path, atomic_write_text, check_relative, confined_path, image_size, is_partial_file, is_storage_error,
+    is_within,
     reason_of,
     verify_image,
 )
@@ -595,12 +596,14 @@ class Runner:
         new_ledger: dict[str, list] = {}
         planned: list[tuple[str, Path, Path | None, str | None, str | None]] = []  # (rel, target, file, text, blob)
 
+        confined = _Confined(out)
+
         # Nothing is written until every target is known: a file lorakit did not write is never replaced.
         def place(blob_path: Path, rel: str, blob: str | None = None) -> None:
-            planned.append((rel, confined_path(out, rel, "output file"), blob_path, None, blob or blob_path.name))
+            planned.append((rel, confined(rel, "output file"), blob_path, None, blob or blob_path.name))
 
         def place_text(text: str, rel: str) -> None:
-            planned.append((rel, confined_path(out, rel, "output file"), None, text, None))
+            planned.append((rel, confined(rel, "output file"), None, text, None))
 
         images: list[ImageRecord] = []
         for s in list(states):
@@ -908,6 +911,27 @@ def _unpack(packed: dict, by_id: dict[str, State], changed: set[str]) -> State:
     out["steps"] = list(base.get("steps", [])) + packed["steps"]
     changed.update(chain.FIELDS & set(packed["delta"]))
     return out
+
+
+class _Confined:
+    """``confined_path(root, rel)`` for the many files of one dataset: each folder is resolved once,
+    then only the file itself is checked for being a symlink (the same guarantee, far fewer syscalls)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.base = os.path.realpath(root)
+        self.folders: dict[str, bool] = {}
+
+    def __call__(self, rel: str, what: str) -> Path:
+        clean = check_relative(rel, what)
+        target = self.root / clean if clean else self.root
+        folder = os.path.dirname(clean)
+        inside = self.folders.get(folder)
+        if inside is None:
+            inside = self.folders[folder] = is_within(self.root / folder, self.root, self.base)
+        if inside and not os.path.islink(target):
+            return target
+        return confined_path(self.root, rel, what)  # the careful check, and its error message
 
 
 def _failed_tree(reason: str) -> dict:

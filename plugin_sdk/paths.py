@@ -37,9 +37,10 @@ def check_relative(relative: str, what: str = "path") -> str:
     return "" if clean == "." else clean
 
 
-def is_within(path: str | os.PathLike, root: str | os.PathLike) -> bool:
-    """True when ``path``, with symlinks resolved, is ``root`` or inside it."""
-    real, base = os.path.realpath(path), os.path.realpath(root)  # strings: a dataset has many files
+def is_within(path: str | os.PathLike, root: str | os.PathLike, real_root: str | None = None) -> bool:
+    """True when ``path``, with symlinks resolved, is ``root`` or inside it. A caller checking many
+    paths under one root passes ``real_root = os.path.realpath(root)`` once."""
+    real, base = os.path.realpath(path), real_root or os.path.realpath(root)  # strings: a dataset has many files
     return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
 
 

@@ -1,6 +1,7 @@
 """Built-in sources: a local folder of images, and an existing kohya dataset."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lorakit.kohya import read_kohya
@@ -49,6 +50,7 @@ class FolderSource(SourceStep):
                        and not any(part.startswith(".") for part in p.relative_to(root).parts))
         if not files:
             ctx.log(f"no images found in {root}")
+        real_root = os.path.realpath(root)
         for path in files:
             rel = path.relative_to(root).with_suffix("")
             subset = "default"
@@ -57,17 +59,16 @@ class FolderSource(SourceStep):
                 subset, name = rel.parts[0], Path(*rel.parts[1:]).as_posix()
             cap = path.with_suffix(self.options.caption_extension)
             text = None
-            item = Item(name=name, path=path, subset=subset, source=str(path))
             if cap.is_file():
-                if is_within(cap, root):
+                if is_within(cap, root, real_root):
                     try:
                         text = read_caption(cap)
                     except CaptionError as exc:
-                        ctx.set_aside(item, str(exc))
+                        ctx.set_aside(Item(name=name, path=path, subset=subset, source=str(path)), str(exc))
                         continue
                 else:  # a symlink out of the source: its text could be anything on this machine
                     ctx.log(f"{cap}: not read, it is a link to {cap.resolve()}, outside {root}")
-            yield item.replace(tags=_caption_tags(text))
+            yield Item(name=name, path=path, subset=subset, source=str(path), tags=_caption_tags(text))
 
 
 class KohyaSource(SourceStep):
