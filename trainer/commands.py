@@ -97,4 +97,8 @@ def build_command() -> click.Command:
 
 @hookimpl
 def register_commands(cli):
+    from . import compare, inspect
+
     cli.add_command(build_command())
+    cli.add_command(inspect.build_command())
+    cli.add_command(compare.build_command())

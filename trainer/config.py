@@ -58,6 +58,13 @@ SETTINGS: list[Setting] = [
     S("dora", bool, False, "DoRA: weight-decomposed LoRA (about 40% more memory)", group="network"),
     S("dora_axis", str, "input", "DoRA magnitude per input channel (A1111, Forge, ComfyUI read it) or per "
       "output channel (LyCORIS)", choices=("input", "output"), group="network"),
+    S("network_type", str, "lora", "lora, or a LyCORIS type (locon, loha, lokr, ia3, dylora, diag_oft); a type's guide "
+      "recipe fills the dims, alphas and LR left at their defaults", choices=("lora", "locon", "loha", "lokr", "ia3",
+                                                                              "dylora", "diag_oft"), group="network"),
+    S("network_module", str, None, "kohya spelling: networks.lora, or lycoris.kohya with network_args algo=...",
+      nullable=True, group="network"),
+    S("network_args", list, [], "kohya/LyCORIS network arguments as key=value (algo=loha, preset=attn-mlp, "
+      "block_size=4...)", group="network"),
     S("train_unet", bool, True, "train LoRA on the UNet", group="network"),
     S("train_text_encoder", bool, True, "train LoRA on the text encoder(s)", group="network"),
     # optimisation
@@ -174,6 +181,9 @@ SETTINGS: list[Setting] = [
       group="output"),
     S("sample_prompts", list, [], "prompts for sample images", group="output"),
     S("sample_steps", int, 20, "sampling steps for sample images", min=1, group="output"),
+    S("compare_epochs", bool, False, "at the end, render an epochs x weights grid of the epoch saves with "
+      "sample_prompts (lorakit compare): <output>-compare.png and .html", group="output"),
+    S("compare_weights", str, "0.4,0.7,1.0", "compare_epochs: the LoRA weights of the grid's columns", group="output"),
     S("logging_dir", str, None, "write TensorBoard logs here", nullable=True, is_path=True, group="output"),
     S("training_comment", str, None, "stored in the file (default: the triggers)", nullable=True, group="output"),
 ]
@@ -381,6 +391,11 @@ def validate_settings(settings: dict[str, Any] | None, where: str = "train", *, 
         values["learning_rate"] = 1.0  # an adaptive optimiser finds the step size; its LR is a multiplier
     if values["device"] not in ("auto", "cpu") and not values["device"].startswith("cuda"):
         raise LorakitError(f"{where}: train setting 'device' = {values['device']!r} is invalid: expected auto, cpu or cuda[:N]")
+    from .compare import check_compare_settings
+    from .lycoris import resolve_network_settings
+
+    values = resolve_network_settings(values, where, {s.name: s.default for s in SETTINGS})
+    check_compare_settings(values, where)
     return TrainConfig(values, frozenset(normalised))
 
 

@@ -20,7 +20,7 @@ from lorakit.plugin_sdk import LorakitError, pick_device
 
 from . import kohya_format
 from .data import LatentCache, TrainingData, build_training_data, load_mask, make_caption
-from .network import LoraNetwork
+from .lycoris import LycorisNetwork, create_network, load_network_state_dict, network_state_dict
 from .optim import make_optimizer, make_scheduler
 from .prompts import MAX_TOKEN_LENGTHS, chunk_ids, join_chunks, token_count
 from .plan import make_plan, render, schedule
@@ -209,7 +209,7 @@ class Trainer:
         self.data_ = self.data(self.base.is_sdxl)
         self.warn_about_cut_captions()
         torch.manual_seed(config.seed)  # LoRA initialisation
-        self.network = LoraNetwork.create(self.base, config)
+        self.network = create_network(self.base, config, console=self.console)
         if config.gradient_checkpointing:
             self.base.unet.enable_gradient_checkpointing()
             for encoder in self.base.text_encoders:
@@ -449,13 +449,15 @@ class Trainer:
     # ----- saving and resuming ------------------------------------------------------------------------
     def save_lora(self, path: Path, epoch: int) -> Path:
         config = self.config
-        tensors = kohya_format.state_dict(self.network, config.save_precision)
+        tensors = network_state_dict(self.network, config.save_precision)
         meta = kohya_format.metadata(config=config, data=self.data_, manifest=self.manifest, base=self.base,
                                      network=self.network, epoch=epoch, step=self.global_step,
                                      max_steps=self.total_steps, started_at=self.started_at,
                                      session_id=self.session_id, output_name=self.output.stem, tensors=tensors,
                                      num_epochs=self.epochs, mixed_precision=self.precision,
                                      num_processes=self.accelerator.num_processes)
+        if isinstance(self.network, LycorisNetwork):
+            meta.update(self.network.metadata())
         if self.accelerator.is_main_process:
             kohya_format.save(path, tensors, meta)
         return path
@@ -467,7 +469,7 @@ class Trainer:
         from lorakit.plugin_sdk import atomic_path, atomic_write_text
 
         folder.mkdir(parents=True, exist_ok=True)
-        kohya_format.save(folder / "lora.safetensors", kohya_format.state_dict(self.network, "fp32"), {})
+        kohya_format.save(folder / "lora.safetensors", network_state_dict(self.network, "fp32"), {})
         with atomic_path(folder / "optimizer.pt") as tmp:
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
                         "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None}, tmp)
@@ -503,7 +505,7 @@ class Trainer:
         except Exception as exc:  # truncated by a crash while saving
             raise LorakitError(f"resume: {folder / 'lora.safetensors'} is not a readable .safetensors file ({exc}); "
                                "resume from an earlier state, or start again without --resume") from None
-        kohya_format.load_state_dict(self.network, tensors, str(folder / "lora.safetensors"))
+        load_network_state_dict(self.network, tensors, str(folder / "lora.safetensors"))
         # weights_only=True: the state holds only tensors and numbers; nothing is unpickled as code.
         try:
             saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
@@ -678,7 +680,24 @@ class Trainer:
             self.writer.close()
         self.accelerator.end_training()
         self.console.print(f"saved {path}")
+        if config.compare_epochs and self.accelerator.is_main_process:
+            self.compare_epochs(path)
         return path
+
+    def compare_epochs(self, final: Path) -> None:
+        """The epochs x weights grid of this run's saves (``compare_epochs``), on a fresh base model."""
+        import gc
+
+        from .compare import compare_after_training
+
+        # The training models are done: free their memory before the comparison loads the base model again.
+        for name in ("unet", "text_encoders", "optimizer", "lr_scheduler", "network", "base"):
+            setattr(self, name, None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        png, page = compare_after_training(self, final)
+        self.console.print(f"comparison: {png} and {page}")
 
     def stop_on_bad_loss(self, loss: torch.Tensor, epoch: int) -> None:
         """NaN or infinite loss: keep the last good weights, say where they are, and stop."""
