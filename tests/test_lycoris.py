@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from lorakit.plugin_sdk import LorakitError
 from lorakit.trainer import kohya_format
 from lorakit.trainer.api import train, validate_settings
 from lorakit.trainer.lora_file import applied, group_modules
-from lorakit.trainer.lycoris import classic_text_encoder
+from lorakit.trainer.lycoris import LycorisNetwork, classic_text_encoder
 from lorakit.trainer.models import load_pipeline
 from tests.test_train import make_dataset, quiet, render, settings
 from tests.tiny_models import build_tiny_sd15
@@ -71,20 +72,28 @@ def base_pipe(sd15):
 
 @pytest.fixture(scope="module")
 def with_lycoris(sd15):
-    """The image after LyCORIS' own loader (``create_network_from_weights``) applied a file, and the
-    keys of its rebuilt network (cached per file)."""
+    """The image after LyCORIS' own loader applied a file, and the keys of the network it rebuilt
+    (cached per file). ``create_network_from_weights`` rebuilds each module from the file's keys;
+    it cannot rebuild IA3 modules (4.1.3: ``make_module_from_state_dict`` takes one tensor too
+    few), so an IA3 file is loaded the way kohya's ``--network_weights`` does: LyCORIS'
+    ``create_network`` with the file's preset, then its ``load_weights``."""
     import lycoris.kohya
 
     results = {}
 
-    def get(path):
+    def get(path, network_type):
         if path not in results:
             pipe = load_pipeline(sd15)
             encoder = classic_text_encoder(pipe.text_encoder)
-            network, _ = lycoris.kohya.create_network_from_weights(1.0, str(path), pipe.vae, encoder, pipe.unet)
-            network.apply_to(encoder, pipe.unet, True, True)
-            tensors, _ = kohya_format.read(path)
-            network.load_state_dict(tensors, strict=False)
+            tensors, meta = kohya_format.read(path)
+            if network_type == "ia3":
+                base = SimpleNamespace(unet=pipe.unet, vae=pipe.vae, text_encoders=[pipe.text_encoder], is_sdxl=False)
+                network = LycorisNetwork.create(base, validate_settings({"network_type": "ia3"})).network
+                assert network.load_weights(str(path)) == {}  # no missing and no unexpected key
+            else:
+                network, _ = lycoris.kohya.create_network_from_weights(1.0, str(path), pipe.vae, encoder, pipe.unet)
+                network.apply_to(encoder, pipe.unet, True, True)
+                network.load_state_dict(tensors, strict=False)
             results[path] = render(pipe), set(network.state_dict())
         return results[path]
 
@@ -115,7 +124,7 @@ def test_each_type_writes_lycoris_keys_and_kohya_metadata(trained, network_type)
 def test_each_type_loads_in_lycoris_and_our_client_maths_give_the_same_image(base_pipe, with_lycoris, trained,
                                                                               network_type):
     path = trained(network_type)
-    image, used = with_lycoris(path)
+    image, used = with_lycoris(path, network_type)
     tensors, _ = kohya_format.read(path)
     assert used == set(tensors)  # LyCORIS' loader rebuilt a module for every key of the file
     base = render(base_pipe)
@@ -142,7 +151,7 @@ def test_locon_and_dylora_files_load_in_diffusers_like_in_lycoris(sd15, with_lyc
     path = trained(network_type)
     pipe = load_pipeline(sd15)
     pipe.load_lora_weights(str(path))
-    np.testing.assert_allclose(render(pipe), with_lycoris(path)[0], atol=2e-4)
+    np.testing.assert_allclose(render(pipe), with_lycoris(path, network_type)[0], atol=2e-4)
 
 
 def test_resume_state_puts_back_every_weight(sd15, tmp_path):

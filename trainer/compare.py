@@ -322,7 +322,7 @@ def build_command() -> click.Command:
     epilog = """\b
 Examples:
   lorakit compare out/mychar-0000*.safetensors out/mychar.safetensors \\
-      --prompts prompts.txt --base-model sd15.safetensors --weights 0.4,0.7,1.0
+      --prompts prompts.txt --base-model sd15.safetensors --weights 0.5,1
   lorakit compare a.safetensors b.safetensors --prompts prompts.txt \\
       --base-model sdxl.safetensors --output ab.png --steps 28 --seed 7
 

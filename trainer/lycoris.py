@@ -12,12 +12,13 @@ loader read. Names follow kohya: ``lora_unet_<diffusers module path>``, and the 
 transformers' classic ``text_model.`` path (``lora_te_text_model_encoder_layers_0_...``) even
 where transformers 5 dropped that level, because that is the name the web UIs look up.
 
-Two things of lycoris-lora 4.1.3 are worked around, without changing the library:
+Three things of lycoris-lora 4.1.3 are worked around, without changing the library:
 - its presets list ``TimestepEmbedding`` (for Anima) as a block class *and* ``time_embedding.*``
   as names, so on a Stable Diffusion UNet ``create_network`` stops with "duplicated lora name";
   lorakit passes the same presets without that class (the classes and names SD files always had);
 - its ``ia3`` preset names layers (``to_k``...) that ``re.match`` never finds inside a full
-  module path, so IA3 would train nothing; lorakit's ``ia3`` preset matches them as path suffixes.
+  module path, so IA3 would train nothing; lorakit's ``ia3`` preset matches them as path suffixes;
+- its DyLoRA saves a conv layer's ``lora_up`` without the two 1x1 axes (see ``state_dict``).
 """
 from __future__ import annotations
 
@@ -335,6 +336,9 @@ class LycorisNetwork:
     def trains_text_encoder(self) -> bool:
         return bool(self.network.text_encoder_loras)
 
+    def trains_unet(self) -> bool:
+        return bool(self.network.unet_loras)
+
     def count_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -349,17 +353,29 @@ class LycorisNetwork:
 
     # the file ------------------------------------------------------------------------------------
     def state_dict(self, save_precision: str = "fp16") -> dict[str, torch.Tensor]:
-        """LyCORIS' state dict in the save precision, as its ``save_weights`` writes it."""
+        """LyCORIS' state dict in the save precision, as its ``save_weights`` writes it.
+
+        One fix: lycoris-lora 4.1.3's DyLoRA writes a conv layer's ``lora_up`` as (out, rank), which
+        no loader (LyCORIS' own, diffusers, the web UIs) accepts for a conv; it is written as the
+        LoRA layout (out, rank, 1, 1), the shape kohya's own DyLoRA writes.
+        """
+        from lycoris.modules.dylora import DyLoraModule
+
         from .kohya_format import SAVE_DTYPES
 
         dtype = SAVE_DTYPES[save_precision]
-        return {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.network.state_dict().items()}
+        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.network.state_dict().items()}
+        for lora in self.network.loras:
+            key = f"{lora.lora_name}.lora_up.weight"
+            if isinstance(lora, DyLoraModule) and len(lora.shape) > 2 and tensors[key].dim() == 2:
+                tensors[key] = tensors[key].reshape(*tensors[key].shape, *([1] * (len(lora.shape) - 2)))
+        return tensors
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Put saved weights back (to resume); every key must match, shapes too."""
         from lycoris.modules.dylora import DyLoraModule
 
-        expected = self.network.state_dict()
+        expected = self.state_dict("fp32")
         missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         if unexpected:
             raise LorakitError(f"{where}: {unexpected[0]} belongs to no layer of this network (other base model or "
@@ -373,7 +389,7 @@ class LycorisNetwork:
         with torch.no_grad():
             for lora in self.network.loras:
                 if isinstance(lora, DyLoraModule):  # its own load_state_dict does nothing; split the blocks back
-                    up = tensors[f"{lora.lora_name}.lora_up.weight"]
+                    up = tensors[f"{lora.lora_name}.lora_up.weight"].flatten(1)
                     down = tensors[f"{lora.lora_name}.lora_down.weight"].reshape(lora.lora_dim, -1)
                     for i, (u, d) in enumerate(zip(lora.up_list, lora.down_list)):
                         u.copy_(up[:, i * lora.block_size:(i + 1) * lora.block_size])
