@@ -127,7 +127,7 @@ def resolve_network_settings(values: dict[str, Any], where: str, defaults: dict[
         if args:
             raise LorakitError(f"{where}: network_args are for LyCORIS types (network_type locon, loha, ...); "
                                "plain LoRA takes none")
-        values.update(network_type="lora", network_module="networks.lora", network_args=[])
+        values.update(network_type="lora", network_args=[])  # network_module stays as given (None: the default)
         return values
     if values.get("dora"):
         raise LorakitError(f"{where}: 'dora' is lorakit's DoRA on plain LoRA; for a LyCORIS type use "
