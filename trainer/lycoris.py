@@ -275,9 +275,11 @@ class LycorisNetwork:
         kwargs: dict[str, Any] = dict(args)
         kwargs.update(algo=algo, conv_dim=config.conv_dim or config.network_dim,
                       conv_alpha=config.conv_alpha if config.conv_dim else config.network_alpha)
-        dropout = config.values.get("network_dropout")
-        if dropout and "dropout" not in kwargs:
-            kwargs["dropout"] = dropout
+        for setting, argument in (("network_dropout", "dropout"), ("rank_dropout", "rank_dropout"),
+                                  ("module_dropout", "module_dropout")):
+            value = config.values.get(setting)
+            if value and argument not in kwargs:  # kohya's dropout settings, applied by LyCORIS itself
+                kwargs[argument] = value
         ratio = config.values.get("loraplus_lr_ratio")
         if ratio and "loraplus_lr_ratio" not in kwargs:
             kwargs["loraplus_lr_ratio"] = ratio
