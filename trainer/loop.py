@@ -594,7 +594,12 @@ class Trainer:
             trained += self.text_encoders
         for offset, batch in enumerate(batches):
             batch_index = first_index + offset
-            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch * 10_007 + batch_index)
+            step_seed = self.config.seed * 1_000_003 + epoch * 10_007 + batch_index
+            generator = torch.Generator().manual_seed(step_seed)
+            # Code that draws from the global generators (DyLoRA's rank, network/module dropout) gets
+            # a state that depends on the step alone, so a resumed run repeats a straight one exactly.
+            random.seed(step_seed)
+            torch.manual_seed(step_seed)
             latents, captions, time_ids, weights, masks = self.batch_inputs(batch, epoch, batch_index)
             with contextlib.ExitStack() as stack:
                 if offset < len(batches) - 1 and self.accelerator.num_processes > 1:

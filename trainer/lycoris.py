@@ -30,8 +30,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lorakit.plugin_sdk import LorakitError
 
 # network_type -> LyCORIS algo. "lora" is lorakit's own kohya-format LoRA (trainer/network.py).
@@ -232,17 +230,28 @@ def _use_ldm_names(network, unet) -> None:
         lora.lora_name = renames.get(lora.lora_name, lora.lora_name)
 
 
-class ClassicTextModel(torch.nn.Module):
-    """Shows a transformers-5 CLIP text model under the classic ``text_model.`` path kohya names use."""
+_CLASSIC: list = []
 
-    def __init__(self, encoder: torch.nn.Module):
-        super().__init__()
-        self.text_model = encoder
+
+def _classic_text_model_class():
+    """``ClassicTextModel``, made on first use so that checking settings never imports torch."""
+    if not _CLASSIC:
+        import torch
+
+        class ClassicTextModel(torch.nn.Module):
+            """Shows a transformers-5 CLIP text model under the classic ``text_model.`` path kohya names use."""
+
+            def __init__(self, encoder: torch.nn.Module):
+                super().__init__()
+                self.text_model = encoder
+
+        _CLASSIC.append(ClassicTextModel)
+    return _CLASSIC[0]
 
 
 def classic_text_encoder(encoder: torch.nn.Module) -> torch.nn.Module:
     has_text_model = any(name == "text_model" for name, _ in encoder.named_children())
-    return encoder if has_text_model else ClassicTextModel(encoder)
+    return encoder if has_text_model else _classic_text_model_class()(encoder)
 
 
 def _import_lycoris():
@@ -264,6 +273,8 @@ class LycorisNetwork:
 
     @classmethod
     def create(cls, base, config, console=None) -> "LycorisNetwork":
+        import torch
+
         _import_lycoris()
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
@@ -345,6 +356,8 @@ class LycorisNetwork:
         return sum(p.numel() for p in self.parameters())
 
     def is_finite(self) -> bool:
+        import torch
+
         return all(torch.isfinite(p).all() for p in self.network.parameters())
 
     def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
@@ -375,6 +388,8 @@ class LycorisNetwork:
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Put saved weights back (to resume); every key must match, shapes too."""
+        import torch
+
         from lycoris.modules.dylora import DyLoraModule
 
         expected = self.state_dict("fp32")
