@@ -81,13 +81,18 @@ class Site:
 
     @property
     def is_loopback(self) -> bool:
-        host = urlsplit(self.root).hostname or ""
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_url(self.root)
+
+
+def is_loopback_url(url: str) -> bool:
+    """True for a URL on this machine (localhost, 127.0.0.0/8, ::1): test servers, never a real site."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # Sites known by name. "safebooru" is safebooru.org (a Gelbooru 0.2 site); Danbooru's safe mirror

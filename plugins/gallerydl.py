@@ -9,7 +9,6 @@ they are named and the metadata it writes beside them.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import os
 import re
@@ -26,7 +25,7 @@ from urllib.parse import urlsplit
 from lorakit.plugin_sdk import Item, LorakitError, Param, ParamError, SourceStep, StepContext, atomic_write_text, hookimpl
 
 from ._tagging import style_params
-from .booru import _CREDENTIAL_WORDS, CATEGORIES, caption_tags, post_tags
+from .booru import _CREDENTIAL_WORDS, CATEGORIES, caption_tags, is_loopback_url, post_tags
 
 ENV_PREFIX = "LORAKIT_GALLERY_DL_"
 # Environment variable -> gallery-dl option, applied to every site of the run.
@@ -45,16 +44,6 @@ def _check_urls(urls: list[str]) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"http(s) URLs ({url!r} is not one)")
-
-
-def _is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def file_name(category: str, filename: str, extension: str) -> str:
@@ -103,7 +92,7 @@ class GalleryDLSource(SourceStep):
                                  f"no credentials here: pipeline.yaml gets shared. Put them in gallery-dl's config "
                                  f"file or in {ENV_PREFIX}USERNAME / {ENV_PREFIX}PASSWORD / {ENV_PREFIX}COOKIES", where)
         step = super().configure(given, where)
-        public = [u for u in step.options.url if not _is_loopback(u)]
+        public = [u for u in step.options.url if not is_loopback_url(u)]
         if step.options.delay < 1.0 and public:
             raise ParamError(cls.name, "delay", step.options.delay,
                              f"at least 1 second between requests to a public site ({public[0]})", where)
