@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import stat
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -24,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from lorakit.plugin_sdk import (
     DatasetStep, ImageError, ImageStep, Item, LorakitError, PathEscape, SkipImage, SourceStep, StepContext, Subset,
-    TMP_PREFIX, atomic_path, atomic_write_text, check_relative, confined_path, image_size, is_partial_file, is_storage_error,
+    TMP_PREFIX, atomic_path, atomic_write_text, caption_text, check_relative, confined_path, image_size, is_partial_file, is_storage_error,
     is_within,
     reason_of,
     verify_image,
@@ -95,6 +96,7 @@ class Runner:
         self.curation = curation_stage.Curation(curation_file, self.output)
         self._restored: set[str] = set()
         self._refs: dict[str, list[str]] = {"cache": [], "sources": []}  # what this run used (for `clean`)
+        self._marks = _OutputMarks(self.store.root)
 
     def _ctx(self, step) -> StepContext:
         work = self.store.root / "steps" / step.name
@@ -184,7 +186,8 @@ class Runner:
             manifest.curation = os.path.relpath(self.curation.path.resolve(), self.output.resolve())
         except ValueError:  # another drive (Windows)
             manifest.curation = str(self.curation.path.resolve())
-        _save_if_changed(manifest)
+        _save_if_changed(manifest, self._marks)
+        self._marks.save()
         stats.seconds = time.perf_counter() - t0
         self.stats.append(stats)
         return manifest, result
@@ -551,10 +554,14 @@ class Runner:
                        "subsets": {n: s.to_dict() for n, s in ctx.subsets.items()}}
                 self.store.cache_put(key, hit)
                 stats.computed = len(states) or 1
+                for name, data in ctx.reports.items():  # the next run then knows the files hold them
+                    report = ctx.output_dir / "reports" / f"{ctx.step_name}-{name}.json"
+                    if report.is_file():
+                        self._marks.mark(report, _json_digest(data))
         else:
             stats.cached = len(states)
             for name, data in hit.get("reports", {}).items():
-                _replay_report(ctx, name, data)
+                _replay_report(ctx, name, data, self._marks)
         self.subsets.clear()
         self.subsets.update({n: Subset.from_dict(d) for n, d in hit["subsets"].items()})
         used: set[tuple[str, str]] = set()
@@ -594,50 +601,56 @@ class Runner:
         except (FileNotFoundError, json.JSONDecodeError):
             ledger = {}
         new_ledger: dict[str, list] = {}
-        planned: list[tuple[str, Path, Path | None, str | None, str | None]] = []  # (rel, target, file, text, blob)
+        # (rel, target, lstat of target or None, file to copy, text, blob): strings, one lstat per file
+        planned: list[tuple[str, str, os.stat_result | None, str | None, str | None, str | None]] = []
 
         confined = _Confined(out)
+        file_of = self.store.file_of
 
         # Nothing is written until every target is known: a file lorakit did not write is never replaced.
-        def place(blob_path: Path, rel: str, blob: str | None = None) -> None:
-            planned.append((rel, confined(rel, "output file"), blob_path, None, blob or blob_path.name))
+        def place(source: str, rel: str, blob: str) -> None:
+            planned.append((rel, *confined(rel, "output file"), source, None, blob))
 
         def place_text(text: str, rel: str) -> None:
-            planned.append((rel, confined(rel, "output file"), None, text, None))
+            planned.append((rel, *confined(rel, "output file"), None, text, None))
 
+        folders: dict[str, str] = {}
         images: list[ImageRecord] = []
         for s in list(states):
-            sub = self.subsets[s["subset"]]
-            folder = _folder(sub)
+            subset = s["subset"]
+            sub = self.subsets[subset]
+            folder = folders.get(subset)
+            if folder is None:
+                folder = folders[subset] = _folder(sub)
+            name = s["name"]
             try:
-                check_relative(s["name"], "image name")
+                check_relative(name, "image name")
             except PathEscape as exc:  # a step or a data file chose a name outside the output
                 self.set_aside.append((dict(s, name=Path(s["image"]).stem), s["steps"][-1] if s.get("steps") else "output", str(exc)))
                 states.remove(s)
                 continue
-            blob = self.store.image_file(s)
-            rel = _join(folder, s["name"] + Path(s["image"]).suffix)
-            place(blob, rel, s["image"])
-            item = self.store.item_from_state(s)
-            text = s["text"] if s.get("text") is not None else item.text  # a caption set by hand is verbatim
+            image = s["image"]
+            rel = _join(folder, name + os.path.splitext(image)[1])
+            place(file_of(image, s.get("image_path")), rel, image)
+            tags = s.get("tags", [])
+            text = s["text"] if s.get("text") is not None else caption_text([t for t, _ in tags], s.get("caption"))
             caption_rel = None
-            if text:
-                caption_rel = _join(folder, s["name"] + ".txt")
+            if text:  # (a caption set by hand is verbatim)
+                caption_rel = _join(folder, name + ".txt")
                 place_text(text, caption_rel)
             mask_rel = None
             if s.get("mask"):
-                mask_rel = _join("masks", folder, s["name"] + ".png")
-                place(self.store.mask_file(s), mask_rel, s["mask"])
+                mask_rel = _join("masks", folder, name + ".png")
+                place(file_of(s["mask"], s.get("mask_path")), mask_rel, s["mask"])
             meta = s.get("meta", {})
             if s.get("rejected_mask"):  # kept for the review page (and for accepting it again)
-                meta = dict(meta, rejected_mask=_join("set_aside", "masks", folder, s["name"] + ".png"))
-                rejected = {"mask": s["rejected_mask"], "mask_path": s.get("mask_path")}
-                place(self.store.mask_file(rejected), meta["rejected_mask"], s["rejected_mask"])
-            width, height = s.get("size") or self.store.size_of(s["image"])  # recorded: nothing is decoded
+                meta = dict(meta, rejected_mask=_join("set_aside", "masks", folder, name + ".png"))
+                place(file_of(s["rejected_mask"], s.get("mask_path")), meta["rejected_mask"], s["rejected_mask"])
+            width, height = s.get("size") or self.store.size_of(image)  # recorded: nothing is decoded
             images.append(ImageRecord(
-                path=rel, caption=text, subset=s["subset"], width=width, height=height,
-                sha256=Path(s["image"]).stem, caption_path=caption_rel,
-                tags=[{"name": t, "score": sc} for t, sc in s.get("tags", [])], sentence=s.get("caption"),
+                path=rel, caption=text, subset=subset, width=width, height=height,
+                sha256=image.partition(".")[0], caption_path=caption_rel,
+                tags=[{"name": t, "score": sc} for t, sc in tags], sentence=s.get("caption"),
                 repeats=sub.repeats, is_reg=sub.is_reg, mask=mask_rel, source=s.get("source"),
                 steps=s.get("steps", []), meta=meta, id=s.get("id"), edited=bool(s.get("edited")),
             ))
@@ -648,17 +661,17 @@ class Runner:
             if state.get("image"):
                 rel = _join("set_aside", step, state["subset"] if state["subset"] != "default" else "",
                             state["name"] + Path(state["image"]).suffix)
-                place(self.store.image_file(state), rel, state["image"])
+                place(file_of(state["image"], state.get("image_path")), rel, state["image"])
             aside_records.append(SetAsideRecord(name=state["name"], step=step, reason=reason,
                                                 source=state.get("source") or state.get("raw_path"), path=rel,
                                                 id=state.get("id"), subset=state.get("subset")))
 
         self._refuse_foreign_files(planned, ledger)
-        for rel, target, blob_path, text, blob in planned:
-            if blob_path is not None:
-                new_ledger[rel] = _write_blob(target, blob_path, ledger.get(rel), blob)
+        for rel, target, st, source, text, blob in planned:
+            if source is not None:
+                new_ledger[rel] = _write_blob(target, st, source, ledger.get(rel), blob)
             else:
-                new_ledger[rel] = _write_text(target, text, ledger.get(rel))
+                new_ledger[rel] = _write_text(target, st, text, ledger.get(rel))
         for rel in sorted(set(ledger) - set(new_ledger)):  # files an earlier run wrote that are no longer wanted
             self._delete_written(rel, ledger[rel])
         if new_ledger != ledger:  # an unchanged re-run writes nothing
@@ -678,9 +691,9 @@ class Runner:
         never overwritten (unless --force)."""
         if self.force:
             return
-        foreign = [rel for rel, target, path, text, blob in planned
-                   if rel not in ledger and (target.exists() or target.is_symlink())
-                   and not _same_content(target, path, text, blob)]
+        foreign = [rel for rel, target, st, path, text, blob in planned
+                   if rel not in ledger and st is not None
+                   and not _same_content(Path(target), path and Path(path), text, blob)]
         manifest = self.output / MANIFEST_NAME
         if manifest.exists() and not _is_lorakit_manifest(manifest):
             foreign.insert(0, MANIFEST_NAME)
@@ -708,37 +721,36 @@ class Runner:
         target.unlink(missing_ok=True)
 
 
-def _write_blob(target: Path, blob_path: Path, prev: list | None, blob: str) -> list:
+def _unchanged(st: os.stat_result | None, prev: list | None, mark: str) -> bool:
+    """True when the ledger shows that lorakit wrote ``mark`` (a blob, a caption's hash) to the file
+    whose ``lstat`` is ``st`` and the file has not changed since (same size and modification time)."""
+    return (st is not None and prev is not None and prev[0] == mark and len(prev) >= 3
+            and prev[1] == st.st_size and prev[2] == st.st_mtime_ns and not stat.S_ISLNK(st.st_mode))
+
+
+def _write_blob(target: str, st: os.stat_result | None, source: str, prev: list | None, blob: str) -> list:
     """Copy a blob to ``target`` unless the ledger shows it is already there; return its ledger entry."""
-    try:
-        st = target.stat()
-    except FileNotFoundError:
-        st = None
-    if st and prev and prev[0] == blob and prev[1] == st.st_size and prev[2] == st.st_mtime_ns:
-        return prev
+    if _unchanged(st, prev, blob):
+        return prev  # type: ignore[return-value]
     with atomic_path(target) as tmp:
-        shutil.copyfile(blob_path, tmp)  # streamed; a large image is never read whole into memory
-    st = target.stat()
+        shutil.copyfile(source, tmp)  # streamed; a large image is never read whole into memory
+    st = os.stat(target)
     return [blob, st.st_size, st.st_mtime_ns]
 
 
-def _write_text(target: Path, text: str, prev: list | None) -> list:
+def _write_text(target: str, st: os.stat_result | None, text: str, prev: list | None) -> list:
     """Write a caption unless the ledger shows the file holds it (then it is not even read)."""
     data = text.encode("utf-8")
     mark = "text:" + hashlib.sha1(data).hexdigest()
+    if _unchanged(st, prev, mark):
+        return prev  # type: ignore[return-value]
     try:
-        st = target.stat()
-    except OSError:
-        st = None
-    if st and prev and prev[0] == mark and prev[1] == st.st_size and prev[2] == st.st_mtime_ns:
-        return prev
-    try:
-        same = st is not None and st.st_size == len(data) and target.read_bytes() == data
+        same = st is not None and st.st_size == len(data) and Path(target).read_bytes() == data
     except OSError:
         same = False
     if not same:
         atomic_write_text(target, text)
-    st = target.stat()
+    st = os.stat(target)
     return [mark, st.st_size, st.st_mtime_ns]
 
 
@@ -915,23 +927,30 @@ def _unpack(packed: dict, by_id: dict[str, State], changed: set[str]) -> State:
 
 class _Confined:
     """``confined_path(root, rel)`` for the many files of one dataset: each folder is resolved once,
-    then only the file itself is checked for being a symlink (the same guarantee, far fewer syscalls)."""
+    then only the file itself is checked for being a symlink (the same guarantee, far fewer syscalls).
+    Returns the target as a string and its ``lstat`` (None when it does not exist), which the writer
+    compares with the ledger: one system call per file on an unchanged re-run."""
 
     def __init__(self, root: Path):
         self.root = root
+        self.root_text = os.fspath(root)
         self.base = os.path.realpath(root)
         self.folders: dict[str, bool] = {}
 
-    def __call__(self, rel: str, what: str) -> Path:
+    def __call__(self, rel: str, what: str) -> tuple[str, os.stat_result | None]:
         clean = check_relative(rel, what)
-        target = self.root / clean if clean else self.root
+        target = os.path.join(self.root_text, clean) if clean else self.root_text
         folder = os.path.dirname(clean)
         inside = self.folders.get(folder)
         if inside is None:
             inside = self.folders[folder] = is_within(self.root / folder, self.root, self.base)
-        if inside and not os.path.islink(target):
-            return target
-        return confined_path(self.root, rel, what)  # the careful check, and its error message
+        try:
+            st = os.lstat(target)
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        if not inside or (st is not None and stat.S_ISLNK(st.st_mode)):
+            confined_path(self.root, rel, what)  # the careful check, and its error message
+        return target, st
 
 
 def _failed_tree(reason: str) -> dict:
@@ -952,9 +971,57 @@ def _remove_partial_files(folder: Path) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def _replay_report(ctx: StepContext, name: str, data: Any) -> None:
+class _OutputMarks:
+    """What lorakit last wrote to the output's manifest and reports: a digest of the content and the
+    file's size and modification time (``.lorakit/outputs.json``). A file whose size and time still
+    match was not touched since, so comparing digests tells whether writing it would change it,
+    without reading the file (a manifest of 100k images is over 100 MiB)."""
+
+    NAME = "outputs.json"
+
+    def __init__(self, store_root: Path):
+        self.path = store_root / self.NAME
+        try:
+            self.marks: dict[str, dict] = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.marks = {}
+        self.changed = False
+
+    def matches(self, target: Path, content_digest: str) -> dict | None:
+        """The mark of ``target`` when it holds what was written with ``content_digest``, else None."""
+        mark = self.marks.get(os.path.abspath(target))
+        if not isinstance(mark, dict) or mark.get("digest") != content_digest:
+            return None
+        try:
+            st = os.stat(target)
+        except OSError:
+            return None
+        return mark if [st.st_size, st.st_mtime_ns] == mark.get("stat") else None
+
+    def mark(self, target: Path, content_digest: str, **extra: Any) -> None:
+        st = os.stat(target)
+        self.marks[os.path.abspath(target)] = {"digest": content_digest, "stat": [st.st_size, st.st_mtime_ns], **extra}
+        self.changed = True
+
+    def save(self) -> None:
+        if self.changed:
+            atomic_write_text(self.path, json.dumps(self.marks))
+            self.changed = False
+
+
+def _json_digest(data: Any) -> str:
+    """SHA-256 of data as compact JSON (the C encoder: fast even for a large manifest)."""
+    text = json.dumps(data, ensure_ascii=False, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _replay_report(ctx: StepContext, name: str, data: Any, marks: _OutputMarks) -> None:
     """A cached dataset step's report: rewritten only when the file differs (or is gone)."""
     target = ctx.output_dir / "reports" / f"{ctx.step_name}-{name}.json"
+    content = _json_digest(data)
+    if marks.matches(target, content):
+        ctx.reports[name] = data
+        return
     try:
         same = target.read_text(encoding="utf-8") == json.dumps(data, indent=2, ensure_ascii=False, default=str)
     except OSError:
@@ -963,11 +1030,18 @@ def _replay_report(ctx: StepContext, name: str, data: Any) -> None:
         ctx.reports[name] = data
     else:
         ctx.report(name, data)
+    marks.mark(target, content)
 
 
-def _save_if_changed(manifest: Manifest) -> Path:
+def _save_if_changed(manifest: Manifest, marks: _OutputMarks) -> Path:
     """Write manifest.json unless the one on disk says the same (apart from its creation time)."""
     target = manifest.root / MANIFEST_NAME
+    mark = marks.marks.get(os.path.abspath(target))
+    if isinstance(mark, dict) and mark.get("created"):
+        manifest.created = mark["created"]
+        content = _json_digest(manifest.to_dict())
+        if marks.matches(target, content):
+            return target  # the file is as lorakit wrote it, and it wrote the same content
     try:
         old = json.loads(target.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -976,9 +1050,14 @@ def _save_if_changed(manifest: Manifest) -> Path:
         manifest.created = old["created"]
         new = manifest.to_dict()
         if new == old:
+            marks.mark(target, _json_digest(new), created=manifest.created)
             return target
-        manifest.created = ""
-    return manifest.save()
+    manifest.created = ""
+    data = manifest.to_dict()
+    manifest.created = data["created"]
+    saved = manifest.save()
+    marks.mark(target, _json_digest(data), created=manifest.created)
+    return saved
 
 
 def _write_if_changed(path: Path, text: str) -> None:

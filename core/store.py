@@ -71,6 +71,7 @@ class Store:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.blobs = self.root / "blobs"
+        self._blob_dir = os.fspath(self.blobs)
         self.tmp = self.root / "tmp"
         for d in (self.blobs, self.tmp, self.root / "steps"):
             d.mkdir(parents=True, exist_ok=True)
@@ -172,6 +173,14 @@ class Store:
     def blob_path(self, blob: str) -> Path:
         where = self._in_place.get(blob)
         return where if where is not None else self.blobs / blob[:2] / blob
+
+    def file_of(self, blob: str, in_place: str | None = None) -> str:
+        """The file holding ``blob`` as a string: ``in_place`` (a source file read where it is) or
+        the blob in the store (for the many files of a dataset: no Path objects)."""
+        if in_place:
+            return in_place
+        where = self._in_place.get(blob)
+        return os.fspath(where) if where is not None else f"{self._blob_dir}/{blob[:2]}/{blob}"
 
     def read_in_place(self, path: str | Path, blob: str) -> None:
         """Let ``blob`` stand for the source file ``path`` (read where it is, never copied or written)."""

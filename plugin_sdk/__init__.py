@@ -40,7 +40,7 @@ from .images import (
     save_image,
     verify_image,
 )
-from .item import Item
+from .item import Item, caption_text
 from .models import model_file_digest, resolve_model_files
 from .paths import PathEscape, check_relative, confined_path, is_within
 from .params import REQUIRED, Color, Fuzz, ModelRef, Param, Params, Percent, validate_params
@@ -50,7 +50,7 @@ from .subset import Subset
 __all__ = [
     "hookimpl", "hookspec",
     "Step", "ImageStep", "DatasetStep", "SourceStep", "StepContext", "reason_of",
-    "Item", "Subset",
+    "Item", "Subset", "caption_text",
     "Param", "Params", "Percent", "Fuzz", "Color", "ModelRef", "REQUIRED", "validate_params",
     "is_storage_error", "storage_error_message",
     "LorakitError", "ManyErrors", "ParamError", "SkipImage", "ModelNotFound", "ImageError", "PathEscape",

@@ -79,12 +79,17 @@ class Item:
     @property
     def text(self) -> str:
         """The caption as written to the ``.txt`` file: tags joined by ", ", then the free-text caption."""
-        parts = list(self.tags)
-        if self.caption:
-            parts.append(self.caption)
-        # The keep-tokens separator stands between tags, not as a tag: "mychar ||| smile, solo".
-        return ", ".join(parts).replace(", |||, ", " ||| ").replace(", |||", " |||").replace("|||, ", "||| ")
+        return caption_text(self.tags, self.caption)
 
     @property
     def trigger_names(self) -> list[str]:
         return list(self.meta.get("triggers", []))
+
+
+def caption_text(tags, caption: str | None) -> str:
+    """The text of a ``.txt`` caption file: the tags joined by ", ", then the free-text caption."""
+    parts = list(tags)
+    if caption:
+        parts.append(caption)
+    # The keep-tokens separator stands between tags, not as a tag: "mychar ||| smile, solo".
+    return ", ".join(parts).replace(", |||, ", " ||| ").replace(", |||", " |||").replace("|||, ", "||| ")

@@ -24,6 +24,8 @@ def check_relative(relative: str, what: str = "path") -> str:
     """``relative`` as a clean POSIX relative path, or PathEscape: no absolute path, no ``..``, no
     drive letter or backslash, no NUL. ``""`` and ``"."`` mean the root itself and are returned as ``""``."""
     text = str(relative)
+    if _plain_relative(text):  # the common case, decided without building a path object
+        return text
     if "\x00" in text:
         raise PathEscape(f"{what} {text!r} contains a NUL byte")
     if "\\" in text or (len(text) > 1 and text[1] == ":"):
@@ -35,6 +37,14 @@ def check_relative(relative: str, what: str = "path") -> str:
         raise PathEscape(f"{what} {text!r} leaves its folder ('..' is not allowed)")
     clean = pure.as_posix()
     return "" if clean == "." else clean
+
+
+def _plain_relative(text: str) -> bool:
+    """True for a non-empty relative POSIX path that is already clean (no ``.``/``..``/empty parts,
+    no backslash, NUL, drive letter or ``~``): ``check_relative`` returns it unchanged."""
+    if not text or text[0] in "/~" or "\\" in text or "\x00" in text or text[1:2] == ":" or text[-1] == "/":
+        return False
+    return "//" not in text and all(part not in (".", "..") for part in text.split("/"))
 
 
 def is_within(path: str | os.PathLike, root: str | os.PathLike, real_root: str | None = None) -> bool:

@@ -45,30 +45,56 @@ class FolderSource(SourceStep):
         root: Path = self.options.path
         if not root.is_dir():
             raise LorakitError(f"{root}: source folder does not exist" if not root.exists() else f"{root}: not a folder")
-        pattern = root.rglob("*") if self.options.recursive else root.glob("*")
-        files = sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        files = _image_files(str(root), self.options.recursive)
         if not files:
             ctx.log(f"no images found in {root}")
         real_root = os.path.realpath(root)
-        for path in files:
-            rel = path.relative_to(root).with_suffix("")
-            subset = "default"
-            name = rel.as_posix()
-            if self.options.subfolders_as_subsets and len(rel.parts) > 1:
-                subset, name = rel.parts[0], Path(*rel.parts[1:]).as_posix()
-            cap = path.with_suffix(self.options.caption_extension)
+        cap_ext = self.options.caption_extension
+        for rel, entry, siblings in files:
+            stem = os.path.splitext(rel)[0]
+            subset, name = "default", stem
+            if self.options.subfolders_as_subsets and "/" in stem:
+                subset, name = stem.split("/", 1)
+            path = Path(entry.path)
+            cap_name = os.path.splitext(entry.name)[0] + cap_ext if cap_ext.startswith(".") else \
+                path.with_suffix(cap_ext).name
+            cap = siblings.get(cap_name)
             text = None
-            if cap.is_file():
-                if is_within(cap, root, real_root):
+            if cap is not None and cap.is_file():
+                # a caption in a folder the walk reached without following links is inside the source
+                if not cap.is_symlink() or is_within(cap.path, root, real_root):
                     try:
-                        text = read_caption(cap)
+                        text = read_caption(cap.path)
                     except CaptionError as exc:
                         ctx.set_aside(Item(name=name, path=path, subset=subset, source=str(path)), str(exc))
                         continue
                 else:  # a symlink out of the source: its text could be anything on this machine
-                    ctx.log(f"{cap}: not read, it is a link to {cap.resolve()}, outside {root}")
-            yield Item(name=name, path=path, subset=subset, source=str(path), tags=_caption_tags(text))
+                    ctx.log(f"{cap.path}: not read, it is a link to {Path(cap.path).resolve()}, outside {root}")
+            yield Item(name=name, path=path, subset=subset, source=entry.path, tags=_caption_tags(text))
+
+
+def _image_files(root: str, recursive: bool) -> list[tuple[str, os.DirEntry, dict[str, os.DirEntry]]]:
+    """(POSIX path relative to ``root``, its directory entry, the entries of its folder by name) of
+    every image file under ``root``, hidden names (``.x``) and linked folders skipped, sorted as
+    paths sort. One directory listing per folder: a re-run of a large folder costs no more."""
+    found = []
+    folders = [("", root)]
+    while folders:
+        rel_dir, folder = folders.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = {e.name: e for e in listing if not e.name.startswith(".")}
+        except PermissionError:  # an unreadable sub-folder is skipped, as a glob skips it
+            continue
+        for e in entries.values():
+            rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+            if e.is_dir(follow_symlinks=False):
+                if recursive:
+                    folders.append((rel, e.path))
+            elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file():
+                found.append((rel, e, entries))
+    found.sort(key=lambda f: f[0].split("/"))
+    return found
 
 
 class KohyaSource(SourceStep):

@@ -2,6 +2,7 @@
 cache keys from what a step reads, enforced writes, opaque images as RGB, and `lorakit clean`."""
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -220,3 +221,41 @@ def test_a_dataset_step_changing_an_undeclared_field_is_named_in_a_warning(tmp_p
     res = run_pipeline_dict(_data(tmp_path, photos, ["sneakyset"]), tmp_path, [SneakyDataset], workers=1)
     messages = _stat(res, "sneakyset").messages
     assert any("sneakyset" in m and "caption" in m and "writes" in m for m in messages)
+
+
+def test_folder_source_lists_images_in_path_order_skipping_hidden_and_linked_folders(tmp_path):
+    raw = tmp_path / "raw"
+    for rel in ("b.png", "a-b.png", "a/b.png", "a/c/d.png", ".hidden/x.png", "a/.y.png"):
+        (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 30), "red").save(raw / rel)
+    (raw / "notes.md").write_text("not an image")
+    (raw / "a" / "b.txt").write_text("smile, solo")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (40, 30), "blue").save(elsewhere / "linked.png")
+    (elsewhere / "secret.txt").write_text("not for the dataset")
+    (raw / "linked").symlink_to(elsewhere, target_is_directory=True)  # a linked folder is not walked
+    (raw / "b.txt").symlink_to(elsewhere / "secret.txt")  # a caption linked out of the source is not read
+    res = run_pipeline_dict(_data(tmp_path, raw, []), tmp_path, workers=1)
+    assert [r.path for r in res.images] == ["a/b.png", "a/c/d.png", "a-b.png", "b.png"]  # as paths sort
+    captions = {r.path: r.caption for r in res.images}
+    assert captions["a/b.png"] == "smile, solo" and captions["b.png"] == ""
+    flat = _data(tmp_path, raw, [])
+    flat["sources"] = [{"folder": {"path": str(raw), "recursive": False}}]
+    flat["output"] = str(tmp_path / "flat")
+    assert [r.path for r in run_pipeline_dict(flat, tmp_path, workers=1).images] == ["a-b.png", "b.png"]
+
+
+def test_a_manifest_or_report_changed_by_hand_is_written_again_on_an_unchanged_rerun(tmp_path, photos):
+    data = _data(tmp_path, photos, ["convert", "buckets"])
+    run_pipeline_dict(data, tmp_path, workers=1)
+    out = tmp_path / "out"
+    manifest, report = out / "manifest.json", out / "reports" / "buckets-buckets.json"
+    good_manifest, good_report = manifest.read_text(), report.read_text()
+    manifest.write_text(good_manifest.replace('"caption": "1girl, solo"', '"caption": "edited"'))
+    report.unlink()
+    again = run_pipeline_dict(data, tmp_path, workers=1)
+    assert again.run.nothing_changed
+    assert report.read_text() == good_report
+    without_time = lambda text: {k: v for k, v in json.loads(text).items() if k != "created"}  # noqa: E731
+    assert without_time(manifest.read_text()) == without_time(good_manifest)
