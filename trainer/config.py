@@ -64,7 +64,8 @@ SETTINGS: list[Setting] = [
     S("network_module", str, None, "kohya spelling: networks.lora, or lycoris.kohya with network_args algo=...",
       nullable=True, group="network"),
     S("network_args", list, [], "kohya/LyCORIS network arguments as key=value (algo=loha, preset=attn-mlp, "
-      "block_size=4...)", group="network"),
+      "block_size=4...); plain LoRA: kohya's block-wise down_lr_weight, mid_lr_weight, up_lr_weight, "
+      "block_lr_zero_threshold, block_dims, block_alphas, conv_block_dims, conv_block_alphas", group="network"),
     S("train_unet", bool, True, "train LoRA on the UNet", group="network"),
     S("train_text_encoder", bool, True, "train LoRA on the text encoder(s)", group="network"),
     # optimisation

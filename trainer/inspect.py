@@ -160,6 +160,7 @@ def describe(path: str | Path, top: int = 10) -> dict[str, Any]:
         rows.append({"block": block, "modules": b["modules"], "dim": sorted(b["dims"]),
                      "alpha": sorted(b["alphas"]), "types": sorted(b["kinds"]), "change": math.sqrt(b["squared"])})
     total = math.sqrt(sum(r["change"] ** 2 for r in rows))
+    kohya_rows = kohya_blocks(modules)
     training = {
         "resolution": meta.get("modelspec.resolution") or meta.get("ss_resolution"),
         "steps": _number(meta.get("ss_steps")),
@@ -193,10 +194,34 @@ def describe(path: str | Path, top: int = 10) -> dict[str, Any]:
         "comment": meta.get("ss_training_comment") or None,
         "training": {k: v for k, v in training.items() if v is not None},
         "blocks": rows,
+        "kohya_blocks": kohya_rows,
         "total_change": total,
         "change_is_relative": relative,
         "does_nothing": total < NOTHING,
     }
+
+
+def kohya_blocks(modules: dict) -> list[dict[str, Any]]:
+    """The UNet modules by kohya's block numbering (IN01, MID, OUT11...; what block_dims and the
+    *_lr_weight network_args count), with the dims and alphas found in each block."""
+    from .blocks import block_index, block_label
+
+    unet = [name for name in modules if name.startswith("lora_unet_")]
+    is_sdxl = any(re.match(r"lora_unet_(input_blocks|output_blocks|middle_block)_", n) for n in unet) or \
+        any(m.part in ("te1", "te2") for m in modules.values())
+    found: dict[int, dict[str, Any]] = {}
+    for name in unet:
+        module = modules[name]
+        index = block_index(name, is_sdxl)
+        row = found.setdefault(index, {"block": block_label(index, is_sdxl), "index": index, "modules": 0,
+                                       "dim": set(), "alpha": set()})
+        row["modules"] += 1
+        if module.rank is not None:
+            row["dim"].add(module.rank)
+        if module.alpha is not None:
+            row["alpha"].add(round(module.alpha, 4))
+    return [{**row, "dim": sorted(row["dim"]), "alpha": sorted(row["alpha"])}
+            for _, row in sorted(found.items(), key=lambda kv: (kv[0] < 0, kv[0]))]
 
 
 def render(info: dict[str, Any], console) -> None:
@@ -228,6 +253,11 @@ def render(info: dict[str, Any], console) -> None:
         change = f"{row['change']:.4g}" if row["change"] >= NOTHING else "[red]0 (does nothing)[/]"
         table.add_row(row["block"], str(row["modules"]), _span(row["dim"]), _span(row["alpha"]), change)
     console.print(table)
+    kohya_rows = info.get("kohya_blocks") or []
+    if len({(tuple(r["dim"]), tuple(r["alpha"])) for r in kohya_rows}) > 1:
+        # per-block dims or alphas (kohya's block_dims / block_alphas): show them in kohya's numbering
+        console.print("  UNet dim/alpha by kohya block: " + ", ".join(
+            f"{r['block']} {_span(r['dim'])}/{_span(r['alpha'])}" for r in kohya_rows))
     if info["does_nothing"]:
         console.print("[red]This LoRA changes nothing:[/] every weight change is zero (untrained, or trained at "
                       "learning rate 0).")

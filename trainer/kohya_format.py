@@ -320,6 +320,10 @@ def metadata(*, config, data, manifest, base, network, epoch: int, step: int, ma
     network_args: dict[str, str] = {}
     if config.conv_dim:
         network_args.update(conv_dim=str(config.conv_dim), conv_alpha=str(config.conv_alpha))
+    if config.values.get("network_type", "lora") == "lora":
+        from .lycoris import parse_network_args
+
+        network_args.update(parse_network_args(config.network_args, "network_args"))  # block-wise, as given
     if config.dora:
         axis = getattr(config, "dora_axis", "input")
         network_args.update(dora_wd="True", wd_on_output=str(axis == "output"))

@@ -99,7 +99,22 @@ def resolve_network_settings(values: dict[str, Any], where: str, defaults: dict[
     if module is not None and module not in KOHYA_MODULES:
         raise LorakitError(f"{where}: train setting 'network_module' = {module!r} is invalid: expected "
                            f"{' or '.join(KOHYA_MODULES)}")
+    from .blocks import BLOCK_ARGS, check_block_args
+
+    plain = network_type == "lora" and module != "lycoris.kohya" and "algo" not in args
     for key in args:
+        if key in BLOCK_ARGS and not plain:
+            raise LorakitError(f"{where}: train setting 'network_args' has '{key}': block-wise dims and LR weights "
+                               "are kohya's networks.lora arguments, for network_type lora (LyCORIS does not take "
+                               "them)")
+        if plain and key in (*BLOCK_ARGS, "conv_dim", "conv_alpha"):
+            continue
+        if plain:
+            near = difflib.get_close_matches(key, BLOCK_ARGS, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise LorakitError(f"{where}: train setting 'network_args' has '{key}', which plain LoRA (kohya's "
+                               f"networks.lora) does not take{hint}; it takes conv_dim, conv_alpha and "
+                               f"{', '.join(BLOCK_ARGS)}; set network_type for a LyCORIS type")
         if key in REFUSED_ARGS or key not in LYCORIS_ARGS:
             near = difflib.get_close_matches(key, sorted(LYCORIS_ARGS), n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
@@ -122,10 +137,15 @@ def resolve_network_settings(values: dict[str, Any], where: str, defaults: dict[
     if network_type == "lora":
         if module == "lycoris.kohya":
             raise LorakitError(f"{where}: network_module 'lycoris.kohya' needs a LyCORIS network_type")
-        if args:
-            raise LorakitError(f"{where}: network_args are for LyCORIS types (network_type locon, loha, ...); "
-                               "plain LoRA takes none")
-        values.update(network_type="lora", network_args=[])  # network_module stays as given (None: the default)
+        for name in ("conv_dim", "conv_alpha"):
+            if name in args:  # kohya's networks.lora reads them from network_args; they become the settings
+                try:
+                    values[name] = int(args.pop(name)) if name == "conv_dim" else float(args.pop(name))
+                except ValueError:
+                    raise LorakitError(f"{where}: network_args {name} must be a number") from None
+        check_block_args(args, where, values.get("model_type"))  # its warnings come again on the real model
+        # network_module stays as given (None: the default); the block-wise arguments as kohya spells them
+        values.update(network_type="lora", network_args=[f"{k}={v}" for k, v in args.items()])
         return values
     if values.get("dora"):
         raise LorakitError(f"{where}: 'dora' is lorakit's DoRA on plain LoRA; for a LyCORIS type use "
@@ -430,7 +450,7 @@ def create_network(base, config, console=None):
     if config.values.get("network_type", "lora") == "lora":
         from .network import LoraNetwork
 
-        return LoraNetwork.create(base, config)
+        return LoraNetwork.create(base, config, console=console)
     return LycorisNetwork.create(base, config, console=console)
 
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from lorakit.plugin_sdk import LorakitError
+
 UNET_TRANSFORMER_CLASSES = {"Transformer2DModel", "SpatialTransformer"}
 UNET_CONV_CLASSES = {"ResnetBlock2D", "Downsample2D", "Upsample2D"}
 TEXT_ENCODER_CLASSES = {"CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP"}
@@ -208,6 +210,21 @@ def apply_lora(prefix: str, model: torch.nn.Module, targets: list[Target], *, do
     return adapted
 
 
+def _block_targets(targets: list[Target], per_block, is_sdxl: bool, file_path) -> list[Target]:
+    """The UNet targets with kohya's per-block dims and alphas; the layers of a dim-0 block are left out."""
+    from .blocks import block_index
+
+    kept = []
+    for target in targets:
+        named = file_path(target.path) if file_path else target.path
+        index = block_index(kohya_name("lora_unet", named), is_sdxl)
+        dim, alpha = per_block.of(index, target.is_conv3x3)
+        if dim:
+            # kohya: alpha 0 or none means alpha = dim (scale 1)
+            kept.append(Target(target.path, dim, float(alpha) if alpha else float(dim), target.is_conv3x3))
+    return kept
+
+
 def add_dropout(layer, *, neuron: float = 0.0, rank: float = 0.0, module: float = 0.0) -> None:
     """kohya's LoRA dropouts, on the down projection's output ``lx`` while training: ``network_dropout``
     drops single values, ``rank_dropout`` whole ranks (the rest scaled by 1 / (1 - p)), and
@@ -234,25 +251,46 @@ class LoraNetwork:
 
     def __init__(self, parts: list[AdaptedModel], unet_lr: float, text_encoder_lr: float,
                  text_encoder_2_lr: float | None = None, loraplus_unet: float | None = None,
-                 loraplus_text_encoder: float | None = None):
+                 loraplus_text_encoder: float | None = None, block_lr_weights: list[float] | None = None,
+                 is_sdxl: bool = False):
         self.parts = parts
+        self.block_lr_weights = block_lr_weights  # kohya's per-block LR weights of the UNet (None: off)
+        self.is_sdxl = is_sdxl
         self.unet_lr, self.text_encoder_lr = unet_lr, text_encoder_lr
         self.text_encoder_2_lr = text_encoder_lr if text_encoder_2_lr is None else text_encoder_2_lr
         self.loraplus = {"unet": loraplus_unet, "text_encoder": loraplus_text_encoder}
 
     @classmethod
-    def create(cls, base, config) -> "LoraNetwork":
+    def create(cls, base, config, console=None) -> "LoraNetwork":
+        from . import blocks
         from .kohya_format import ldm_unet_path
+        from .lycoris import parse_network_args
 
         parts = []
         alpha = config.network_alpha or config.network_dim  # kohya: alpha 0 (or unset) means alpha = dim, scale 1
         dora_axis = getattr(config, "dora_axis", "input")
+        args = parse_network_args(config.values.get("network_args"), "network_args")
+
+        def warn(note: str) -> None:
+            if console is not None:
+                console.print(f"[yellow]warning:[/] {note}")
+
+        block_weights = blocks.lr_weights(args, base.is_sdxl, "network_args", warn)
+        per_block = blocks.block_dims(args, base.is_sdxl, dim=config.network_dim, alpha=config.network_alpha,
+                                      conv_dim=config.conv_dim, conv_alpha=config.conv_alpha,
+                                      weights=block_weights)
+        # kohya names SDXL UNet layers after its own (LDM-layout) SDXL UNet, SD1 after diffusers'.
+        file_path = (lambda path: ldm_unet_path(path, base.unet.config)) if base.is_sdxl else None
+        targets = []
         if config.train_unet:
+            with_convs = per_block.conv_dims is not None if per_block else config.conv_dim > 0
             targets = find_targets(base.unet, UNET_TRANSFORMER_CLASSES, dim=config.network_dim,
                                    alpha=alpha, conv_classes=UNET_CONV_CLASSES,
-                                   conv_dim=config.conv_dim, conv_alpha=config.conv_alpha or config.conv_dim)
-            # kohya names SDXL UNet layers after its own (LDM-layout) SDXL UNet, SD1 after diffusers'.
-            file_path = (lambda path: ldm_unet_path(path, base.unet.config)) if base.is_sdxl else None
+                                   conv_dim=config.conv_dim or int(with_convs),
+                                   conv_alpha=config.conv_alpha or config.conv_dim)
+            if per_block is not None:
+                targets = _block_targets(targets, per_block, base.is_sdxl, file_path)
+        if targets:
             parts.append(apply_lora("lora_unet", base.unet, targets, dora=config.dora, dora_axis=dora_axis,
                                     file_path=file_path))
         else:
@@ -269,10 +307,14 @@ class LoraNetwork:
                 for layer in part.layers.values():
                     add_dropout(layer, neuron=config.network_dropout, rank=config.rank_dropout,
                                 module=config.module_dropout)
+        if not parts:
+            raise LorakitError("network_args: every UNet block has dim 0 or LR weight 0 and the text encoder is not "
+                               "trained; nothing to train")
         ratio = config.loraplus_lr_ratio
         return cls(parts, config.effective_unet_lr, config.effective_text_encoder_lr, config.text_encoder_2_lr,
                    loraplus_unet=config.loraplus_unet_lr_ratio or ratio,
-                   loraplus_text_encoder=config.loraplus_text_encoder_lr_ratio or ratio)
+                   loraplus_text_encoder=config.loraplus_text_encoder_lr_ratio or ratio,
+                   block_lr_weights=block_weights, is_sdxl=bool(base.is_sdxl))
 
     @property
     def layers(self) -> dict[str, Any]:
@@ -287,17 +329,24 @@ class LoraNetwork:
         With LoRA+ (kohya's ``loraplus_lr_ratio``) the up matrices (``lora_B``) of a part train at
         ratio x its rate, in a group of their own named ``<part>_up``.
         """
+        from .blocks import block_index
+
         rates = {"unet": self.unet_lr, "text_encoder": self.text_encoder_lr, "text_encoder_2": self.text_encoder_2_lr}
         groups: dict[str, dict[str, Any]] = {}
         for part in self.parts:
             name = {"lora_unet": "unet", "lora_te2": "text_encoder_2"}.get(part.prefix, "text_encoder")
             ratio = self.loraplus["unet" if name == "unet" else "text_encoder"]
-            for layer in part.layers.values():
+            for layer_name, layer in part.layers.items():
+                group, rate = name, rates[name]
+                if name == "unet" and self.block_lr_weights is not None:
+                    # kohya: one group per block at unet_lr x the block's weight, named unet_block<index>
+                    index = block_index(layer_name, self.is_sdxl)
+                    group, rate = f"unet_block{index}", rate * self.block_lr_weights[index]
                 ups = list(layer.lora_B[ADAPTER].parameters())
                 up_ids = {id(p) for p in ups}
                 downs = [p for p in _adapter_parameters(layer) if id(p) not in up_ids]
-                for key, params, lr in ((name, downs, rates[name]),
-                                        (f"{name}_up" if ratio else name, ups, rates[name] * (ratio or 1.0))):
+                for key, params, lr in ((group, downs, rate),
+                                        (f"{group}_up" if ratio else group, ups, rate * (ratio or 1.0))):
                     groups.setdefault(key, {"params": [], "lr": lr, "name": key})["params"].extend(params)
         return [g for g in groups.values() if g["params"]]
 
