@@ -31,7 +31,7 @@ from lorakit.plugin_sdk import (
     verify_image,
 )
 
-from . import chain
+from . import chain, prepare
 from . import curation as curation_stage
 from .manifest import MANIFEST_NAME, ImageRecord, Manifest, SetAsideRecord
 from .pipeline import ConfiguredStep, Pipeline
@@ -514,8 +514,17 @@ class Runner:
     # ----- dataset steps ---------------------------------------------------------------------
     def _run_dataset_step(self, cfg: ConfiguredStep, states: list[State]) -> list[State]:
         step: DatasetStep = cfg.step  # type: ignore[assignment]
-        stats = StepStats(step.name, "dataset", inputs=len(states))
         t0 = time.perf_counter()
+        prepared = None
+        if step.prepares():  # its per-image part: a per-image step in the shared pool, cached per image
+            states = self._run_image_steps([ConfiguredStep(prepare.PrepareStep(step), cfg.where)], states)
+            per_image = self.stats.pop()
+            states, prepared = prepare.take_results(states)
+        stats = StepStats(step.name, "dataset", inputs=len(states))
+        if prepared is not None:
+            stats.inputs, stats.set_aside = per_image.inputs, per_image.set_aside
+            stats.messages.extend(per_image.messages)
+            stats.messages.append(f"per-image part: {per_image.computed} computed, {per_image.cached} from the cache")
         ctx = self._ctx(step)
         # The key holds, per image, its id, name and subset and the fields the step reads; the entry
         # keeps what the step changed per image, so a field it does not read (a caption for a step
@@ -538,6 +547,7 @@ class Runner:
                 for item, s in zip(items, states):
                     item.meta[ID_META] = s.get("id")
                 by_name = {s["name"]: s.get("id") for s in states}
+                ctx.prepared = prepared
                 produced = step.run(items, ctx)
                 if produced is None or not all(isinstance(i, Item) for i in produced):
                     raise LorakitError(f"step '{step.name}' returned {type(produced).__name__}; run() must return a list of Items")

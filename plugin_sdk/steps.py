@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 from rich.markup import escape
 
-from .errors import SkipImage
+from .errors import SkipImage, is_storage_error
 from .item import Item
 from .params import Param, Params, validate_params
 from .subset import Subset
@@ -36,6 +36,8 @@ class StepContext:
     * ``subsets``: the dataset's subsets by name; a source or dataset step may add or change them.
     * ``train``: the pipeline's ``train:`` settings as written (empty without one); the runner
       keys a dataset step's cache on them only when the step declares ``"train"`` in ``reads``.
+    * ``prepared``: for a dataset step with a ``prepare`` method, the host's per-image results,
+      aligned with the items given to ``run`` (None before the host has filled it in).
     """
 
     step_name: str
@@ -49,6 +51,7 @@ class StepContext:
     set_aside_items: list[tuple[Item, str]] = field(default_factory=list)
     reports: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    prepared: list[Any] | None = None
     console: Any = field(default=None, repr=False, compare=False)  # the run's rich console (main process only)
 
     def __getstate__(self):
@@ -182,12 +185,51 @@ class DatasetStep(Step):
     """A step that sees every item at once. Override ``run(items, ctx)`` and return the new list.
 
     Remove an item with ``ctx.set_aside(item, reason)`` (and leave it out of the returned list).
+
+    A step whose work splits into a per-image part (a perceptual hash, an embedding) and a
+    whole-dataset part (grouping) also overrides ``prepare(item, ctx)``: the host runs it over the
+    images in its shared worker pool, caches each result in the store by the image's content (a
+    re-run, or a grown dataset, prepares only new images), sets aside an image whose ``prepare``
+    raised, and hands the results to ``run`` as ``ctx.prepared`` (one per item, in order). Call
+    ``self.prepared(items, ctx)`` in ``run`` to get them, computed in-process when no host did.
     """
 
     kind = "dataset"
+    # The item fields ``prepare`` looks at: its per-image cache key (``image`` by default).
+    prepare_reads: ClassVar[frozenset[str]] = frozenset({"image"})
 
     def run(self, items: list[Item], ctx: StepContext) -> list[Item]:
         raise NotImplementedError
+
+    def prepare(self, item: Item, ctx: StepContext) -> Any:
+        """The per-image part: a JSON-serialisable result for ``item`` (runs in a worker process).
+        Raise ``SkipImage`` or let ``ImageError`` through to set the image aside."""
+        raise NotImplementedError
+
+    @classmethod
+    def prepares(cls) -> bool:
+        """True when the step has a per-image part (it overrides ``prepare``)."""
+        return cls.prepare is not DatasetStep.prepare
+
+    def prepared(self, items: list[Item], ctx: StepContext) -> tuple[list[Item], list[Any]]:
+        """``(items, results)``: the host's ``ctx.prepared``, or, when ``run`` is called without a
+        host, ``prepare`` run here on each item (an image it fails on is set aside with the reason).
+        A result is None for an image a person restored after ``prepare`` had set it aside."""
+        if ctx.prepared is not None:
+            if len(ctx.prepared) != len(items):
+                raise ValueError(f"ctx.prepared holds {len(ctx.prepared)} results for {len(items)} items")
+            return items, list(ctx.prepared)
+        kept, results = [], []
+        for item in items:
+            try:
+                results.append(self.prepare(item, ctx))
+            except Exception as exc:  # one bad image never stops the others
+                if is_storage_error(exc):
+                    raise
+                ctx.set_aside(item, reason_of(exc))
+                continue
+            kept.append(item)
+        return kept, results
 
 
 class SourceStep(Step):

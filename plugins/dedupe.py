@@ -14,23 +14,17 @@ this with sorted arrays and numpy only.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
-from concurrent.futures import ProcessPoolExecutor
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from lorakit.plugin_sdk import DatasetStep, ImageError, Param, atomic_write_text, hookimpl, open_image
+from lorakit.plugin_sdk import DatasetStep, Param, file_digest, hookimpl, open_image
 
 HASH_METHODS = ("phash", "dhash", "whash", "ahash")
 LOSSLESS_FORMATS = {"PNG", "BMP", "TIFF", "GIF", "PPM", "TGA", "QOI", "ICO"}
-# Hashing in worker processes pays off only past a few dozen images (each worker imports numpy,
-# scipy and Pillow when it starts).
-POOL_MIN_IMAGES = 48
 
 
 # ----- hashing ---------------------------------------------------------------------------------
@@ -53,15 +47,23 @@ def _is_lossless(path: Path, fmt: str | None) -> bool:
     return False
 
 
-def hash_image(im: Image.Image, method: str, hash_size: int) -> bytes:
-    """The perceptual hash of ``im`` as packed bits (transparent areas are seen as white)."""
+def _flatten(im: Image.Image) -> Image.Image:
+    """Transparent areas as white: what a viewer (and training, after the alpha step) sees."""
     if im.mode in ("RGBA", "LA", "PA", "P") or "transparency" in im.info:
         rgba = im.convert("RGBA")
         flat = Image.new("RGB", rgba.size, (255, 255, 255))
         flat.paste(rgba, mask=rgba.getchannel("A"))
-        im = flat
-    bits = _hash_function(method)(im, hash_size=hash_size).hash
-    return np.packbits(np.asarray(bits, dtype=bool).ravel()).tobytes()
+        return flat
+    return im
+
+
+def _bits(image_hash) -> bytes:
+    return np.packbits(np.asarray(image_hash.hash, dtype=bool).ravel()).tobytes()
+
+
+def hash_image(im: Image.Image, method: str, hash_size: int) -> bytes:
+    """The perceptual hash of ``im`` as packed bits (transparent areas are seen as white)."""
+    return _bits(_hash_function(method)(_flatten(im), hash_size=hash_size))
 
 
 def is_flat(im: Image.Image, spread: float = 2.0) -> bool:
@@ -69,6 +71,29 @@ def is_flat(im: Image.Image, spread: float = 2.0) -> bool:
     colour, so it can only be an exact duplicate, never a near one."""
     small = im.convert("RGB").resize((32, 32), Image.Resampling.BOX)
     return float(np.asarray(small, dtype=np.float64).std(axis=(0, 1)).max()) < spread
+
+
+# A grey thumbnail this varied is never flat: its grey is a weighted mean of the colour channels,
+# so its spread is at most the largest channel's (with a wide margin for the other resampling).
+_NOT_FLAT_GREY_SPREAD = 8.0
+
+
+def describe(im: Image.Image, method: str, hash_size: int) -> dict:
+    """The perceptual hash of ``im`` (hex) and whether it is a single-colour picture.
+
+    For phash the grey 32x32 thumbnail imagehash computes is made once here and serves both the
+    hash (imagehash resizing it to its own size changes nothing, so the bits are imagehash's) and a
+    cheap first test of flatness; only a nearly uniform thumbnail gets the full test."""
+    im = _flatten(im)
+    if method == "phash":
+        side = hash_size * 4  # imagehash's highfreq_factor
+        small = im.convert("L").resize((side, side), Image.Resampling.LANCZOS)
+        bits = _bits(_hash_function(method)(small, hash_size=hash_size))
+        flat = float(np.asarray(small, dtype=np.float32).std()) < _NOT_FLAT_GREY_SPREAD and is_flat(im)
+    else:
+        bits = _bits(_hash_function(method)(im, hash_size=hash_size))
+        flat = is_flat(im)
+    return {"hash": bits.hex(), "flat": flat}
 
 
 def pixel_digest(im: Image.Image) -> str:
@@ -80,18 +105,14 @@ def pixel_digest(im: Image.Image) -> str:
 
 
 def hash_file(path: str, method: str, hash_size: int) -> dict:
-    """Everything dedupe needs to know about one file (runs in worker processes)."""
-    try:
-        im = open_image(path)
-    except ImageError as exc:
-        return {"error": str(exc)}
-    fmt = im.format
-    return {"hash": hash_image(im, method, hash_size).hex(), "pixels": pixel_digest(im), "flat": is_flat(im),
-            "width": im.size[0], "height": im.size[1], "format": fmt, "lossless": _is_lossless(Path(path), fmt)}
-
-
-def _hash_file_star(args):
-    return hash_file(*args)
+    """Everything dedupe needs to know about one image file (what ``DedupeStep.prepare`` returns).
+    Single-colour pictures also get their pixel digest (they can only be exact duplicates)."""
+    im = open_image(path)
+    info = describe(im, method, hash_size)
+    if info["flat"]:
+        info["pixels"] = pixel_digest(im)
+    info.update(width=im.size[0], height=im.size[1], format=im.format, lossless=_is_lossless(Path(path), im.format))
+    return info
 
 
 # ----- the index ---------------------------------------------------------------------------
@@ -307,12 +328,13 @@ class DedupeStep(DatasetStep):
     Each group keeps its best member: most pixels, then lossless (PNG, BMP, lossless WebP...) over
     lossy (JPEG...), then the name in sort order. The others are set aside (never deleted), and
     `reports/dedupe-groups.json` lists every group with each member's distance to the one kept.
-    Hashes are computed in parallel and cached in the step's work folder, so a re-run over a grown
-    dataset hashes only the new images."""
+    Hashing is the step's per-image part: it runs in the run's worker pool (`--workers`) and each
+    hash is cached in the store by image content, so a re-run over a grown dataset hashes only the
+    new images; an unreadable image is set aside with the reason."""
 
     name = "dedupe"
     summary = "Set aside exact and near-duplicate images (perceptual hash), keeping the best of each group."
-    version = "3"
+    version = "4"
     params = [
         Param("hash", str, "phash", "perceptual hash: phash (robust default), dhash, whash or ahash", choices=HASH_METHODS),
         Param("hash_size", int, 8, "hash side: 8 gives 64-bit hashes, 16 gives 256-bit ones", choices=(8, 16)),
@@ -322,20 +344,29 @@ class DedupeStep(DatasetStep):
               "pair near; single: transitive (A~B, B~C groups A with C)", choices=LINKAGES),
         Param("scope", str, "all", "all: compare every image with every other; subset: only within each subset",
               choices=("all", "subset")),
-        Param("hash_workers", int, 0, "processes that hash images (0 = one per CPU core)", min=0),
     ]
     reads = frozenset({"image"})
     writes = frozenset()
     example = "lorakit dedupe raw/ unique/ --threshold 8 --scope subset"
 
+    def prepare(self, item, ctx):
+        """The per-image part (in the host's worker pool, cached in the store by image content)."""
+        o = self.options
+        if item.pending_image is not None:
+            info = describe(item.pending_image, o.hash, o.hash_size)
+            im = item.pending_image
+            if info["flat"]:
+                info["pixels"] = pixel_digest(im)
+            info.update(width=im.size[0], height=im.size[1], format="PNG", lossless=True)
+            return info
+        return hash_file(str(item.path), o.hash, o.hash_size)
+
     def run(self, items, ctx):
         o = self.options
-        info = self._hash_all(items, ctx)
+        items, info = self.prepared(items, ctx)
         kept, groups_report = [], []
-        bad = [k for k, i in enumerate(info) if "error" in i]
-        for k in bad:
-            ctx.set_aside(items[k], info[k]["error"])
-        good = [k for k in range(len(items)) if "error" not in info[k]]
+        unknown = [k for k, i in enumerate(info) if i is None]  # restored by hand after an unreadable file
+        good = [k for k in range(len(items)) if info[k] is not None]
         if o.scope == "subset":
             scopes: dict[str, list[int]] = {}
             for k in good:
@@ -345,6 +376,7 @@ class DedupeStep(DatasetStep):
             partitions = [good]
         aside: set[int] = set()
         nbits = o.hash_size * o.hash_size
+        exact = _ExactCheck(items, info)
         for part in partitions:
             textured = [k for k in part if not info[k]["flat"]]
             words = hashes_to_words([bytes.fromhex(info[k]["hash"]) for k in textured])
@@ -371,23 +403,23 @@ class DedupeStep(DatasetStep):
                         continue
                     w = hashes_to_words([bytes.fromhex(info[k]["hash"])])[0]
                     distance = int(_popcount(w ^ best_words).sum())
-                    exact = info[k]["pixels"] == info[best]["pixels"]
+                    same = distance == 0 and exact(k, best)
                     entry["members"].append({"name": items[k].name, "subset": items[k].subset,
                                              "size": [info[k]["width"], info[k]["height"]],
-                                             "distance": distance, "exact": exact, "source": items[k].source})
+                                             "distance": distance, "exact": same, "source": items[k].source})
                     aside.add(k)
-                    what = "exact duplicate" if exact else f"near duplicate ({o.hash} distance {distance})"
+                    what = "exact duplicate" if same else f"near duplicate ({o.hash} distance {distance})"
                     ctx.set_aside(items[k], f"{what} of {items[best].name}")
                 groups_report.append(entry)
-        kept = [items[k] for k in good if k not in aside]
+        kept = [items[k] for k in range(len(items)) if k not in aside]
         groups_report.sort(key=lambda g: (g["subset"], g["kept"]))
         ctx.report("groups", {"hash": o.hash, "hash_size": o.hash_size, "threshold": o.threshold,
                               "linkage": o.linkage, "scope": o.scope,
                               "images": len(items), "groups": len(groups_report), "set_aside": len(aside),
-                              "unreadable": len(bad), "duplicate_groups": groups_report})
-        exact = sum(1 for g in groups_report for m in g["members"] if m["exact"])
+                              "not_compared": len(unknown), "duplicate_groups": groups_report})
+        n_exact = sum(1 for g in groups_report for m in g["members"] if m["exact"])
         ctx.log(f"{len(groups_report)} duplicate groups: {len(aside)} images set aside "
-                f"({exact} exact, {len(aside) - exact} near), {len(kept)} kept")
+                f"({n_exact} exact, {len(aside) - n_exact} near), {len(kept)} kept")
         return kept
 
     @staticmethod
@@ -397,59 +429,38 @@ class DedupeStep(DatasetStep):
         lossless = (source_format in LOSSLESS_FORMATS) if source_format else info["lossless"]
         return (-(info["width"] * info["height"]), 0 if lossless else 1, item.name)
 
-    def _hash_all(self, items, ctx) -> list[dict]:
-        """Hash every item, from the cache when the file was hashed before with the same settings."""
-        o = self.options
-        cache_path = Path(ctx.work_dir) / f"hashes-{o.hash}-{o.hash_size}.json"
-        try:
-            cache = json.loads(cache_path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
-            cache = {}
-        keys, todo = [], []
-        results: list[dict | None] = []
-        for k, item in enumerate(items):
-            if item.pending_image is not None:
-                im = item.pending_image
-                results.append({"hash": hash_image(im, o.hash, o.hash_size).hex(), "pixels": pixel_digest(im),
-                                "flat": is_flat(im), "width": im.size[0], "height": im.size[1], "format": "PNG",
-                                "lossless": True})
-                keys.append(None)
-                continue
-            try:
-                st = os.stat(item.path)
-                key = f"{Path(item.path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
-            except OSError as exc:
-                results.append({"error": f"{item.path}: cannot read file ({exc.strerror})"})
-                keys.append(None)
-                continue
-            keys.append(key)
-            hit = cache.get(key)
-            if hit is not None and "flat" not in hit:
-                hit = None
-            results.append(hit)
-            if hit is None:
-                todo.append(k)
-        if todo:
-            args = [(str(items[k].path), o.hash, o.hash_size) for k in todo]
-            workers = o.hash_workers or os.cpu_count() or 1
-            with ctx.progress(len(todo), f"hashing {len(todo)} images") as advance:
-                if workers > 1 and len(todo) >= POOL_MIN_IMAGES:
-                    import multiprocessing
 
-                    chunksize = max(1, min(64, len(todo) // (workers * 8)))
-                    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                        for k, res in zip(todo, pool.map(_hash_file_star, args, chunksize=chunksize)):
-                            results[k] = res
-                            advance()
-                else:
-                    for k, a in zip(todo, args):
-                        results[k] = hash_file(*a)
-                        advance()
-            for k in todo:
-                if "error" not in results[k]:  # errors are not cached: a fixed file is retried
-                    cache[keys[k]] = results[k]
-            atomic_write_text(cache_path, json.dumps(cache))
-        return results  # type: ignore[return-value]
+class _ExactCheck:
+    """Whether two images with identical hashes have the same decoded pixels: the same size and
+    either the same file bytes or, only then decoded again, the same pixel digest (memoised)."""
+
+    def __init__(self, items, info):
+        self.items, self.info = items, info
+        self.files: dict[int, str] = {}
+        self.pixels: dict[int, str] = {}
+
+    def __call__(self, a: int, b: int) -> bool:
+        ia, ib = self.info[a], self.info[b]
+        if (ia["width"], ia["height"]) != (ib["width"], ib["height"]):
+            return False
+        if "pixels" in ia and "pixels" in ib:
+            return ia["pixels"] == ib["pixels"]
+        if self._file(a) == self._file(b):
+            return True
+        return self._pixels(a) == self._pixels(b)
+
+    def _file(self, k: int) -> str:
+        if k not in self.files:
+            item = self.items[k]
+            self.files[k] = "" if item.pending_image is not None else file_digest(item.path)
+            if not self.files[k]:
+                self.files[k] = f"pending:{k}"
+        return self.files[k]
+
+    def _pixels(self, k: int) -> str:
+        if k not in self.pixels:
+            self.pixels[k] = self.info[k].get("pixels") or pixel_digest(self.items[k].open())
+        return self.pixels[k]
 
 
 @hookimpl

@@ -57,7 +57,7 @@ subsets:
   outfit_b: {repeats: 3}
 steps:
   - convert
-  - dedupe: {threshold: 0, hash_workers: 1}
+  - dedupe: {threshold: 0}
   - mask: {backend: color, min_foreground: 3%}
   - buckets
 """

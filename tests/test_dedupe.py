@@ -157,30 +157,63 @@ def test_dedupe_sets_aside_unreadable_files(tmp_path):
     assert item.name == "broken" and "truncated" in reason
 
 
-def test_dedupe_hashes_only_new_files_on_a_second_run(tmp_path, monkeypatch):
-    files = []
-    for k in range(3):
-        files.append(tmp_path / f"p{k}.png")
-        picture(20 + k).save(files[-1])
-    ctx = StepContext("dedupe", tmp_path / "work", tmp_path / "tmp", tmp_path / "out")
-    step = DedupeStep.configure({"hash_workers": 1})
-    step.run([Item(name=f.stem, path=f) for f in files[:2]], ctx)
-    hashed = []
-    real = dedupe.hash_file
-    monkeypatch.setattr(dedupe, "hash_file", lambda path, *a: hashed.append(path) or real(path, *a))
-    step.run([Item(name=f.stem, path=f) for f in files], ctx)
-    assert hashed == [str(files[2])]
+def dedupe_stats(res):
+    (stats,) = [s for s in res.stats if s.name == "dedupe"]
+    return stats
 
 
-def test_dedupe_hashes_in_worker_processes(tmp_path):
+def test_dedupe_hashes_only_new_images_on_a_second_run(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
-    for k in range(dedupe.POOL_MIN_IMAGES):
+    for k in range(2):
+        picture(20 + k).save(src / f"p{k}.png")
+    first = run_step("dedupe", src, tmp_path / "out")
+    assert "per-image part: 2 computed, 0 from the cache" in dedupe_stats(first).messages
+    picture(22).save(src / "p2.png")
+    picture(20).resize((128, 96)).save(src / "p0_small.png")
+    second = run_step("dedupe", src, tmp_path / "out")
+    assert "per-image part: 2 computed, 2 from the cache" in dedupe_stats(second).messages
+    assert second.reasons() == {"p0_small": "near duplicate (phash distance 0) of p0"}
+
+
+def test_dedupe_hash_cache_follows_content_not_file_names(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    picture(30).save(src / "a.png")
+    run_step("dedupe", src, tmp_path / "out")
+    (src / "a.png").rename(src / "renamed.png")
+    again = run_step("dedupe", src, tmp_path / "out")
+    assert "per-image part: 0 computed, 1 from the cache" in dedupe_stats(again).messages
+
+
+def test_dedupe_hashes_in_the_runs_worker_pool(tmp_path, monkeypatch):
+    from lorakit.runner import Runner
+
+    pools = []
+    real_pool = Runner._pool
+    monkeypatch.setattr(Runner, "_pool", lambda self, n: pools.append(n) or real_pool(self, n))
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(24):
         picture(100 + k, (64, 48)).save(src / f"img{k:02d}.png")
-    picture(100, (64, 48)).save(src / "zcopy.png")
-    res = run_step("dedupe", src, tmp_path / "out", {"hash_workers": 2})
-    assert len(res.images) == dedupe.POOL_MIN_IMAGES
-    assert res.reasons() == {"zcopy": "exact duplicate of img00"}
+    picture(100, (64, 48)).save(src / "zcopy.bmp")
+    (src / "zbroken.png").write_bytes((src / "img01.png").read_bytes()[:150])
+    res = run_step("dedupe", src, tmp_path / "out", workers=2)
+    assert pools and set(pools) == {2}  # the host's pool, not one of the step's own
+    assert len(res.images) == 24
+    reasons = res.reasons()
+    assert reasons.pop("zcopy") == "exact duplicate of img00"
+    assert "zbroken.png" in reasons.pop("zbroken") and not reasons
+    assert "per-image part: 25 computed, 0 from the cache" in dedupe_stats(res).messages  # zbroken: the source
+
+
+def test_dedupe_near_copy_with_the_same_hash_is_not_called_exact(tmp_path):
+    # a re-saved JPEG usually keeps the perceptual hash of its original, but not its pixels
+    src = make_folder(tmp_path, {"a.png": (picture(40), {}), "a_resaved.jpg": (picture(40), {"quality": 60})})
+    res = run_step("dedupe", src, tmp_path / "out")
+    ((member,),) = [g["members"] for g in report(tmp_path)["duplicate_groups"]]
+    assert member["name"] == "a_resaved" and member["distance"] == 0 and member["exact"] is False
+    assert res.reasons() == {"a_resaved": "near duplicate (phash distance 0) of a"}
 
 
 def test_dedupe_never_calls_single_colour_pictures_near_duplicates(tmp_path):
