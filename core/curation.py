@@ -833,10 +833,20 @@ def take_hand_edits(dataset: str | os.PathLike, curation: Curation, written: dic
     except (FileNotFoundError, json.JSONDecodeError, OSError):
         return found
     records = data.get("images", []) if isinstance(data, dict) else []
+    root = os.fspath(dataset)
     with curation.batch(by="hand"):
         for r in records:
             if not isinstance(r, dict) or not r.get("path"):
                 continue
+            cap_rel = r.get("caption_path") or os.path.splitext(r["path"])[0] + ".txt"
+            entry = (written or {}).get(cap_rel)
+            try:  # strings, not paths: this runs for every image of every run
+                st = os.stat(os.path.join(root, cap_rel))
+            except OSError:
+                st = None
+            if st is not None and entry and len(entry) >= 3 and entry[1] and (entry[1], entry[2]) == (st.st_size, st.st_mtime_ns):
+                if os.path.exists(os.path.join(root, r["path"])):
+                    continue  # the caption is exactly as lorakit wrote it (the ledger's size and time)
             image = dataset / r["path"]
             name = str(Path(r["path"]).with_suffix(""))
             rid = r.get("id")

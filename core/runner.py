@@ -10,6 +10,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import stat
 import time
@@ -97,6 +98,7 @@ class Runner:
         self._restored: set[str] = set()
         self._refs: dict[str, list[str]] = {"cache": [], "sources": []}  # what this run used (for `clean`)
         self._marks = _OutputMarks(self.store.root)
+        self._written: dict[str, list] | None = None  # the ledger of files written to the output (written.json)
 
     def _ctx(self, step) -> StepContext:
         work = self.store.root / "steps" / step.name
@@ -126,7 +128,8 @@ class Runner:
         self.output.mkdir(parents=True, exist_ok=True)
         _remove_partial_files(self.output)
         # hand edits in the folder go into the curation file before anything rewrites the folder
-        hand = curation_stage.take_hand_edits(self.output, self.curation, self._ledger())
+        hand = (curation_stage.HandEdits() if self._output_untouched()
+                else curation_stage.take_hand_edits(self.output, self.curation, self._ledger()))
         self._restored = curation_stage.restored_ids(self.curation.edits())
         states = self._run_sources()
         self._apply_subset_config(states)
@@ -162,13 +165,14 @@ class Runner:
         t0 = time.perf_counter()
         input_path = self.output / STORE_DIR / CURATION_INPUT
         try:
-            previous = json.loads(input_path.read_text(encoding="utf-8")).get("applied")
-        except (FileNotFoundError, json.JSONDecodeError, AttributeError):
-            previous = None
+            old_input = input_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            old_input = None
+        previous = _applied_of(old_input)
         edits = self.curation.edits()
         digest_now = self.curation.digest()
         if save_input:
-            self._save_curation_input(input_path, states, digest_now)
+            self._save_curation_input(input_path, states, digest_now, old_input)
         else:
             _set_applied(input_path, digest_now)
         n_in = len(states)
@@ -192,8 +196,8 @@ class Runner:
         self.stats.append(stats)
         return manifest, result
 
-    def _save_curation_input(self, path: Path, states: list[State], applied: str) -> None:
-        _write_if_changed(path, json.dumps({
+    def _save_curation_input(self, path: Path, states: list[State], applied: str, old: str | None) -> None:
+        _write_if_changed(path, old, json.dumps({
             "version": 1, "applied": applied, "store": _store_ref(self.store.root, self.output), "states": states,
             "set_aside": [list(x) for x in self.set_aside],
             "subsets": {n: s.to_dict() for n, s in self.subsets.items()},
@@ -214,10 +218,35 @@ class Runner:
 
     def _ledger(self) -> dict[str, list]:
         """The files earlier runs wrote into the output folder (relative path -> [blob, size, mtime])."""
+        if self._written is None:
+            try:
+                self._written = json.loads((self.store.root / "written.json").read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                self._written = {}
+        return self._written
+
+    def _output_untouched(self) -> bool:
+        """True when the manifest and every file the last run wrote are as it left them (same size
+        and modification time): then there are no hand edits to look for, and the manifest (which
+        can be large) is not read. One stat per file."""
+        manifest = self.output / MANIFEST_NAME
+        mark = self._marks.marks.get(os.path.abspath(manifest))
+        ledger = self._ledger()
         try:
-            return json.loads((self.store.root / "written.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
+            st = os.stat(manifest)
+        except OSError:
+            return False
+        if not isinstance(mark, dict) or mark.get("stat") != [st.st_size, st.st_mtime_ns] or not ledger:
+            return False
+        root = os.fspath(self.output)
+        for rel, entry in ledger.items():
+            try:
+                st = os.stat(os.path.join(root, rel))
+            except OSError:
+                return False
+            if len(entry) < 3 or entry[1] != st.st_size or entry[2] != st.st_mtime_ns:
+                return False
+        return True
 
     def _keep_restored(self, state: State, step: str) -> bool:
         """True when the curation restores an image that ``step`` set aside: it then goes on as kept."""
@@ -560,18 +589,32 @@ class Runner:
                     outputs.append(_pack(st, by_id))
                 aside = [[_pack(_with_id(self.store.state_from_item(i), by_name, used_ids), by_id), reason]
                          for i, reason in ctx.set_aside_items]
-                hit = {"outputs": outputs, "aside": aside, "messages": ctx.messages, "reports": ctx.reports,
+                # A report (it can list every image) is kept in an entry of its own, read only when
+                # its file has to be written again; the step's entry holds its digest.
+                report_digests = {name: _json_digest(data) for name, data in ctx.reports.items()}
+                hit = {"outputs": outputs, "aside": aside, "messages": ctx.messages, "report_digests": report_digests,
                        "subsets": {n: s.to_dict() for n, s in ctx.subsets.items()}}
+                if ctx.reports:
+                    self.store.cache_put(key + ":reports", ctx.reports)
                 self.store.cache_put(key, hit)
                 stats.computed = len(states) or 1
-                for name, data in ctx.reports.items():  # the next run then knows the files hold them
+                for name, content in report_digests.items():  # the next run then knows the files hold them
                     report = ctx.output_dir / "reports" / f"{ctx.step_name}-{name}.json"
                     if report.is_file():
-                        self._marks.mark(report, _json_digest(data))
+                        self._marks.mark(report, content)
         else:
             stats.cached = len(states)
-            for name, data in hit.get("reports", {}).items():
+            for name, data in hit.get("reports", {}).items():  # an entry of an earlier version
                 _replay_report(ctx, name, data, self._marks)
+            stale = [name for name, content in hit.get("report_digests", {}).items()
+                     if not self._marks.matches(ctx.output_dir / "reports" / f"{ctx.step_name}-{name}.json", content)]
+            if stale:
+                reports = self.store.cache_get(key + ":reports") or {}
+                for name in stale:
+                    if name in reports:
+                        _replay_report(ctx, name, reports[name], self._marks)
+        if hit.get("report_digests"):
+            self._refs["cache"].append(key + ":reports")
         self.subsets.clear()
         self.subsets.update({n: Subset.from_dict(d) for n, d in hit["subsets"].items()})
         used: set[tuple[str, str]] = set()
@@ -606,10 +649,7 @@ class Runner:
     def _materialise(self, states: list[State]) -> Manifest:
         out = self.output
         ledger_path = self.store.root / "written.json"
-        try:
-            ledger: dict[str, list] = json.loads(ledger_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            ledger = {}
+        ledger = self._ledger()
         new_ledger: dict[str, list] = {}
         # (rel, target, lstat of target or None, file to copy, text, blob): strings, one lstat per file
         planned: list[tuple[str, str, os.stat_result | None, str | None, str | None, str | None]] = []
@@ -686,6 +726,7 @@ class Runner:
             self._delete_written(rel, ledger[rel])
         if new_ledger != ledger:  # an unchanged re-run writes nothing
             atomic_write_text(ledger_path, json.dumps(new_ledger))
+            self._written = new_ledger
 
         used_subsets = {s["subset"] for s in states}
         return Manifest(
@@ -912,8 +953,11 @@ def _pack(state: State, by_id: dict[str, State]) -> dict:
     meta, old = state.get("meta") or {}, base.get("meta") or {}
     meta_set = {k: v for k, v in meta.items() if k not in old or old[k] != v}
     meta_del = [k for k in old if k not in meta]
-    return {"of": state["id"], "delta": delta, "meta_set": meta_set, "meta_del": meta_del,
-            "steps": state.get("steps", [])[len(base.get("steps", [])):]}
+    packed: dict[str, Any] = {"of": state["id"], "steps": state.get("steps", [])[len(base.get("steps", [])):]}
+    for name, value in (("delta", delta), ("meta_set", meta_set), ("meta_del", meta_del)):
+        if value:  # empty parts are left out: a re-run decodes this entry for every image
+            packed[name] = value
+    return packed
 
 
 def _unpack(packed: dict, by_id: dict[str, State], changed: set[str]) -> State:
@@ -922,16 +966,18 @@ def _unpack(packed: dict, by_id: dict[str, State], changed: set[str]) -> State:
         return dict(packed["state"])
     base = by_id[packed["of"]]
     out = dict(base)
-    out.update(packed["delta"])
-    if packed["meta_set"] or packed["meta_del"]:
+    delta, meta_set, meta_del = packed.get("delta"), packed.get("meta_set"), packed.get("meta_del")
+    if delta:
+        out.update(delta)
+        changed.update(chain.FIELDS & set(delta))
+    if meta_set or meta_del:
         meta = dict(base.get("meta") or {})
-        meta.update(packed["meta_set"])
-        for k in packed["meta_del"]:
+        meta.update(meta_set or {})
+        for k in meta_del or ():
             meta.pop(k, None)
         out["meta"] = meta
         changed.add("meta")
-    out["steps"] = list(base.get("steps", [])) + packed["steps"]
-    changed.update(chain.FIELDS & set(packed["delta"]))
+    out["steps"] = base.get("steps", []) + packed["steps"]
     return out
 
 
@@ -1070,13 +1116,28 @@ def _save_if_changed(manifest: Manifest, marks: _OutputMarks) -> Path:
     return saved
 
 
-def _write_if_changed(path: Path, text: str) -> None:
+_APPLIED = re.compile(r'\{"version": 1, "applied": ("[0-9a-f]*"|null)[,}]')
+
+
+def _applied_of(text: str | None) -> str | None:
+    """The curation digest a saved curation input was last applied with (read from the head of the
+    file: the states after it are not parsed)."""
+    if not text:
+        return None
+    head = _APPLIED.match(text)
+    if head:
+        return json.loads(head.group(1))
     try:
-        if path.read_text(encoding="utf-8") == text:
-            return
-    except (OSError, UnicodeDecodeError):
-        pass
-    atomic_write_text(path, text)
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return data.get("applied") if isinstance(data, dict) else None
+
+
+def _write_if_changed(path: Path, old: str | None, text: str) -> None:
+    """Write ``text`` unless ``old`` (the file's content, read before) is the same."""
+    if old != text:
+        atomic_write_text(path, text)
 
 
 def _chains(steps: list[ConfiguredStep]) -> list[list[ConfiguredStep]]:

@@ -78,7 +78,7 @@ class Store:
         self._db: sqlite3.Connection | None = None
         self._pending: dict[str, dict[str, str]] = {"cache": {}, "sources": {}}
         self._sizes: dict[str, tuple[int, int]] = {}  # blob -> (width, height), as far as this process knows
-        self._in_place: dict[str, Path] = {}  # blob -> the source file it is read from (not copied)
+        self._in_place: dict[str, str] = {}  # blob -> the source file it is read from (not copied)
         self._in_place_blob: dict[str, str] = {}  # and back, by path
 
     # ----- the index database (main process only) --------------------------------------------
@@ -172,7 +172,7 @@ class Store:
     # ----- blobs -----------------------------------------------------------------------------
     def blob_path(self, blob: str) -> Path:
         where = self._in_place.get(blob)
-        return where if where is not None else self.blobs / blob[:2] / blob
+        return Path(where) if where is not None else self.blobs / blob[:2] / blob
 
     def file_of(self, blob: str, in_place: str | None = None) -> str:
         """The file holding ``blob`` as a string: ``in_place`` (a source file read where it is) or
@@ -180,13 +180,13 @@ class Store:
         if in_place:
             return in_place
         where = self._in_place.get(blob)
-        return os.fspath(where) if where is not None else f"{self._blob_dir}/{blob[:2]}/{blob}"
+        return where if where is not None else f"{self._blob_dir}/{blob[:2]}/{blob}"
 
     def read_in_place(self, path: str | Path, blob: str) -> None:
         """Let ``blob`` stand for the source file ``path`` (read where it is, never copied or written)."""
-        path = Path(path)
+        path = os.fspath(path)
         self._in_place[blob] = path
-        self._in_place_blob[str(path)] = blob
+        self._in_place_blob[path] = blob
 
     def image_file(self, state: State) -> Path:
         """The file holding a state's image (a source file read in place, or a blob)."""
@@ -251,8 +251,7 @@ class Store:
         return self.blob_path(state["mask"])
 
     def in_place_path(self, blob: str | None) -> str | None:
-        where = self._in_place.get(blob) if blob else None
-        return str(where) if where is not None else None
+        return self._in_place.get(blob) if blob else None
 
     def item_from_state(self, state: State) -> Item:
         if state.get("size") and state.get("image"):

@@ -147,7 +147,9 @@ def test_results_live_in_one_index_database_not_one_file_per_entry(tmp_path, pho
     store = tmp_path / "out" / ".lorakit"
     assert not (store / "cache").exists() and not (store / "source-index.json").exists()
     with sqlite3.connect(store / "index.sqlite") as db:
-        assert db.execute("SELECT count(*) FROM cache").fetchone()[0] == 3 + 3 + 1
+        keys = [k for (k,) in db.execute("SELECT key FROM cache")]
+        assert len(keys) == 3 + 3 + 1 + 1  # trim, alpha, buckets, and buckets' report in an entry of its own
+        assert sum(k.endswith(":reports") for k in keys) == 1
         assert db.execute("SELECT count(*) FROM sources").fetchone()[0] == 3
 
 
@@ -170,10 +172,11 @@ def test_clean_removes_what_no_run_uses_and_dry_run_only_reports(tmp_path, photo
     count = sum(1 for _ in blobs.rglob("*.png"))
     dry = run_cli("clean", "--dry-run", str(tmp_path / "pipeline.yaml"), cwd=tmp_path)
     assert dry.returncode == 0, dry.stderr
-    assert "Would remove 1 cache entries, 3 stored image(s)" in dry.stdout and "KiB" in dry.stdout
+    # buckets' entry and its report entry go, and the three resized pictures
+    assert "Would remove 2 cache entries, 3 stored image(s)" in dry.stdout and "KiB" in dry.stdout
     assert sum(1 for _ in blobs.rglob("*.png")) == count
     done = run_cli("clean", str(tmp_path / "out"), cwd=tmp_path)
-    assert done.returncode == 0 and "Removed 1 cache entries, 3 stored image(s)" in done.stdout
+    assert done.returncode == 0 and "Removed 2 cache entries, 3 stored image(s)" in done.stdout
     assert sum(1 for _ in blobs.rglob("*.png")) == count - 3
     again = run_cli("run", str(tmp_path / "pipeline.yaml"), cwd=tmp_path)
     assert again.returncode == 0 and "Nothing changed since the last run" in again.stderr
