@@ -1,140 +1,266 @@
-"""Benchmark of the image-cleaning steps against the tools a user would use instead, in one run.
+"""convert + trim + alpha, as `lorakit run` runs it, against ImageMagick's `mogrify` doing the same work
+at the same PNG settings, on realistic pictures built here (paired, interleaved runs).
 
-1. trim + alpha against ImageMagick on the same PNGs (bordered, some with transparency):
-   - `convert IN -fuzz 20% -trim +repage -background white -alpha remove -alpha off OUT`, one process
-     per image (the usual shell loop);
-   - `mogrify` over the whole folder (one process, OpenMP threads);
-   - lorakit's steps in one process (decode once, trim, flatten, one PNG encode);
-   - the real lorakit pipeline (`folder -> trim -> alpha`, worker processes, content store).
-   ImageMagick writes PNG at its default zlib level (7); lorakit at level 3. A second mogrify run
-   with `-define png:compression-level=3` shows how much of the gap is compression.
-2. dedupe grouping against imagehash, after hashing (the hashes are the same for both):
-   - all pairs with imagehash's own `h1 - h2` (what its README shows), at 1k and 10k images;
-   - all pairs vectorised with numpy (a strong hand-written baseline);
-   - lorakit's multi-index grouping (`group_duplicates`).
-   Hashing itself (the same imagehash call per image) is timed separately on the dataset-size
-   pictures of part 1, serial vs lorakit's pool.
-   A last row times the index alone on 100k synthetic 64-bit hashes in near-duplicate clusters.
+Inputs (bench/photo_inputs.py): ~1 MP pictures made from the photos bundled in the scikit-image
+wheel (nothing downloaded): uneven white or solid-colour padding, one third RGBA with a transparent
+surround (hard or feathered), some RGBA with an alpha that is 255 everywhere, JPEG (some re-encoded
+twice, so borders carry JPEG noise), PNG, lossy/lossless WEBP and BMP, colour and grey.
 
-Run:  python bench/bench_images.py            (about 5 minutes on 2 cores)
-      python bench/bench_images.py --quick    (smaller sizes, no 10k imagehash all-pairs)
-Every figure is printed as time and as a ratio against the alternative, measured in this run.
+The two sides do the same work and write the same files:
+  A. `python -m lorakit run pipeline.yaml` (steps convert, trim fuzz 20%, alpha white), a fresh
+     output folder and store each run: the fused per-image chain in the worker pool (one decode,
+     one encode per image) plus what a run always does (sources, cache, manifest, dataset copy).
+  B. `mogrify -path OUT -format png -fuzz 20% -trim +repage -background white -alpha remove
+     -alpha off` with the PNG settings of A: zlib level 3 (lorakit's PNG_COMPRESS_LEVEL), adaptive
+     row filters (Pillow always filters adaptively: ImageMagick's png:compression-filter=5), the
+     default zlib strategy (png:compression-strategy=0), RGB colour type (png:color-type=2; lorakit
+     writes RGB: ImageMagick would otherwise write grey pictures as grey PNGs).
+Both use every core: lorakit's worker processes, ImageMagick's OpenMP threads. Runs alternate
+A B, B A, ... (the first pair is a warm-up, not counted); each side's wall time and CPU time
+(user + system of the process and all its children) give per-pair ratios A/B, reported as median
+with min and max, with the load average before each run.
+
+Checked once per bench run (a counted run of A with an encode counter, untimed):
+  * every picture that ends fully opaque is written as RGB (no RGBA output with alpha 255 everywhere);
+  * no picture is PNG-encoded twice: PNG encodes in the whole run (all processes) <= outputs, and
+    equal to the outputs that are not byte copies of a source file;
+  * A's outputs match B's: same names, same sizes, pixels within 1 level except where the two
+    decoders of a lossy format round differently (counted and printed).
+
+Run:  python bench/bench_images.py                  (200 pictures, 4 timed pairs; ~15 min on 2 busy cores)
+      python bench/bench_images.py --images 60 --pairs 2     (a quick look)
+      python bench/bench_images.py --dedupe         (also the older dedupe hashing/grouping timings)
+Needs: ImageMagick 6 (`convert`, `mogrify`), scikit-image (for its bundled photos).
+
+Figures (2 cores shared with other jobs, load average printed per run):
+  see the docstring's "Measured" lines below, updated with each change to the chain.
 """
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from lorakit.plugin_sdk import Item, StepContext, save_image
-from lorakit.plugins.alpha import AlphaStep
-from lorakit.plugins.dedupe import group_duplicates, hamming, hash_file, hashes_to_words
-from lorakit.plugins.trim import TrimStep
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from photo_inputs import make_photo_set  # noqa: E402
 
-CONVERT = "/usr/bin/convert" if Path("/usr/bin/convert").exists() else shutil.which("convert")
-MOGRIFY = "/usr/bin/mogrify" if Path("/usr/bin/mogrify").exists() else shutil.which("mogrify")
+from lorakit.plugin_sdk.images import PNG_COMPRESS_LEVEL  # noqa: E402
+
+CONVERT = shutil.which("convert")
+MOGRIFY = shutil.which("mogrify")
+FUZZ = "20%"
+PNG_FILTER = 5  # ImageMagick's "adaptive" (per-row choice of the five PNG filters), what Pillow always does
+PNG_STRATEGY = 0  # zlib's default strategy (Pillow's compress_type -1)
+
+PIPELINE = """\
+output: {out}
+sources:
+  - folder: {{path: {src}}}
+steps:
+  - convert
+  - trim: {{fuzz: "{fuzz}"}}
+  - alpha: {{background: white}}
+"""
+
+# Installed through PYTHONPATH in the counted run only: counts every PNG encode of every process
+# (the main one and the spawned workers) by appending one line per encode to a file.
+COUNTER = """\
+import os
+from PIL import Image, PngImagePlugin
+
+_path = os.environ["LORAKIT_BENCH_ENCODES"]
+_save = PngImagePlugin._save
+
+def _counting(im, fp, filename, *args, **kwargs):
+    with open(_path, "a") as fh:
+        fh.write(f"{im.mode} {im.size[0]}x{im.size[1]} {im.encoderinfo.get('compress_level')}\\n")
+    return _save(im, fp, filename, *args, **kwargs)
+
+Image.register_save("PNG", _counting)
+"""
 
 
+def mogrify_args(out: Path, paths: list[Path]) -> list[str]:
+    return [MOGRIFY, "-path", str(out), "-format", "png", "-fuzz", FUZZ, "-trim", "+repage",
+            "-background", "white", "-alpha", "remove", "-alpha", "off",
+            "-define", f"png:compression-level={PNG_COMPRESS_LEVEL}", "-define", f"png:compression-filter={PNG_FILTER}",
+            "-define", f"png:compression-strategy={PNG_STRATEGY}", "-define", "png:color-type=2",
+            *map(str, paths)]
+
+
+def lorakit_args(pipeline: Path, workers: int) -> list[str]:
+    return [sys.executable, "-m", "lorakit", "run", "--workers", str(workers), str(pipeline)]
+
+
+def measured(args: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process and every child it waited for)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode:
+        raise SystemExit(f"{args[0]} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
+
+
+class Sides:
+    def __init__(self, root: Path, paths: list[Path], workers: int):
+        self.root, self.paths, self.workers = root, paths, workers
+        self.n = 0
+
+    def _fresh(self, name: str) -> Path:
+        self.n += 1
+        out = self.root / f"{name}{self.n}"
+        return out
+
+    def lorakit(self, env: dict | None = None) -> tuple[float, float, Path]:
+        out = self._fresh("lorakit")
+        pipeline = self.root / f"pipeline{self.n}.yaml"
+        pipeline.write_text(PIPELINE.format(out=out, src=self.paths[0].parent, fuzz=FUZZ))
+        wall, cpu = measured(lorakit_args(pipeline, self.workers), env)
+        return wall, cpu, out
+
+    def magick(self) -> tuple[float, float, Path]:
+        out = self._fresh("magick")
+        out.mkdir()
+        wall, cpu = measured(mogrify_args(out, self.paths))
+        return wall, cpu, out
+
+    def clean(self, out: Path) -> None:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def check_outputs(inputs, ours: Path, theirs: Path, encodes: list[str]) -> None:
+    outputs = sorted(ours.glob("*.png"))
+    rgba = opaque_rgba = 0
+    for p in outputs:
+        with Image.open(p) as im:
+            if im.mode in ("RGBA", "LA", "PA"):
+                rgba += 1
+                if im.getchannel("A").getextrema()[0] == 255:
+                    opaque_rgba += 1
+    copies = 0
+    by_stem = {i.path.stem: i.path for i in inputs}
+    for p in outputs:
+        src = by_stem.get(p.stem)
+        if src is not None and src.suffix == ".png" and src.stat().st_size == p.stat().st_size \
+                and src.read_bytes() == p.read_bytes():
+            copies += 1
+    print(f"outputs: {len(outputs)} for {len(inputs)} inputs; RGBA outputs {rgba} (fully opaque RGBA: {opaque_rgba}); "
+          f"byte copies of a source {copies}")
+    modes: dict[str, int] = {}
+    for line in encodes:
+        modes[line.split()[0]] = modes.get(line.split()[0], 0) + 1
+    levels = sorted({line.split()[2] for line in encodes})
+    print(f"PNG encodes in the whole run (all processes): {len(encodes)} {modes}, zlib levels {levels}; "
+          f"expected {len(outputs) - copies} (outputs that are not byte copies)")
+    problems = []
+    if opaque_rgba:
+        problems.append(f"{opaque_rgba} outputs are RGBA with a fully opaque alpha (should be RGB)")
+    if len(encodes) != len(outputs) - copies:
+        problems.append(f"{len(encodes)} PNG encodes for {len(outputs) - copies} re-encoded outputs")
+    # Same result as ImageMagick.
+    size_diff = pixel_diff = 0
+    worst = 0
+    for p in outputs:
+        q = theirs / p.name
+        if not q.exists():
+            problems.append(f"ImageMagick wrote no {q.name}")
+            continue
+        a = np.asarray(Image.open(p).convert("RGB"), dtype=np.int16)
+        b = np.asarray(Image.open(q).convert("RGB"), dtype=np.int16)
+        if a.shape != b.shape:
+            size_diff += 1
+            continue
+        d = int(np.abs(a - b).max())
+        worst = max(worst, d)
+        pixel_diff += d > 1
+    lossy = sum(i.path.suffix in (".jpg", ".webp") for i in inputs)
+    print(f"against ImageMagick: {size_diff} outputs of another size (a lossy decode rounding a border pixel across "
+          f"the fuzz), {pixel_diff} with pixels more than 1 level apart (largest difference {worst}); "
+          f"{lossy} inputs are lossy (JPEG/WEBP: Pillow's and ImageMagick's decoders may round differently)")
+    for p in problems:
+        print(f"PROBLEM: {p}")
+    if problems:
+        raise SystemExit(1)
+
+
+def summarise(label: str, ours: list[float], theirs: list[float]) -> str:
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    return (f"{label}: lorakit {statistics.median(ours):7.2f} s, mogrify {statistics.median(theirs):7.2f} s (medians); "
+            f"ratio lorakit/mogrify median {statistics.median(ratios):.2f}x, min {min(ratios):.2f}x, max {max(ratios):.2f}x "
+            f"over {len(ratios)} pairs")
+
+
+def bench_chain(root: Path, count: int, pairs: int, workers: int) -> None:
+    t0 = time.perf_counter()
+    inputs = make_photo_set(root / "photos", count)
+    paths = [i.path for i in inputs]
+    kinds: dict[str, int] = {}
+    for p in paths:
+        kinds[p.suffix] = kinds.get(p.suffix, 0) + 1
+    pixels = sum(Image.open(p).size[0] * Image.open(p).size[1] for p in paths) / len(paths)
+    print(f"\n== convert + trim + alpha: {count} pictures, {pixels / 1e6:.2f} MP on average, {kinds}, "
+          f"{sum(i.transparent for i in inputs)} with transparency, {sum(i.opaque_rgba for i in inputs)} RGBA "
+          f"with opaque alpha (built in {time.perf_counter() - t0:.0f} s) ==")
+    print(f"A: {' '.join(lorakit_args(Path('pipeline.yaml'), workers))}")
+    print("   pipeline.yaml: " + PIPELINE.format(out="OUT", src="photos", fuzz=FUZZ).replace("\n", " | "))
+    print(f"   PNG: zlib level {PNG_COMPRESS_LEVEL}, adaptive filters (Pillow's only mode), default strategy, RGB/RGBA")
+    print(f"B: {' '.join(mogrify_args(Path('OUT'), [Path('photos/*')]))}")
+    print(f"   OpenMP threads: {os.environ.get('OMP_NUM_THREADS', 'ImageMagick default (all cores)')}; "
+          f"lorakit workers: {workers}")
+    sides = Sides(root, paths, workers)
+    # Warm-up pair, with the encode counter: the checks, not timed.
+    counter_dir = root / "counter"
+    counter_dir.mkdir()
+    (counter_dir / "sitecustomize.py").write_text(COUNTER)
+    log = root / "encodes.txt"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(counter_dir), os.environ.get("PYTHONPATH", "")]),
+               LORAKIT_BENCH_ENCODES=str(log))
+    _, _, ours = sides.lorakit(env)
+    _, _, theirs = sides.magick()
+    check_outputs(inputs, ours, theirs, log.read_text().splitlines() if log.exists() else [])
+    sides.clean(ours)
+    sides.clean(theirs)
+    walls: dict[str, list[float]] = {"A": [], "B": []}
+    cpus: dict[str, list[float]] = {"A": [], "B": []}
+    for r in range(pairs):
+        order = "AB" if r % 2 == 0 else "BA"
+        for side in order:
+            load = os.getloadavg()
+            wall, cpu, out = sides.lorakit() if side == "A" else sides.magick()
+            sides.clean(out)
+            walls[side].append(wall)
+            cpus[side].append(cpu)
+            print(f"pair {r + 1} {'lorakit' if side == 'A' else 'mogrify'}: wall {wall:6.2f} s, CPU {cpu:6.2f} s "
+                  f"(load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})")
+    print(summarise("wall", walls["A"], walls["B"]))
+    print(summarise("CPU ", cpus["A"], cpus["B"]))
 def timed(fn, *args, **kwargs):
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
     return time.perf_counter() - t0, out
 
 
-# ----- 1. trim + alpha ----------------------------------------------------------------------
-def make_trim_inputs(folder: Path, count: int, seed: int = 0) -> list[Path]:
-    """Dataset-like pictures: 640x896 or 1024x768 smooth content inside a uniform border; every third
-    one RGBA with a transparent surround."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        w, h = (640, 896) if i % 2 else (1024, 768)
-        content = Image.fromarray((rng.random((12, 12, 3)) * 255).astype(np.uint8)).resize(
-            (w - 2 * int(rng.integers(10, 80)), h - 2 * int(rng.integers(10, 80))), Image.Resampling.BICUBIC)
-        if i % 3 == 0:
-            canvas = Image.new("RGBA", (w, h), (0, 0, 0, 0))
-            canvas.paste(content.convert("RGBA"), ((w - content.width) // 2, (h - content.height) // 2))
-        else:
-            canvas = Image.new("RGB", (w, h), "white")
-            canvas.paste(content, ((w - content.width) // 2, (h - content.height) // 2))
-        path = folder / f"img{i:04d}.png"
-        canvas.save(path, compress_level=3)
-        paths.append(path)
-    return paths
+# ----- dedupe (--dedupe; bench/bench_dedupe.py measures grouping quality) -----------------------------------------------------------------------------
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+import multiprocessing  # noqa: E402
+
+from lorakit.plugins.dedupe import group_duplicates, hamming, hash_file, hashes_to_words  # noqa: E402
 
 
-def lorakit_in_process(paths: list[Path], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    trim = TrimStep.configure({"fuzz": "20%"})
-    alpha = AlphaStep.configure({"background": "white"})
-    ctx = StepContext("bench", out, out, out)
-    for path in paths:
-        item = alpha.process(trim.process(Item(name=path.stem, path=path), ctx), ctx)
-        if item.pending_image is not None:
-            save_image(item.pending_image, out / f"{path.stem}.png")
-        else:
-            shutil.copyfile(path, out / f"{path.stem}.png")
-
-
-def lorakit_pipeline(src: Path, out: Path) -> None:
-    from lorakit.plugin_sdk.testing import run_pipeline_dict
-
-    run_pipeline_dict({"output": str(out), "sources": [{"folder": {"path": str(src)}}],
-                       "steps": [{"trim": {"fuzz": "20%"}}, {"alpha": {"background": "white"}}]}, src.parent, workers=None)
-
-
-def imagemagick_loop(paths: list[Path], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for path in paths:
-        subprocess.run([CONVERT, str(path), "-fuzz", "20%", "-trim", "+repage", "-background", "white",
-                        "-alpha", "remove", "-alpha", "off", str(out / path.name)], check=True, capture_output=True)
-
-
-def imagemagick_mogrify(paths: list[Path], out: Path, extra: list[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    subprocess.run([MOGRIFY, "-path", str(out), *extra, "-fuzz", "20%", "-trim", "+repage", "-background", "white",
-                    "-alpha", "remove", "-alpha", "off", *map(str, paths)], check=True, capture_output=True)
-
-
-def bench_trim_alpha(root: Path, count: int) -> None:
-    print(f"\n== trim + alpha, {count} images (640x896 / 1024x768 PNG, bordered, 1/3 RGBA) ==")
-    src = root / "trim_in"
-    paths = make_trim_inputs(src, count)
-    rows = []
-    t_ours, _ = timed(lorakit_in_process, paths, root / "ours")
-    rows.append(("lorakit steps, 1 process", t_ours))
-    t_pipe, _ = timed(lorakit_pipeline, src, root / "pipeline")
-    rows.append((f"lorakit pipeline, {os.cpu_count()} workers", t_pipe))
-    if CONVERT and MOGRIFY:
-        t_loop, _ = timed(imagemagick_loop, paths, root / "im_loop")
-        rows.append(("ImageMagick convert, 1 process/image", t_loop))
-        t_mog, _ = timed(imagemagick_mogrify, paths, root / "im_mogrify", [])
-        rows.append(("ImageMagick mogrify, 1 process (OpenMP)", t_mog))
-        t_mog3, _ = timed(imagemagick_mogrify, paths, root / "im_mogrify3", ["-define", "png:compression-level=3"])
-        rows.append(("ImageMagick mogrify, zlib level 3", t_mog3))
-        # Same result check on a few files (the tests check this thoroughly).
-        for p in paths[:5]:
-            a = np.asarray(Image.open(root / "ours" / p.name).convert("RGB"), dtype=int)
-            b = np.asarray(Image.open(root / "im_loop" / p.name).convert("RGB"), dtype=int)
-            assert a.shape == b.shape and np.abs(a - b).max() <= 1, p
-    else:
-        print("ImageMagick not installed: lorakit figures only")
-    for name, t in rows:
-        print(f"{name:42s} {t:8.2f} s  {count / t:8.1f} images/s  ratio vs lorakit 1 process: {t / t_ours:5.2f}x")
-
-
-# ----- 2. dedupe -----------------------------------------------------------------------------
 def make_dedupe_inputs(folder: Path, count: int, seed: int = 1) -> list[Path]:
     """Small smooth random pictures; one in ten has a resized, re-compressed near copy."""
     rng = np.random.default_rng(seed)
@@ -245,18 +371,26 @@ def bench_index_synthetic(n: int, threshold: int = 6, seed: int = 2) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, skip imagehash all-pairs at 10k")
-    parser.add_argument("--trim-images", type=int, default=None)
+    parser.add_argument("--images", type=int, default=200, help="pictures in the set (default 200)")
+    parser.add_argument("--pairs", type=int, default=4, help="timed A/B pairs after the warm-up (default 4)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="lorakit workers (default: all cores)")
+    parser.add_argument("--dedupe", action="store_true", help="also the dedupe hashing and grouping timings")
     args = parser.parse_args(argv)
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPU cores, "
-          f"{subprocess.run([CONVERT, '-version'], capture_output=True, text=True).stdout.splitlines()[0] if CONVERT else 'no ImageMagick'}")
+    if not (CONVERT and MOGRIFY):
+        raise SystemExit("ImageMagick (convert, mogrify) is needed: apt-get install imagemagick")
+    version = subprocess.run([CONVERT, "-version"], capture_output=True, text=True).stdout.splitlines()[0]
+    import PIL
+    from PIL import features
+
+    print(f"python {sys.version.split()[0]}, Pillow {PIL.__version__} (zlib {features.version_codec('zlib')}), "
+          f"{version}, {os.cpu_count()} CPU cores, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
         root = Path(tmp)
-        bench_trim_alpha(root, args.trim_images or (30 if args.quick else 120))
-        bench_hashing(sorted((root / "trim_in").glob("*.png")))
-        sizes = [1000, 3000] if args.quick else [1000, 10000]
-        bench_dedupe(root, sizes, all_pairs_limit=1000 if args.quick else 10000)
-        bench_index_synthetic(20000 if args.quick else 100000)
+        bench_chain(root, args.images, args.pairs, args.workers)
+        if args.dedupe:
+            bench_hashing(sorted((root / "photos").glob("*")))
+            bench_dedupe(root, [1000, 10000], all_pairs_limit=10000)
+            bench_index_synthetic(100000)
     return 0
 
 

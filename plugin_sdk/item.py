@@ -41,12 +41,30 @@ class Item:
     # Pictures produced by a step and not yet written; the host writes them (PNG) after the step.
     pending_image: Image.Image | None = field(default=None, repr=False, compare=False)
     pending_mask: Image.Image | None = field(default=None, repr=False, compare=False)
+    # The picture at ``path`` as an earlier step already decoded it (``item.keeping_decoded(im)``): a
+    # cache for the next step of a chain, never a change. Dropped when ``path`` or the picture changes.
+    decoded: Image.Image | None = field(default=None, repr=False, compare=False)
 
     def open(self) -> Image.Image:
-        """Decode the current image (safely: size-capped, broken files raise ImageError)."""
+        """Decode the current image (safely: size-capped, broken files raise ImageError).
+
+        A step gets its own copy: it may change it freely."""
         if self.pending_image is not None:
             return self.pending_image.copy()
+        if self.decoded is not None:
+            return self.decoded.copy()
         return open_image(self.path)
+
+    def keeping_decoded(self, image: Image.Image) -> "Item":
+        """A copy that remembers ``image``, the unchanged decode of ``path``, so that the next step of
+        the chain does not decode the file again (a step that looked at the picture and left it as it
+        was: convert of a PNG that is already fine, a trim with nothing to cut)."""
+        return self.replace(decoded=image)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["decoded"] = None  # a cache: never sent to another process
+        return state
 
     def open_mask(self) -> Image.Image | None:
         if self.pending_mask is not None:
@@ -58,6 +76,8 @@ class Item:
         changes.setdefault("tags", dict(self.tags))
         changes.setdefault("meta", dict(self.meta))
         changes.setdefault("steps", list(self.steps))
+        if "decoded" not in changes and ("path" in changes or changes.get("pending_image") is not None):
+            changes["decoded"] = None  # the cached decode is of the old file
         return dataclasses.replace(self, **changes)
 
     def with_image(self, image: Image.Image, **changes: Any) -> "Item":

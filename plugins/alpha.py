@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from lorakit.plugin_sdk import Color, ImageStep, Param, hookimpl, image_header
 
-from ._imageops import flatten, has_alpha_channel, is_transparent
+from ._imageops import flatten, has_alpha_channel
 
 
 class AlphaStep(ImageStep):
     """Stable Diffusion training does not understand transparency: a transparent background turns
     into whatever colour the decoder happens to store under it. This step composites every image
     with transparent pixels onto a solid background, the same pixels (within one level) as
-    `convert in.png -background white -alpha remove -alpha off out.png`. Images without transparent
-    pixels (including RGBA images whose alpha is fully opaque) pass through untouched, without being
-    decoded twice or re-encoded."""
+    `convert in.png -background white -alpha remove -alpha off out.png`. Images without an alpha
+    channel pass through untouched (decided from the file header: not decoded, not re-encoded); an
+    alpha channel that is 255 everywhere is dropped, so every output is RGB (or grey)."""
 
     name = "alpha"
     summary = "Flatten transparency onto a background colour (like -background white -alpha remove)."
@@ -31,8 +31,10 @@ class AlphaStep(ImageStep):
                 if not has_alpha_channel(header):
                     return item
         im = item.open()
-        if not is_transparent(im):
+        if not has_alpha_channel(im):
             return item
+        # Transparent: flattened. An alpha channel that is 255 everywhere carries nothing: dropped, so
+        # the picture is written as RGB (flattening an opaque picture changes no pixel).
         return item.with_image(flatten(im, tuple(self.options.background)))
 
 

@@ -31,12 +31,13 @@ def _upright(im: Image.Image) -> Image.Image:
 
 class ConvertStep(ImageStep):
     """Turn every input into a PNG the rest of the pipeline can rely on: 8-bit RGB, or RGBA when
-    the picture has transparent pixels (a later `alpha` step flattens it). JPEG, WEBP, AVIF, BMP,
+    the picture has transparent pixels (a later `alpha` step flattens it; an alpha channel that is
+    255 everywhere is dropped). JPEG, WEBP, AVIF, BMP,
     TIFF and GIF are decoded; EXIF orientation is applied; CMYK (through its ICC profile when it has
     one), palette, grey, grey+alpha and 16-bit pictures are normalised without losing transparency.
     An animated GIF, WEBP or PNG becomes one PNG per frame, `name_0001.png`, `name_0002.png`...
     (or only its first frame with --first-frame-only). A PNG that is already RGB/RGBA and upright is
-    passed on untouched (no re-encode)."""
+    passed on untouched (no re-encode, and the next step does not decode it again)."""
 
     name = "convert"
     summary = "Convert GIF/WEBP/AVIF/JPEG/BMP/TIFF to PNG; animations to one PNG per frame."
@@ -62,9 +63,10 @@ class ConvertStep(ImageStep):
             meta["frames"] = frames
         upright = _upright(im)
         untouched = (fmt == "PNG" and item.pending_image is None and item.path.suffix.lower() == ".png"
-                     and upright is im and im.mode in ("RGB", "RGBA") and "transparency" not in im.info)
+                     and upright is im and im.mode in ("RGB", "RGBA") and "transparency" not in im.info
+                     and not (im.mode == "RGBA" and im.getchannel("A").getextrema()[0] == 255))  # opaque: RGB
         if untouched:
-            return item.replace(meta=meta)
+            return item.replace(meta=meta).keeping_decoded(im)  # the next step needs no second decode
         return item.with_image(to_rgb_or_rgba(upright), meta=meta)
 
     def _frames(self, item, im, frames, meta, ctx):

@@ -35,7 +35,7 @@ class TrimStep(ImageStep):
             raise SkipImage(f"the whole image is within fuzz {self.options.fuzz.text} of its corner colour "
                             "(nothing left after trimming)")
         if result.unchanged:
-            return item
+            return item if item.pending_image is not None else item.keeping_decoded(im)
         left, top, right, bottom = result.box
         meta = dict(item.meta)
         meta["trim"] = {"box": [left, top, right, bottom], "from": list(result.size)}

@@ -45,16 +45,27 @@ def test_alpha_matches_imagemagick_alpha_remove_within_one_level(tmp_path, backg
         assert diff.max() <= 1
 
 
-def test_alpha_passes_an_opaque_image_through_without_reencoding(tmp_path):
+def test_alpha_passes_an_image_without_alpha_through_without_reencoding(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     Image.new("RGB", (30, 20), "red").save(src / "rgb.png", compress_level=9)
-    Image.new("RGBA", (30, 20), (0, 0, 255, 255)).save(src / "opaque_rgba.png", compress_level=1)
     Image.new("RGB", (30, 20), "green").save(src / "photo.jpg", quality=80)
     res = run_step("alpha", src, tmp_path / "out")
     assert res.path(res.by_name("rgb")).read_bytes() == (src / "rgb.png").read_bytes()
-    assert res.path(res.by_name("opaque_rgba")).read_bytes() == (src / "opaque_rgba.png").read_bytes()
     assert res.path(res.by_name("photo")).read_bytes() == (src / "photo.jpg").read_bytes()
+
+
+def test_alpha_writes_a_fully_opaque_rgba_image_as_rgb_with_the_same_pixels(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 256, (20, 30, 4)).astype(np.uint8)
+    arr[..., 3] = 255
+    Image.fromarray(arr, "RGBA").save(src / "opaque_rgba.png")
+    res = run_step("alpha", src, tmp_path / "out")
+    out = res.open(res.by_name("opaque_rgba"))
+    assert out.mode == "RGB"
+    assert np.array_equal(np.asarray(out), arr[..., :3])
 
 
 def test_alpha_flattens_palette_transparency(tmp_path):
@@ -84,3 +95,55 @@ def test_alpha_flattens_grey_with_alpha_to_grey(tmp_path):
 def test_alpha_refuses_an_unknown_colour():
     with pytest.raises(ParamError, match="background"):
         AlphaStep.configure({"background": "not-a-colour"})
+
+
+def _chain_inputs(src: Path) -> None:
+    """One picture for each path through convert -> trim -> alpha."""
+    rng = np.random.default_rng(7)
+    photo = rng.integers(0, 256, (40, 50, 3)).astype(np.uint8)
+    bordered = Image.new("RGB", (80, 70), "white")
+    bordered.paste(Image.fromarray(photo), (10, 12))
+    bordered.save(src / "bordered.jpg", quality=90)                      # decoded, trimmed: one encode
+    Image.fromarray(photo).save(src / "clean.png")                        # nothing to do: no encode
+    cut = Image.new("RGBA", (80, 70), (0, 0, 0, 0))
+    cut.paste(Image.fromarray(photo).convert("RGBA"), (5, 9))
+    cut.save(src / "cutout.png")                    # trimmed to opaque content: RGBA -> RGB, one encode
+    Image.fromarray(photo).convert("RGBA").save(src / "opaque_rgba.png")  # alpha 255 everywhere: RGB
+    soft = Image.fromarray(photo).convert("RGBA")
+    soft.putalpha(Image.fromarray(rng.integers(0, 256, (40, 50)).astype(np.uint8)))
+    soft.save(src / "soft.webp", lossless=True)                          # flattened: one encode
+
+
+def test_convert_trim_alpha_run_encodes_each_changed_picture_once_and_writes_rgb(tmp_path, monkeypatch):
+    from lorakit.plugin_sdk import item as item_module
+    from lorakit.plugin_sdk.testing import run_pipeline_dict
+
+    src = tmp_path / "in"
+    src.mkdir()
+    _chain_inputs(src)
+    encodes, decodes = [], []
+    Image.init()
+    png_save = Image.SAVE["PNG"]
+
+    def counting_save(im, fp, filename, *args, **kwargs):
+        encodes.append(im.mode)
+        return png_save(im, fp, filename, *args, **kwargs)
+
+    real_open = item_module.open_image
+
+    def counting_open(path, *args, **kwargs):
+        decodes.append(Path(path).name)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setitem(Image.SAVE, "PNG", counting_save)
+    monkeypatch.setattr(item_module, "open_image", counting_open)
+    res = run_pipeline_dict({"output": str(tmp_path / "out"), "sources": [{"folder": {"path": str(src)}}],
+                             "steps": ["convert", {"trim": {"fuzz": "20%"}}, {"alpha": {"background": "white"}}]},
+                            tmp_path, workers=1)
+    names = ["bordered", "clean", "cutout", "opaque_rgba", "soft"]
+    assert sorted(Path(r.path).stem for r in res.manifest.images) == names
+    for name in names:
+        assert res.open(res.by_name(name)).mode == "RGB", name
+    assert res.path(res.by_name("clean")).read_bytes() == (src / "clean.png").read_bytes()
+    assert encodes == ["RGB"] * 4  # every changed picture once, as RGB; the clean one not at all
+    assert len(decodes) == len(set(decodes)) == 5  # each file decoded once in the whole chain
