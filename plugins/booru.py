@@ -84,6 +84,22 @@ class Site:
         return is_loopback_url(self.root)
 
 
+# Second-level labels under which a country's registry sells names (example.co.uk, example.com.au,
+# example.ne.jp): the site's own domain is then three labels long, so files from cdn.example.co.uk
+# pass and files from another.co.uk do not.
+_SECOND_LEVEL = {"co", "com", "net", "org", "ac", "gov", "edu", "ne", "or", "go", "gr", "ed", "lg", "ltd", "plc"}
+
+
+def site_domain(host: str) -> str:
+    """The domain a site's own hosts share: ``danbooru.donmai.us`` -> ``donmai.us``,
+    ``img.example.co.uk`` -> ``example.co.uk``. A heuristic, not the public suffix list: a two-letter
+    country code under a generic second-level label takes three labels."""
+    labels = host.lower().strip(".").split(".")
+    if len(labels) >= 3 and len(labels[-1]) == 2 and labels[-2] in _SECOND_LEVEL:
+        return ".".join(labels[-3:])
+    return ".".join(labels[-2:])
+
+
 def is_loopback_url(url: str) -> bool:
     """True for a URL on this machine (localhost, 127.0.0.0/8, ::1): test servers, never a real site."""
     host = urlsplit(url).hostname or ""
@@ -558,7 +574,7 @@ class _Downloader:
             return False
         except ValueError:
             pass
-        base = ".".join(site_host.split(".")[-2:])  # danbooru.donmai.us -> donmai.us (cdn.donmai.us)
+        base = site_domain(site_host)  # danbooru.donmai.us -> donmai.us (cdn.donmai.us)
         return host == base or host.endswith("." + base)
 
     def fetch(self, post: dict[str, Any], files_dir: Path) -> Path:

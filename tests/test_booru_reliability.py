@@ -128,3 +128,22 @@ def test_a_killed_runs_config_with_the_api_key_is_removed_at_the_next_start(tmp_
     assert not leftover[0].exists()
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file() and b"hunter22" in p.read_bytes()]
     assert len(json.loads((tmp_path / "out" / "manifest.json").read_text())["images"]) == 3
+
+
+@pytest.mark.parametrize("site,host,ok", [
+    ("https://danbooru.donmai.us", "cdn.donmai.us", True),
+    ("https://danbooru.donmai.us", "evil.us", False),
+    ("https://booru.example.co.uk", "img.example.co.uk", True),
+    ("https://booru.example.co.uk", "other.co.uk", False),
+    ("https://booru.example.co.uk", "co.uk", False),
+    ("https://www.example.com.au", "cdn.example.com.au", True),
+    ("https://www.example.com.au", "attacker.com.au", False),
+    ("https://127.0.0.1:8080", "127.0.0.2", False),
+])
+def test_files_may_come_from_the_sites_own_domain_only(site, host, ok):
+    from types import SimpleNamespace
+
+    from lorakit.plugins.booru import _Downloader, parse_site
+
+    downloader = _Downloader(parse_site(site), SimpleNamespace(allowed_hosts=[]))
+    assert downloader.allowed(f"https://{host}/data/1.png") is ok

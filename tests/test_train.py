@@ -194,6 +194,23 @@ def test_every_n_epochs_saves_numbered_files_and_keeps_the_last_n(sd15, dataset,
     assert meta["ss_epoch"] == "2" and meta["ss_steps"] == "16"
 
 
+def test_keep_last_n_deletes_only_this_sessions_epoch_files(sd15, dataset, tmp_path):
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run" / "mychar.safetensors"
+    out.parent.mkdir(parents=True)
+    # A later epoch of another run (kept by --force) and another output whose name starts the same.
+    foreign = out.parent / "mychar-000009.safetensors"
+    save_file({"x": torch.zeros(1)}, str(foreign), metadata={"ss_session_id": "12345"})
+    lookalike = out.parent / "mychar-2-000001.safetensors"
+    save_file({"x": torch.zeros(1)}, str(lookalike), metadata={"ss_session_id": "12345"})
+    train(dataset, settings(sd15, out, epochs=4, save_every_n_epochs=1, save_last_n_epochs=2), console=quiet(),
+          force=True)
+    names = {p.name for p in out.parent.iterdir()}
+    assert {"mychar-000002.safetensors", "mychar-000003.safetensors", foreign.name, lookalike.name} <= names, sorted(names)
+    assert "mychar-000001.safetensors" not in names
+
+
 def test_resume_continues_at_the_exact_step_and_epoch_with_identical_weights(sd15, dataset, tmp_path):
     extra = dict(epochs=2, save_every_n_epochs=1, save_state=True, optimizer="adamw", lr_scheduler="cosine",
                  shuffle_caption=True, caption_tag_dropout_rate=0.3, flip_aug=True, noise_offset=0.1)

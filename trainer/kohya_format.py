@@ -460,6 +460,22 @@ def save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> 
     return path
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a .safetensors file from its header alone; {} when it is not readable."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100_000_000:
+                return {}
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
 def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 

@@ -532,16 +532,27 @@ class Trainer:
         if config.save_state:
             self.save_state(state_folder(self.output, epoch), epoch)
         if config.save_last_n_epochs and self.accelerator.is_main_process:
-            import shutil
+            self.prune_epochs(config.save_last_n_epochs)
 
-            # Keep the last N epoch files (and their states); older ones go.
-            epochs_on_disk = sorted(
-                int(p.stem.rsplit("-", 1)[1]) for p in self.output.parent.glob(f"{self.output.stem}-[0-9]*.safetensors")
-                if p.stem.rsplit("-", 1)[1].isdigit()
-            )
-            for old in epochs_on_disk[:-config.save_last_n_epochs]:
-                epoch_file(self.output, old).unlink(missing_ok=True)
-                shutil.rmtree(state_folder(self.output, old), ignore_errors=True)
+    def prune_epochs(self, keep: int) -> None:
+        """Keep the last ``keep`` epoch files (and their states) of this training session; older ones go.
+
+        Only files this session wrote are candidates: the name must be exactly ``<stem>-NNNNNN`` (so
+        ``<stem>-2-000001`` of another output is never touched) and the file's ``ss_session_id`` must be
+        this session's (a resumed run keeps its session id; files of another run are left alone).
+        """
+        import re
+        import shutil
+
+        pattern = re.compile(re.escape(self.output.stem) + r"-(\d{6})")
+        ours = []
+        for path in self.output.parent.glob(f"{self.output.stem}-*.safetensors"):
+            match = pattern.fullmatch(path.stem)
+            if match and kohya_format.read_metadata(path).get("ss_session_id") == str(self.session_id):
+                ours.append(int(match.group(1)))
+        for old in sorted(ours)[:-keep]:
+            epoch_file(self.output, old).unlink(missing_ok=True)
+            shutil.rmtree(state_folder(self.output, old), ignore_errors=True)
 
     # ----- sampling -----------------------------------------------------------------------------------
     @torch.no_grad()
