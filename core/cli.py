@@ -108,7 +108,13 @@ def _load(path: str, output: str | None = None):
               "retrain even when the dataset and train: settings are unchanged")
 @click.option("--output", "-o", type=click.Path(file_okay=False), default=None,
               help="write the dataset here instead of the pipeline's output: folder")
-def run(pipeline_file, workers, no_train, force, output):
+@click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
+              help="where per-image steps run: this machine's processes, or a Ray cluster (pip install "
+              "'lorakit[ray]') [default: the pipeline's executor:, else local]")
+@click.option("--ray-address", metavar="ADDR", default=None,
+              help="the Ray cluster to use (host:port, or auto for the one `ray start` made here) "
+              "[default: $RAY_ADDRESS, else a Ray instance of this machine's own]")
+def run(pipeline_file, workers, no_train, force, output, executor, ray_address):
     """Run PIPELINE_FILE (pipeline.yaml): sources -> steps -> dataset folder with manifest.json.
 
     Everything is validated before any work starts. Unchanged work is taken from the cache, an
@@ -117,7 +123,10 @@ def run(pipeline_file, workers, no_train, force, output):
     from .runner import Runner
 
     pipeline, train_config = _load(pipeline_file, output)
-    result = Runner(pipeline, console=console, workers=workers, force=force).run()
+    if ray_address and (executor or pipeline.executor) != "ray":
+        raise LorakitError("--ray-address is for the ray executor: add --executor ray (or executor: ray in the pipeline)")
+    result = Runner(pipeline, console=console, workers=workers, force=force, executor=executor,
+                    ray_address=ray_address).run()
     print_summary(result)
     _fail_if_crashed(result)
     if train_config is not None and not no_train:

@@ -31,7 +31,7 @@ from lorakit.plugin_sdk.subset import SUBSET_FIELDS
 
 from .host import Host
 
-TOP_LEVEL_KEYS = {"output", "resolution", "workers", "sources", "subsets", "steps", "train", "cache_dir"}
+TOP_LEVEL_KEYS = {"output", "resolution", "workers", "executor", "sources", "subsets", "steps", "train", "cache_dir"}
 
 
 @dataclass
@@ -50,6 +50,7 @@ class Pipeline:
     subsets: dict[str, dict[str, Any]] = field(default_factory=dict)
     resolution: int = 512
     workers: int | None = None
+    executor: str | None = None  # where per-image work runs: local (default) or ray (executors.py)
     train: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict)
     cache_dir: Path | None = None
@@ -170,6 +171,10 @@ def parse_pipeline(data: Any, host: Host, base: Path, lines: _Lines | None = Non
     elif not isinstance(workers, int) or workers < 1:
         errors.append(LorakitError(f"{lines.at('workers')}: workers must be a positive integer or auto, not {workers!r}"))
         workers = None
+    executor = data.get("executor")
+    if executor is not None and executor not in ("local", "ray"):
+        errors.append(LorakitError(f"{lines.at('executor')}: executor must be local or ray, not {executor!r}"))
+        executor = None
 
     def source(i, entry):
         where = lines.at("sources", i)
@@ -242,7 +247,7 @@ def parse_pipeline(data: Any, host: Host, base: Path, lines: _Lines | None = Non
         raise errors[0] if len(errors) == 1 else ManyErrors(errors, f"{lines.filename}: {{n}} problems")
     cache_dir = data.get("cache_dir")
     pipeline = Pipeline(path=path, output=output, sources=sources, steps=steps, subsets=subsets,
-                        resolution=resolution, workers=workers, train=train, raw=data,
+                        resolution=resolution, workers=workers, executor=executor, train=train, raw=data,
                         cache_dir=(base / cache_dir) if cache_dir else None)
     _check_folders(pipeline)
     return pipeline
@@ -420,6 +425,8 @@ def pipeline_schema(host: Host) -> dict[str, Any]:
             "output": {"type": "string", "description": "dataset folder to write"},
             "resolution": {"type": "integer", "default": 512, "description": "training resolution (512 SD1.5, 1024 SDXL)"},
             "workers": {"type": ["integer", "string"], "default": "auto", "description": "processes for per-image steps"},
+            "executor": {"type": "string", "enum": ["local", "ray"], "default": "local",
+                         "description": "where per-image steps run: this machine's processes, or a Ray cluster"},
             "cache_dir": {"type": "string", "description": "where results are cached (default OUTPUT/.lorakit)"},
             "sources": {"type": "array", "minItems": 1, "items": entry_schema(lambda c: c.kind == "source")},
             "steps": {"type": "array", "items": entry_schema(lambda c: c.kind != "source")},

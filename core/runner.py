@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import shutil
 import stat
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from lorakit.plugin_sdk import (
     verify_image,
 )
 
-from . import chain, prepare
+from . import chain, executors, prepare
 from . import curation as curation_stage
 from .manifest import MANIFEST_NAME, ImageRecord, Manifest, SetAsideRecord
 from .pipeline import ConfiguredStep, Pipeline
@@ -79,7 +78,7 @@ class RunResult:
 # ----- the runner ---------------------------------------------------------------------------
 class Runner:
     def __init__(self, pipeline: Pipeline, console: Console | None = None, workers: int | None = None,
-                 force: bool = False):
+                 force: bool = False, executor: str | None = None, ray_address: str | None = None):
         self.pipeline = pipeline
         self.force = force  # overwrite files in the output that lorakit did not write
         self.console = console or Console(stderr=True)
@@ -89,9 +88,9 @@ class Runner:
         self.subsets: dict[str, Subset] = {}
         self.set_aside: list[tuple[State, str, str]] = []  # (state, step, reason)
         self.stats: list[StepStats] = []
-        self._executor: ProcessPoolExecutor | None = None
         self.crashed: list[str] = []  # images set aside because they killed a worker process
-        self._executor_size = 0
+        # where per-image work runs: the local process pool, or a Ray cluster (executors.py)
+        self.executor = executors.create(executor or pipeline.executor, self.store.root, ray_address)
         curation_file = (curation_stage.curation_path_for(pipeline.path) if pipeline.path is not None
                          else self.output / curation_stage.DATASET_CURATION_NAME)
         self.curation = curation_stage.Curation(curation_file, self.output)
@@ -398,7 +397,7 @@ class Runner:
                 for step, ctx in zip(steps, ctxs):
                     step.setup(ctx)  # load models once here: a missing model stops the run before any image
                 first = steps[0]
-                n_workers = first.workers or self.workers or os.cpu_count() or 1
+                n_workers, remote = self.executor.workers(first, plans, self.workers, len(jobs))
                 size = max(first.batch_size, 1)
                 if first.batch_size <= 1 and n_workers > 1:
                     size = max(1, min(16, len(jobs) // (n_workers * 4)))
@@ -414,7 +413,7 @@ class Runner:
                         plan.seconds += sec
                     progress.update(task, advance=len(chunk))
 
-                if n_workers > 1 and len(jobs) >= max(16, 4 * n_workers):  # below that, process start-up costs more
+                if remote:
                     self._run_pool(run_plans, ctxs[0], chunks, min(n_workers, len(chunks)), done)
                 else:
                     for chunk in chunks:
@@ -452,25 +451,8 @@ class Runner:
             _check_losses(step.name, c.failed, c.inputs, self.output)
         return out
 
-    def _pool(self, n_workers: int) -> ProcessPoolExecutor:
-        """One pool of spawned workers for the whole run (starting processes costs about a second)."""
-        if self._executor is None or self._executor_size < n_workers:
-            self._shutdown_pool()
-            self._executor = ProcessPoolExecutor(max_workers=n_workers, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=chain.init_worker, initargs=(str(self.store.root),))
-            self._executor_size = n_workers
-        return self._executor
-
     def _shutdown_pool(self, cancel: bool = False) -> None:
-        if self._executor is not None:
-            # Interrupted: stop the workers now rather than wait for the images they are on (an
-            # upscale can take minutes); their results were not cached, so a re-run redoes them.
-            workers = list((getattr(self._executor, "_processes", None) or {}).values()) if cancel else []
-            self._executor.shutdown(wait=not cancel, cancel_futures=cancel)
-            for proc in workers:
-                if proc.is_alive():
-                    proc.terminate()
-            self._executor = None
+        self.executor.shutdown(cancel=cancel)
 
     def _run_pool(self, plans, ctx, chunks, n_workers, done) -> None:
         """Run ``chunks`` of chain jobs over the worker pool. A worker that dies (kill -9, a decoder
@@ -488,10 +470,9 @@ class Runner:
             while queue or pending:
                 if hopeless():
                     return lost + list(pending.values()) + queue
-                pool = self._pool(n_workers)
                 while queue and len(pending) < in_flight:
                     chunk = queue.pop(0)
-                    pending[pool.submit(chain.worker_jobs, plans, [(j.state, j.level) for j in chunk])] = chunk
+                    pending[self.executor.submit(n_workers, plans, [(j.state, j.level) for j in chunk])] = chunk
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 if any(isinstance(f.exception(), BrokenProcessPool) for f in finished):
                     wait(pending)  # a broken pool fails every task it still held
@@ -514,7 +495,7 @@ class Runner:
                         health["ok_since_crash"] += bool(health["restarts"])
                         done(chunk, trees, messages, seconds)
                 if broken:
-                    self._shutdown_pool(cancel=True)
+                    self.executor.restart()
                     health["restarts"] += 1
             return lost
 

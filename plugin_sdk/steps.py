@@ -170,6 +170,16 @@ class ImageStep(Step):
     def process(self, item: Item, ctx: StepContext) -> Item | list[Item]:
         raise NotImplementedError
 
+    def resources(self, cluster_has_gpus: bool) -> dict[str, float]:
+        """What one worker of this step needs on a Ray cluster (``num_cpus``, ``num_gpus``): one CPU;
+        a model step (``workers = 1``) a GPU too when its ``device`` option is cuda, or auto and the
+        cluster has GPUs. Override for other needs (two GPUs, half a GPU: ``{"num_gpus": 0.5}``)."""
+        device = self.options["device"] if "device" in self.options else None
+        if self.workers == 1 and isinstance(device, str):
+            if device.startswith("cuda") or (device == "auto" and cluster_has_gpus):
+                return {"num_cpus": 1, "num_gpus": 1}
+        return {"num_cpus": 1}
+
     def process_batch(self, items: list[Item], ctx: StepContext) -> list[Item | list[Item] | BaseException]:
         """Process several items; an exception in the list sets that one item aside."""
         out: list[Item | list[Item] | BaseException] = []

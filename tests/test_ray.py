@@ -1,0 +1,192 @@
+"""The ray executor on a real two-node Ray cluster on loopback (ray.cluster_utils.Cluster: a head and
+a worker node, one CPU each, on this machine): the same dataset and store entries as the local process
+pool, a broken image set aside with the same reason, a killed worker's images retried, an
+interrupted run resumed from the store. Everything Ray writes stays under the test's temp folder."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import struct
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from rich.console import Console
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from lorakit import chain  # noqa: E402
+from lorakit.pipeline import parse_pipeline  # noqa: E402
+from lorakit.plugin_sdk import LorakitError  # noqa: E402
+from lorakit.plugin_sdk.testing import _host_with  # noqa: E402
+from lorakit.runner import Runner  # noqa: E402
+from steps_for_tests import KillWorker, LoggingStep  # noqa: E402
+
+_TESTS = str(Path(__file__).parent)
+_MB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node and a worker node on this machine; RAY_ADDRESS points lorakit at them. Ray's
+    session files and sockets live under a temp folder (nothing under ~ or /tmp/ray)."""
+    # A short path: Ray's Unix sockets must fit in 107 characters.
+    tmp = tempfile.mkdtemp(prefix="lkray-")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TMPDIR", tmp)
+        # Token auth would write ~/.ray/auth_token; this cluster listens on 127.0.0.1 only and dies with the tests.
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.setenv("PYTHONPATH", os.pathsep.join([_TESTS, os.environ.get("PYTHONPATH", "")]))  # test steps
+        args = {"num_cpus": 1, "object_store_memory": 80 * _MB}  # on this machine's own address
+        c = Cluster(initialize_head=True, head_node_args={**args, "include_dashboard": False,
+                                                          "temp_dir": os.path.join(tmp, "ray")})
+        try:
+            c.add_node(**args)
+            c.wait_for_nodes()
+            mp.setenv("RAY_ADDRESS", c.address)
+            ray.init(address=c.address)  # one connection for the module: lorakit uses it and leaves it open
+            yield c
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            c.shutdown()
+    _assert_no_ray_processes(tmp)
+
+
+def _assert_no_ray_processes(tmp: str) -> None:
+    """No process of this cluster outlives the tests (their command lines name its temp folder)."""
+    left = []
+    for pid in os.listdir("/proc"):
+        try:
+            cmd = Path("/proc", pid, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if tmp in cmd:
+            left.append(f"{pid}: {cmd[:120]}")
+    assert not left, "Ray processes left running:\n" + "\n".join(left)
+
+
+def _dataset(folder: Path, n: int = 24) -> Path:
+    """Small real pictures with a border to trim and transparency to flatten, and one broken JPEG
+    (valid chunks, pixel data that does not decompress: only decoding it finds out, in a worker)."""
+    folder.mkdir(parents=True)
+    for i in range(n):
+        im = Image.new("RGBA", (48 + i, 40), (255, 255, 255, 255))
+        for x in range(8, 30 + i):
+            for y in range(6, 30):
+                im.putpixel((x, y), ((x * 9 + i * 13) % 256, (y * 7) % 256, (x * y) % 256, 128 + (x % 2) * 127))
+        im.save(folder / f"img{i:02d}.png")
+    (folder / "broken.png").write_bytes(_png_with_garbage_pixels(32, 32))
+    return folder
+
+
+def _png_with_garbage_pixels(width: int, height: int) -> bytes:
+    """A PNG whose chunks and checksums are all valid but whose pixel data does not decompress."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"not zlib data" * 4) + chunk(b"IEND", b"")
+
+
+def _run(tmp_path: Path, raw: Path, out: str, executor: str, steps=None, extra=(), workers=2):
+    data = {"output": str(tmp_path / out), "sources": [{"folder": {"path": str(raw)}}],
+            "steps": steps or [{"trim": {"fuzz": "5%"}}, {"alpha": {}}, {"logline": {}}]}
+    pipeline = parse_pipeline(data, _host_with([LoggingStep, *extra]), tmp_path)
+    return Runner(pipeline, console=Console(stderr=True, quiet=True), workers=workers, executor=executor).run()
+
+
+def _manifest(result) -> dict:
+    data = json.loads(result.manifest_path.read_text())
+    data.pop("created", None)
+    data.pop("pipeline", None)
+    return data
+
+
+def _cache(result) -> dict:
+    db = sqlite3.connect(result.output_dir / ".lorakit" / "index.sqlite")
+    try:
+        return dict(db.execute("SELECT key, value FROM cache"))
+    finally:
+        db.close()
+
+
+def _blobs(result) -> set[str]:
+    return {p.name for p in (result.output_dir / ".lorakit" / "blobs").rglob("*") if p.is_file()}
+
+
+def _stat(result, name):
+    return next(s for s in result.stats if s.name == name)
+
+
+def test_ray_gives_the_same_dataset_and_store_entries_as_the_local_pool(cluster, tmp_path):
+    raw = _dataset(tmp_path / "raw")
+    local = _run(tmp_path, raw, "local", "local")
+    remote = _run(tmp_path, raw, "ray", "ray")
+    assert len(remote.manifest.images) == 24
+    assert _manifest(remote) == _manifest(local)
+    assert _cache(remote) == _cache(local)
+    assert _blobs(remote) == _blobs(local)
+    # log lines written by steps on the Ray workers reach the summary
+    assert sorted(m for m in _stat(remote, "logline").messages if m.startswith("saw ")) == \
+        sorted(f"saw img{i:02d}" for i in range(24))
+
+
+def test_a_broken_image_is_set_aside_with_the_same_reason_as_locally(cluster, tmp_path):
+    raw = _dataset(tmp_path / "raw", n=3)
+    local = _run(tmp_path, raw, "local", "local", workers=1)
+    remote = _run(tmp_path, raw, "ray", "ray")
+    [aside] = remote.set_aside
+    assert aside.name == "broken" and aside.step == "trim"
+    assert str(raw / "broken.png") in aside.reason
+    assert [(a.name, a.step, a.reason) for a in local.set_aside] == [(aside.name, aside.step, aside.reason)]
+    assert len(remote.manifest.images) == 3
+
+
+def test_a_killed_ray_worker_loses_no_image(cluster, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    names = [f"img{i:02d}" for i in range(14)] + ["once_a", "once_b"]
+    for i, name in enumerate(names):
+        Image.new("RGB", (8 + i, 8), (i * 9, 40, 0)).save(raw / f"{name}.png")
+    (tmp_path / "marks").mkdir()
+    res = _run(tmp_path, raw, "out", "ray", steps=[{"killworker": {"marks": str(tmp_path / "marks")}}],
+               extra=[KillWorker])
+    assert len(res.manifest.images) == len(names) and not res.set_aside and not res.crashed
+    assert all("survived" in r.caption for r in res.manifest.images)
+    assert any("restarted" in m for s in res.stats for m in s.messages)
+
+
+def test_an_interrupted_ray_run_resumes_from_the_store(cluster, tmp_path, monkeypatch):
+    raw = _dataset(tmp_path / "raw")
+    take = chain.ChainPlan.take
+    taken = []
+
+    def interrupt_after_three_chunks(self, job, tree):
+        if len(taken) >= 9:  # three chunks of three images (24 jobs over 2 workers)
+            raise KeyboardInterrupt
+        taken.append(job)
+        take(self, job, tree)
+
+    monkeypatch.setattr(chain.ChainPlan, "take", interrupt_after_three_chunks)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, raw, "out", "ray")
+    monkeypatch.setattr(chain.ChainPlan, "take", take)
+    resumed = _run(tmp_path, raw, "out", "ray")
+    trim = _stat(resumed, "trim")
+    assert (trim.cached, trim.computed) == (9, 25 - 9)  # the images finished before the interrupt are not redone
+    fresh = _run(tmp_path, raw, "fresh", "local")
+    assert _manifest(resumed) == _manifest(fresh)
+
+
+def test_the_ray_executor_without_ray_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails as if it were not installed
+    raw = _dataset(tmp_path / "raw", n=1)
+    with pytest.raises(LorakitError, match=r"pip install 'lorakit\[ray\]'"):
+        _run(tmp_path, raw, "out", "ray")
