@@ -187,11 +187,12 @@ def test_dedupe_hash_cache_follows_content_not_file_names(tmp_path):
 
 
 def test_dedupe_hashes_in_the_runs_worker_pool(tmp_path, monkeypatch):
-    from lorakit.runner import Runner
+    from lorakit.executors import LocalExecutor
 
     pools = []
-    real_pool = Runner._pool
-    monkeypatch.setattr(Runner, "_pool", lambda self, n: pools.append(n) or real_pool(self, n))
+    real_submit = LocalExecutor.submit
+    monkeypatch.setattr(LocalExecutor, "submit",
+                        lambda self, n, plans, jobs: pools.append(n) or real_submit(self, n, plans, jobs))
     src = tmp_path / "in"
     src.mkdir()
     for k in range(24):
