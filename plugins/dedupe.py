@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lorakit.plugin_sdk import DatasetStep, Param, file_digest, hookimpl, open_image
+from lorakit.plugin_sdk import DatasetStep, Param, hookimpl, open_image
 
 HASH_METHODS = ("phash", "dhash", "whash", "ahash")
 LOSSLESS_FORMATS = {"PNG", "BMP", "TIFF", "GIF", "PPM", "TGA", "QOI", "ICO"}
@@ -97,21 +97,23 @@ def describe(im: Image.Image, method: str, hash_size: int) -> dict:
 
 
 def pixel_digest(im: Image.Image) -> str:
-    """Identity of the decoded pixels: the same picture saved as PNG and BMP has the same digest."""
-    rgba = im.convert("RGBA")
-    h = hashlib.sha256(f"{rgba.size[0]}x{rgba.size[1]}".encode())
-    h.update(rgba.tobytes())
+    """Identity of the decoded pixels: the same picture saved as PNG and BMP has the same digest
+    (pictures are compared as RGB, or as RGBA when some pixel is not fully opaque)."""
+    if im.mode not in ("RGB", "RGBA"):
+        im = im.convert("RGBA" if im.mode in ("LA", "PA", "P") or "transparency" in im.info else "RGB")
+    if im.mode == "RGBA" and im.getchannel("A").getextrema()[0] == 255:
+        im = im.convert("RGB")
+    h = hashlib.blake2b(f"{im.size[0]}x{im.size[1]}".encode(), digest_size=20)
+    h.update(im.tobytes())
     return h.hexdigest()
 
 
 def hash_file(path: str, method: str, hash_size: int) -> dict:
-    """Everything dedupe needs to know about one image file (what ``DedupeStep.prepare`` returns).
-    Single-colour pictures also get their pixel digest (they can only be exact duplicates)."""
+    """Everything dedupe needs to know about one image file (what ``DedupeStep.prepare`` returns)."""
     im = open_image(path)
     info = describe(im, method, hash_size)
-    if info["flat"]:
-        info["pixels"] = pixel_digest(im)
-    info.update(width=im.size[0], height=im.size[1], format=im.format, lossless=_is_lossless(Path(path), im.format))
+    info.update(pixels=pixel_digest(im), width=im.size[0], height=im.size[1], format=im.format,
+                lossless=_is_lossless(Path(path), im.format))
     return info
 
 
@@ -353,11 +355,9 @@ class DedupeStep(DatasetStep):
         """The per-image part (in the host's worker pool, cached in the store by image content)."""
         o = self.options
         if item.pending_image is not None:
-            info = describe(item.pending_image, o.hash, o.hash_size)
             im = item.pending_image
-            if info["flat"]:
-                info["pixels"] = pixel_digest(im)
-            info.update(width=im.size[0], height=im.size[1], format="PNG", lossless=True)
+            info = describe(im, o.hash, o.hash_size)
+            info.update(pixels=pixel_digest(im), width=im.size[0], height=im.size[1], format="PNG", lossless=True)
             return info
         return hash_file(str(item.path), o.hash, o.hash_size)
 
@@ -376,7 +376,6 @@ class DedupeStep(DatasetStep):
             partitions = [good]
         aside: set[int] = set()
         nbits = o.hash_size * o.hash_size
-        exact = _ExactCheck(items, info)
         for part in partitions:
             textured = [k for k in part if not info[k]["flat"]]
             words = hashes_to_words([bytes.fromhex(info[k]["hash"]) for k in textured])
@@ -403,7 +402,7 @@ class DedupeStep(DatasetStep):
                         continue
                     w = hashes_to_words([bytes.fromhex(info[k]["hash"])])[0]
                     distance = int(_popcount(w ^ best_words).sum())
-                    same = distance == 0 and exact(k, best)
+                    same = info[k]["pixels"] == info[best]["pixels"]
                     entry["members"].append({"name": items[k].name, "subset": items[k].subset,
                                              "size": [info[k]["width"], info[k]["height"]],
                                              "distance": distance, "exact": same, "source": items[k].source})
@@ -428,39 +427,6 @@ class DedupeStep(DatasetStep):
         source_format = item.meta.get("source_format")
         lossless = (source_format in LOSSLESS_FORMATS) if source_format else info["lossless"]
         return (-(info["width"] * info["height"]), 0 if lossless else 1, item.name)
-
-
-class _ExactCheck:
-    """Whether two images with identical hashes have the same decoded pixels: the same size and
-    either the same file bytes or, only then decoded again, the same pixel digest (memoised)."""
-
-    def __init__(self, items, info):
-        self.items, self.info = items, info
-        self.files: dict[int, str] = {}
-        self.pixels: dict[int, str] = {}
-
-    def __call__(self, a: int, b: int) -> bool:
-        ia, ib = self.info[a], self.info[b]
-        if (ia["width"], ia["height"]) != (ib["width"], ib["height"]):
-            return False
-        if "pixels" in ia and "pixels" in ib:
-            return ia["pixels"] == ib["pixels"]
-        if self._file(a) == self._file(b):
-            return True
-        return self._pixels(a) == self._pixels(b)
-
-    def _file(self, k: int) -> str:
-        if k not in self.files:
-            item = self.items[k]
-            self.files[k] = "" if item.pending_image is not None else file_digest(item.path)
-            if not self.files[k]:
-                self.files[k] = f"pending:{k}"
-        return self.files[k]
-
-    def _pixels(self, k: int) -> str:
-        if k not in self.pixels:
-            self.pixels[k] = self.info[k].get("pixels") or pixel_digest(self.items[k].open())
-        return self.pixels[k]
 
 
 @hookimpl
