@@ -359,12 +359,18 @@ def schema():
 @click.option("--repeat-lines", is_flag=True, help="diffusers: write each image's line 'repeats' times")
 @click.option("--relative-paths", is_flag=True,
               help="kohya: image_dir relative to the config's folder (default: absolute)")
-def export(format, dataset, output, repeat_lines, relative_paths):
+@click.option("--force", is_flag=True,
+              help="write into a non-empty folder that is not a lorakit export (same names are overwritten)")
+def export(format, dataset, output, repeat_lines, relative_paths, force):
     """Export DATASET (a lorakit dataset folder) to OUTPUT in another trainer's layout.
 
     \b
     kohya:     img/N_name/*.png + .txt, reg/N_name/, mask/N_name/, dataset_config.toml
     diffusers: images + metadata.jsonl (file_name, text)
+
+    OUTPUT must be new, empty, or an earlier export (it keeps a ledger,
+    .lorakit-export.json): files the earlier export wrote and this one does
+    not are deleted, unless changed since.
     """
     from .export import export_diffusers
     from .kohya import export_kohya_report
@@ -373,10 +379,10 @@ def export(format, dataset, output, repeat_lines, relative_paths):
     manifest = load_dataset(Path(dataset))
     report = None
     if format == "kohya":
-        report = export_kohya_report(manifest, Path(output), relative_paths=relative_paths)
+        report = export_kohya_report(manifest, Path(output), relative_paths=relative_paths, force=force)
         target = report.config
     else:
-        target = export_diffusers(manifest, Path(output), repeat_lines=repeat_lines)
+        target = export_diffusers(manifest, Path(output), repeat_lines=repeat_lines, force=force)
     exported = len(manifest.images)
     note = ""
     if format == "diffusers":
@@ -389,6 +395,9 @@ def export(format, dataset, output, repeat_lines, relative_paths):
         console.print(Text(f"Train with: {report.command(sdxl=(manifest.resolution or 512) >= 1024)}"), soft_wrap=True)
         for item in report.lost:
             console.print(Text(f"Not kept by kohya: {item}", style="yellow"), soft_wrap=True)
+        for item in report.kept:
+            console.print(Text(f"Kept {item}: no longer exported, but changed since the last export wrote it",
+                               style="yellow"), soft_wrap=True)
 
 
 from .review.command import review as _review  # noqa: E402  (the review page: core/review/)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import re
-import shutil
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
 
 from lorakit.plugin_sdk import (
-    IMAGE_EXTENSIONS, CaptionError, ImageError, LorakitError, Subset, atomic_path, atomic_write_text, confined_path, is_within,
+    IMAGE_EXTENSIONS, CaptionError, ImageError, LorakitError, Subset, confined_path, is_within,
     read_caption, verify_image,
 )
 
@@ -184,6 +183,7 @@ class KohyaExport:
     config: Path
     masked_loss: bool
     lost: list[str]
+    kept: list[str] = field(default_factory=list)  # stale files of an earlier export kept: changed since
 
     def command(self, sdxl: bool = False) -> str:
         """The sd-scripts command line for this config (model, output and network options to add)."""
@@ -192,14 +192,15 @@ class KohyaExport:
                 + (" --masked_loss" if self.masked_loss else ""))
 
 
-def export_kohya(manifest: Manifest, out: Path, *, relative_paths: bool = False) -> Path:
+def export_kohya(manifest: Manifest, out: Path, *, relative_paths: bool = False, force: bool = False) -> Path:
     """Write ``img/N_name``, ``reg/N_name``, ``mask/N_name`` and a ``dataset_config.toml``; return its path.
 
     See ``export_kohya_report`` for what the config needs (``--masked_loss``) and what it loses."""
-    return export_kohya_report(manifest, out, relative_paths=relative_paths).config
+    return export_kohya_report(manifest, out, relative_paths=relative_paths, force=force).config
 
 
-def export_kohya_report(manifest: Manifest, out: Path, *, relative_paths: bool = False) -> KohyaExport:
+def export_kohya_report(manifest: Manifest, out: Path, *, relative_paths: bool = False,
+                        force: bool = False) -> KohyaExport:
     """Export in kohya's layout, with a ``dataset_config.toml`` that kohya's ``ConfigSanitizer`` accepts.
 
     kohya reads masks for masked loss only from a ControlNet-style dataset (every subset with a
@@ -208,9 +209,13 @@ def export_kohya_report(manifest: Manifest, out: Path, *, relative_paths: bool =
     block of their own (an image without a mask gets a white one: train everywhere, as without a
     mask); regularisation subsets cannot be masked in kohya and keep their images without masks.
     ``image_dir`` paths are absolute (kohya resolves relative ones against its working directory);
-    ``relative_paths`` writes them relative to the config's folder instead.
+    ``relative_paths`` writes them relative to the config's folder instead. The folder is an
+    ``ExportTarget``: a non-empty folder that is not a lorakit export is refused unless ``force``.
     """
+    from .export_target import ExportTarget
+
     out = Path(out)
+    dest = ExportTarget(out, force=force, where="export kohya")
     plain, masked, lost = [], [], []
     for name, sub in manifest.subsets.items():
         records = manifest.images_in(name)
@@ -223,14 +228,14 @@ def export_kohya_report(manifest: Manifest, out: Path, *, relative_paths: bool =
             lost.append(f"{name}: kohya cannot mask regularisation images; its masks are not exported")
         for r in records:
             src = manifest.abspath(r.path)
-            _copy(src, folder / src.name)
-            atomic_write_text((folder / src.name).with_suffix(".txt"), r.caption)
+            dest.copy(src, folder / src.name)
+            dest.write_text((folder / src.name).with_suffix(".txt"), r.caption)
             if with_masks:
                 mask_target = mask_folder / (Path(src.name).stem + ".png")
                 if r.mask:
-                    _copy(manifest.abspath(r.mask), mask_target)
+                    dest.copy(manifest.abspath(r.mask), mask_target)
                 else:
-                    _white_mask(src, mask_target)
+                    dest.write_with(mask_target, lambda tmp, src=src: _white_mask(src, tmp))
         entry = {"image_dir": _config_path(folder, out, relative_paths), "num_repeats": sub.repeats,
                  "caption_extension": ".txt", "keep_tokens": sub.keep_tokens}
         if sub.keep_tokens_separator:
@@ -269,7 +274,8 @@ def export_kohya_report(manifest: Manifest, out: Path, *, relative_paths: bool =
         header.append("The masked subsets are a dataset of their own: kohya reads masks (white = train) from "
                       "conditioning_data_dir only there, and only with --masked_loss.")
     header += ["Not kept by kohya: " + item for item in lost]
-    atomic_write_text(target, "".join(f"# {line}\n" for line in header) + tomli_w.dumps(config))
+    dest.write_text(target, "".join(f"# {line}\n" for line in header) + tomli_w.dumps(config))
+    report.kept = dest.finish()
     return report
 
 
@@ -283,10 +289,4 @@ def _white_mask(image: Path, target: Path) -> None:
 
     with Image.open(image) as im:
         size = im.size
-    with atomic_path(target) as tmp:
-        Image.new("L", size, 255).save(tmp, format="PNG")
-
-
-def _copy(src: Path, dst: Path) -> None:
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
+    Image.new("L", size, 255).save(target, format="PNG")

@@ -128,3 +128,64 @@ def test_cli_prints_the_command_with_masked_loss_and_the_losses(tmp_path):
     proc = run_cli("export", "kohya", str(tmp_path / "ds"), str(tmp_path / "rel"), "--relative-paths")
     assert proc.returncode == 0, proc.stderr
     assert load(tmp_path / "rel" / "dataset_config.toml")["datasets"][0]["subsets"][0]["image_dir"].startswith(("img/", "reg/"))
+
+
+# ----- the export folder: the user's files are never overwritten, stale exports are cleaned ------------
+def test_export_refuses_a_folder_with_someone_elses_files_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match="not empty and is not a lorakit export"):
+        export_kohya(make_manifest(tmp_path / "ds"), out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    export_kohya(make_manifest(tmp_path / "ds"), out, force=True)  # asked for: written beside the user's file
+    assert (out / "notes.txt").read_text() == "mine" and (out / "dataset_config.toml").is_file()
+
+
+def test_re_export_deletes_what_it_no_longer_writes_and_keeps_what_the_user_changed(tmp_path):
+    manifest = make_manifest(tmp_path / "ds", masked=())
+    out = tmp_path / "out"
+    export_kohya(manifest, out)
+    assert (out / "img" / "5_face" / "1.png").is_file()
+    (out / "img" / "5_face" / "1.txt").write_text("edited by hand in the export")
+    manifest.images = [r for r in manifest.images if r.subset != "face"]
+    del manifest.subsets["face"]
+    export_kohya(manifest, out)  # the earlier export's folder: allowed without --force
+    assert not (out / "img" / "5_face" / "1.png").exists() and not (out / "img" / "5_face" / "0.png").exists()
+    assert (out / "img" / "5_face" / "1.txt").read_text() == "edited by hand in the export"
+    assert (out / "img" / "3_outfit" / "0.png").is_file()
+
+
+def test_a_file_the_user_added_to_an_export_is_not_overwritten(tmp_path):
+    manifest = make_manifest(tmp_path / "ds", masked=())
+    out = tmp_path / "out"
+    export_kohya(manifest, out)
+    (out / "img" / "3_outfit" / "0.txt").unlink()
+    (out / "img" / "3_outfit" / "0.txt").write_text("the user's own caption")
+    export_kohya(manifest, out)  # the ledger lists it: the export's own file, rewritten
+    assert (out / "img" / "3_outfit" / "0.txt").read_text() == "mychar, outfit"
+    (out / "img" / "1_extra").mkdir()
+    # A file the user put where a new image will go is refused.
+    (out / "img" / "1_extra" / "9.png").write_bytes(b"user's")
+    manifest.subsets["extra"] = type(manifest.subsets["outfit"])(name="extra", repeats=1)
+    src = tmp_path / "ds" / "extra"
+    src.mkdir()
+    (src / "9.png").write_bytes((tmp_path / "ds" / "outfit" / "0.png").read_bytes())
+    first = manifest.images[0]
+    manifest.images.append(type(first)(path="extra/9.png", caption="x", subset="extra", width=64, height=48,
+                                       sha256=first.sha256, repeats=1))
+    with pytest.raises(Exception, match="was not written by an earlier export"):
+        export_kohya(manifest, out)
+    assert (out / "img" / "1_extra" / "9.png").read_bytes() == b"user's"
+
+
+def test_export_cli_says_how_to_write_into_a_used_folder(tmp_path):
+    make_manifest(tmp_path / "ds")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x.txt").write_text("x")
+    proc = run_cli("export", "diffusers", str(tmp_path / "ds"), str(tmp_path / "out"))
+    assert proc.returncode != 0 and "--force" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+    proc = run_cli("export", "diffusers", str(tmp_path / "ds"), str(tmp_path / "out"), "--force")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("export", "diffusers", str(tmp_path / "ds"), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr  # its own earlier export
