@@ -315,6 +315,20 @@ class ChainPlan:
         self.counts = [ChainCounts() for _ in plans]
         self.known: dict[str, dict] = {}
         self.used_keys: list[str] = []  # the cache entries this run relies on (kept by `lorakit clean`)
+        self.jobs: list[_Node] = []
+        self.results: dict[int, list[tuple[str, Any]]] = {}
+        # The whole chain over exactly these input states ran before: its outputs are one entry
+        # (one look-up and one decode instead of a key, a look-up and a delta per image and step).
+        self.memo_key = digest({"chain": [p.prefix for p in plans], "states": states})
+        memo = store.cache_get(self.memo_key)
+        if memo is not None and len(memo.get("counts", ())) == len(plans):
+            self.slots = [(kind, value if kind == "state" else tuple(value)) for kind, value in memo["slots"]]
+            for c, (inputs, outputs, set_aside) in zip(self.counts, memo["counts"]):
+                c.inputs, c.outputs, c.set_aside, c.cached = inputs, outputs, set_aside, inputs
+            self.used_keys = [self.memo_key, *memo["keys"]]
+            self.from_memo = True
+            return
+        self.from_memo = False
         self.roots = [_Node(s, 0) for s in states]
         for r in self.roots:
             r.anchor = r
@@ -338,7 +352,6 @@ class ChainPlan:
             level = nxt
         # In order: finished states, set-asides and jobs (one per anchor whose subtree has a miss).
         self.slots: list[tuple[str, Any]] = []
-        self.jobs: list[_Node] = []
         stack = list(reversed(self.roots))
         while stack:
             node = stack.pop()
@@ -359,7 +372,6 @@ class ChainPlan:
                 self.slots.append(("aside", (node.state, plans[node.level].name, node.entry["aside"])))
             c.outputs += len(node.children)
             stack.extend(reversed(node.children))
-        self.results: dict[int, list[tuple[str, Any]]] = {}
 
     def take(self, job: _Node, tree: dict) -> None:
         """Record a job's result tree: cache the entries that are new, keep its states and set-asides."""
@@ -407,6 +419,18 @@ class ChainPlan:
             else:
                 out.append((kind, value))
         return out
+
+    def remember(self) -> None:
+        """Keep the chain's outputs over these inputs as one entry, when every result is final (an
+        error is retried by the next run, so a run with one is not remembered)."""
+        if self.from_memo or any(c.failed for c in self.counts) or any(id(j) not in self.results for j in self.jobs):
+            return
+        self.store.cache_put(self.memo_key, {
+            "slots": [[kind, value] for kind, value in self._flat()],
+            "counts": [[c.inputs, c.outputs, c.set_aside] for c in self.counts],
+            "keys": list(dict.fromkeys(self.used_keys)),
+        })
+        self.used_keys.append(self.memo_key)
 
     def outputs(self) -> tuple[list[State], list[tuple[State, str, str]]]:
         """The chain's final states and its set-asides (state, step, reason), both in input order."""

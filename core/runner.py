@@ -424,6 +424,8 @@ class Runner:
                         for p in run_plans:
                             p.ctx.messages.clear()
                         done(chunk, trees, messages, [p.seconds for p in run_plans])
+        if not self.crashed:
+            planned.remember()
         self.store.flush()
         out, asides = planned.outputs()
         for state, step_name, reason in asides:

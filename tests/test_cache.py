@@ -148,7 +148,8 @@ def test_results_live_in_one_index_database_not_one_file_per_entry(tmp_path, pho
     assert not (store / "cache").exists() and not (store / "source-index.json").exists()
     with sqlite3.connect(store / "index.sqlite") as db:
         keys = [k for (k,) in db.execute("SELECT key FROM cache")]
-        assert len(keys) == 3 + 3 + 1 + 1  # trim, alpha, buckets, and buckets' report in an entry of its own
+        # trim and alpha per image, the trim+alpha chain over all three, buckets, and buckets' report
+        assert len(keys) == 3 + 3 + 1 + 1 + 1
         assert sum(k.endswith(":reports") for k in keys) == 1
         assert db.execute("SELECT count(*) FROM sources").fetchone()[0] == 3
 
@@ -262,3 +263,33 @@ def test_a_manifest_or_report_changed_by_hand_is_written_again_on_an_unchanged_r
     assert report.read_text() == good_report
     without_time = lambda text: {k: v for k, v in json.loads(text).items() if k != "created"}  # noqa: E731
     assert without_time(manifest.read_text()) == without_time(good_manifest)
+
+
+class FlakyStep(ImageStep):
+    """Fails on images named b* while the marker file exists (a transient error, not a decision)."""
+
+    name = "flaky"
+    summary = "Fails while a marker file exists (test)."
+    params = [Param("marker", str, "", "fail while this file exists")]
+    reads = frozenset({"image", "name"})
+    writes = frozenset({"meta"})
+
+    def process(self, item, ctx):
+        if item.name.startswith("b") and Path(self.options.marker).exists():
+            raise RuntimeError("transient failure")
+        return item.replace(meta={**item.meta, "flaky": "ok"})
+
+
+def test_a_chain_over_unchanged_inputs_is_remembered_but_an_error_is_retried_next_run(tmp_path, photos):
+    marker = tmp_path / "fail-now"
+    marker.write_text("")
+    data = _data(tmp_path, photos, ["trim", {"flaky": {"marker": str(marker)}}])
+    first = run_pipeline_dict(data, tmp_path, extra_steps=[FlakyStep], workers=1)
+    assert [r.name for r in first.run.set_aside] == ["b"]
+    marker.unlink()
+    second = run_pipeline_dict(data, tmp_path, extra_steps=[FlakyStep], workers=1)  # the error is not remembered
+    assert sorted(r.path for r in second.images) == ["a.png", "b.png", "c.png"]
+    assert _stat(second, "flaky").computed == 1 and _stat(second, "trim").computed == 0
+    third = run_pipeline_dict(data, tmp_path, extra_steps=[FlakyStep], workers=1)
+    assert third.run.nothing_changed and sorted(r.path for r in third.images) == ["a.png", "b.png", "c.png"]
+    assert [(s.inputs, s.outputs, s.cached) for s in third.stats if s.name in ("trim", "flaky")] == [(3, 3, 3)] * 2
