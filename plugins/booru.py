@@ -13,12 +13,7 @@ import ipaddress
 import json
 import os
 import re
-import shutil
-import stat
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -40,6 +35,7 @@ from lorakit.plugin_sdk import (
     hookimpl,
     is_partial_file,
 )
+from lorakit.plugins import _gallery_dl
 from lorakit.plugins._tagging import format_tag, is_namespaced, style_params, unique_tags
 
 ENGINES = ("danbooru", "moebooru", "gelbooru_v02", "gelbooru")
@@ -452,7 +448,7 @@ class BooruStep(SourceStep):
             "tags": site.engine != "danbooru",  # other engines: fetch tag categories (one page per post)
             "postprocessors": [{
                 "name": "metadata", "mode": "jsonl", "event": ["after", "skip"],
-                "base-directory": str(progress_dir), "filename": "progress.jsonl",
+                "base-directory": str(progress_dir), "filename": _gallery_dl.PROGRESS_FILE,
             }],
         }
         extractor: dict[str, Any] = {site.category: options}
@@ -467,67 +463,22 @@ class BooruStep(SourceStep):
     def _run_gallery_dl(self, ctx: StepContext, files_dir: Path, site_dir: Path) -> Iterator[dict]:
         """Run gallery-dl over the search (metadata only); yield each post's metadata as it arrives, and
         ``_STALLED`` if the site went silent for longer than ``timeout``."""
-        site = self.site
-        ctx.tmp_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_run_dirs(ctx.tmp_dir)  # a killed run's config (it may hold the API key) goes first
-        run_dir = Path(tempfile.mkdtemp(prefix=f"booru-{os.getpid()}-", dir=ctx.tmp_dir))
-        config = self.gallery_dl_config(files_dir, run_dir)
+        site, o = self.site, self.options
         creds = self._credentials()
-        if creds:
-            config["extractor"][site.category].update(creds)
-        config_path = run_dir / "gallery-dl.json"
-        # Credentials may be in it: readable by this user only, deleted after the run.
-        fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(config, fh)
-        command = [sys.executable, "-m", "gallery_dl", "--config-ignore", "--config", str(config_path),
-                   site.search_url(self.options.tags)]
-        progress = run_dir / "progress.jsonl"
-        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True, encoding="utf-8", errors="replace")
-        errors: list[str] = []
-        reader = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
-        reader.start()
-        offset = 0
-        buffer = ""
-        last_news = time.monotonic()
-        try:
-            while True:
-                finished = proc.poll() is not None
-                if progress.is_file():
-                    with open(progress, encoding="utf-8") as fh:
-                        fh.seek(offset)
-                        chunk = fh.read()
-                        offset = fh.tell()
-                    buffer += chunk
-                    *lines, buffer = buffer.split("\n")
-                    for line in lines:
-                        if line.strip():
-                            yield json.loads(line)
-                            last_news = time.monotonic()  # time spent downloading is not the site's silence
-                if finished:
-                    break
-                silence = self.options.timeout + self.options.delay + (0 if offset else _GALLERY_DL_START_S)
-                if time.monotonic() - last_news > silence:
-                    proc.kill()  # a site that never finishes its answer does not hang the run
-                    proc.wait()
-                    yield _STALLED
-                    return
-                time.sleep(0.1)
-            reader.join(timeout=5)
-            if proc.returncode != 0:
-                secrets = list(creds.values())
-                raise LorakitError(scrub(explain_failure(site, self.options, proc.returncode, errors), secrets))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            shutil.rmtree(run_dir, ignore_errors=True)
+
+        def make_config(run_dir: Path) -> dict[str, Any]:
+            config = self.gallery_dl_config(files_dir, run_dir)
+            if creds:
+                config["extractor"][site.category].update(creds)
+            return config
+
+        yield from _gallery_dl.run(
+            make_config, site.search_url(o.tags), ctx.tmp_dir, prefix="booru", config_args=["--config-ignore"],
+            silence_s=lambda started: o.timeout + o.delay + (0 if started else _gallery_dl.START_S),
+            explain=lambda code, errors: scrub(explain_failure(site, o, code, errors), list(creds.values())))
 
 
-# Seconds gallery-dl may take to start (a Python program importing its extractors) before its first answer.
-_GALLERY_DL_START_S = 20
-_STALLED: dict[str, Any] = {"stalled": True}  # yielded by _run_gallery_dl when the site went silent
+_STALLED = _gallery_dl.STALLED  # yielded by _run_gallery_dl when the site went silent
 
 
 class DownloadRefused(Exception):
@@ -661,24 +612,6 @@ def scrub(text: str, secrets=()) -> str:
         if value and len(str(value)) >= 4:
             text = text.replace(str(value), "***")
     return text
-
-
-def _remove_stale_run_dirs(tmp_dir: Path) -> None:
-    """Delete the gallery-dl run folders (config with credentials) of lorakit processes that are gone."""
-    for folder in tmp_dir.glob("booru-*"):
-        match = re.fullmatch(r"booru-(\d+)-.*", folder.name)
-        pid = int(match.group(1)) if match else None
-        if pid is not None and pid != os.getpid():
-            try:
-                os.kill(pid, 0)
-                continue  # that run is still going
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
-        elif pid == os.getpid():
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def explain_failure(site: Site, options, code: int, stderr_lines: list[str]) -> str:

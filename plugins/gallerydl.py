@@ -12,11 +12,7 @@ import hashlib
 import json
 import os
 import re
-import stat
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,6 +20,7 @@ from urllib.parse import urlsplit
 
 from lorakit.plugin_sdk import Item, LorakitError, Param, ParamError, SourceStep, StepContext, atomic_write_text, hookimpl
 
+from . import _gallery_dl
 from ._tagging import style_params
 from .booru import _CREDENTIAL_WORDS, CATEGORIES, caption_tags, is_loopback_url, post_tags
 
@@ -171,7 +168,7 @@ class GalleryDLSource(SourceStep):
             "image-filter": f"extension.lower() in {exts!r}",
             "image-range": f"1-{o.limit}",
             "postprocessors": [{"name": "metadata", "mode": "jsonl", "event": ["after", "skip"],
-                                "base-directory": str(progress_dir), "filename": "progress.jsonl"}],
+                                "base-directory": str(progress_dir), "filename": _gallery_dl.PROGRESS_FILE}],
             "output": {"mode": "null", "progress": False, "log": "[{name}][{levelname}] {message}"},
             "downloader": {"part": True, "mtime": False, "retries": o.retries},
         }
@@ -182,52 +179,15 @@ class GalleryDLSource(SourceStep):
         return config
 
     def _run(self, ctx: StepContext, files_dir: Path, url: str) -> Iterator[tuple[str, dict]]:
-        ctx.tmp_dir.mkdir(parents=True, exist_ok=True)
-        run_dir = Path(tempfile.mkdtemp(prefix="gallerydl-", dir=ctx.tmp_dir))
-        config_path = run_dir / "lorakit.json"
-        # Credentials from the environment may be in it: this user only, deleted after the run.
-        fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(self.gallery_dl_config(files_dir, run_dir), fh)
-        command = [sys.executable, "-m", "gallery_dl"]
+        config_args = []
         if self.options.gallery_dl_config is not None:
-            command += ["--config-ignore", "--config", str(Path(self.options.gallery_dl_config).expanduser())]
-        command += ["--config", str(config_path), url]
-        progress = run_dir / "progress.jsonl"
-        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True, encoding="utf-8", errors="replace")
-        errors: list[str] = []
-        reader = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
-        reader.start()
-        offset, buffer = 0, ""
-        try:
-            while True:
-                finished = proc.poll() is not None
-                if progress.is_file():
-                    with open(progress, encoding="utf-8") as fh:
-                        fh.seek(offset)
-                        buffer += fh.read()
-                        offset = fh.tell()
-                    *lines, buffer = buffer.split("\n")
-                    for line in lines:
-                        if line.strip():
-                            post = json.loads(line)
-                            name = file_name(str(post.get("category", "")), str(post.get("filename", "")),
-                                             str(post.get("extension", "")))
-                            yield name, post
-                if finished:
-                    break
-                time.sleep(0.1)
-            reader.join(timeout=5)
-            if proc.returncode != 0:
-                raise LorakitError(explain(url, proc.returncode, errors))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            for leftover in run_dir.iterdir():
-                leftover.unlink()
-            run_dir.rmdir()
+            config_args = ["--config-ignore", "--config", str(Path(self.options.gallery_dl_config).expanduser())]
+        for post in _gallery_dl.run(lambda run_dir: self.gallery_dl_config(files_dir, run_dir), url, ctx.tmp_dir,
+                                    prefix="gallerydl", config_args=config_args,
+                                    explain=lambda code, errors: explain(url, code, errors)):
+            name = file_name(str(post.get("category", "")), str(post.get("filename", "")),
+                             str(post.get("extension", "")))
+            yield name, post
 
 
 def explain(url: str, code: int, stderr_lines: list[str]) -> str:
