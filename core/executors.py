@@ -296,7 +296,9 @@ class RayExecutor(Executor):
     def _check_nodes(self, plans, jobs) -> None:
         """Every node must see the store and the sources at the same paths and have the same steps:
         one probe task per live node, pinned to it, before the chain's first chunk."""
-        classes = tuple(sorted({(type(p.step).__module__, type(p.step).__qualname__, str(p.step.version)) for p in plans}))
+        steps = [p.step for p in plans] + [getattr(p.step, "step", None) for p in plans]  # a wrapped step (prepare)
+        classes = tuple(sorted({(type(s).__module__, type(s).__qualname__, str(getattr(type(s), "version", "")))
+                                for s in steps if s is not None}))
         if classes in self._checked:
             return
         ray = self.ray

@@ -106,3 +106,27 @@ class KillWorker(ImageStep):
                 mark.touch()
                 os.kill(os.getpid(), signal.SIGKILL)
         return item.replace(tags={**item.tags, "survived": None})
+
+
+class KillNode(ImageStep):
+    """Kills the Ray node it runs on (its raylet, with SIGKILL: the machine going away) the first
+    time it meets an image on the node ``node_id`` (a marker file in ``marks``)."""
+
+    name = "killnode"
+    summary = "kill -9 the Ray node of its worker once (test step)."
+    params = [Param("node_id", str, "", "the Ray node to kill"),
+              Param("marks", str, "", "folder for the marker file")]
+
+    def process(self, item, ctx):
+        import os
+        import signal
+        from pathlib import Path
+
+        import ray
+
+        mark = Path(self.options.marks) / "killed"
+        if ray.get_runtime_context().get_node_id() == self.options.node_id and not mark.exists():
+            mark.touch()
+            os.kill(os.getppid(), signal.SIGKILL)  # the raylet that started this worker
+            os.kill(os.getpid(), signal.SIGKILL)
+        return item.replace(tags={**item.tags, "survived": None})

@@ -25,7 +25,7 @@ from lorakit.pipeline import parse_pipeline  # noqa: E402
 from lorakit.plugin_sdk import LorakitError  # noqa: E402
 from lorakit.plugin_sdk.testing import _host_with  # noqa: E402
 from lorakit.runner import Runner  # noqa: E402
-from steps_for_tests import KillWorker, LoggingStep  # noqa: E402
+from steps_for_tests import KillNode, KillWorker, LoggingStep  # noqa: E402
 
 _TESTS = str(Path(__file__).parent)
 _MB = 1024 * 1024
@@ -44,11 +44,14 @@ def cluster():
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
         mp.setenv("PYTHONPATH", os.pathsep.join([_TESTS, os.environ.get("PYTHONPATH", "")]))  # test steps
         args = {"num_cpus": 1, "object_store_memory": 80 * _MB}  # on this machine's own address
-        c = Cluster(initialize_head=True, head_node_args={**args, "include_dashboard": False,
+        # a lost node is noticed in about two seconds, not Ray's default of about fifteen
+        fast = {"health_check_period_ms": 500, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
+        c = Cluster(initialize_head=True, head_node_args={**args, "include_dashboard": False, "_system_config": fast,
                                                           "temp_dir": os.path.join(tmp, "ray")})
         try:
             c.add_node(**args)
             c.wait_for_nodes()
+            assert _ray_processes(tmp)  # the leak check below can see this cluster's processes
             mp.setenv("RAY_ADDRESS", c.address)
             ray.init(address=c.address)  # one connection for the module: lorakit uses it and leaves it open
             yield c
@@ -59,16 +62,22 @@ def cluster():
     _assert_no_ray_processes(tmp)
 
 
-def _assert_no_ray_processes(tmp: str) -> None:
-    """No process of this cluster outlives the tests (their command lines name its temp folder)."""
-    left = []
+def _ray_processes(tmp: str) -> list[str]:
+    """The processes of the cluster whose temp folder is ``tmp`` (their command lines name it)."""
+    found = []
     for pid in os.listdir("/proc"):
         try:
             cmd = Path("/proc", pid, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if tmp in cmd:
-            left.append(f"{pid}: {cmd[:120]}")
+        if tmp in cmd and int(pid) != os.getpid():
+            found.append(f"{pid}: {cmd[:120]}")
+    return found
+
+
+def _assert_no_ray_processes(tmp: str) -> None:
+    """No process of this cluster outlives the tests."""
+    left = _ray_processes(tmp)
     assert not left, "Ray processes left running:\n" + "\n".join(left)
 
 
@@ -127,15 +136,16 @@ def _stat(result, name):
 
 def test_ray_gives_the_same_dataset_and_store_entries_as_the_local_pool(cluster, tmp_path):
     raw = _dataset(tmp_path / "raw")
-    local = _run(tmp_path, raw, "local", "local")
-    remote = _run(tmp_path, raw, "ray", "ray")
-    assert len(remote.manifest.images) == 24
+    steps = [{"dedupe": {}}, {"trim": {"fuzz": "5%"}}, {"alpha": {}}, {"logline": {}}]  # dedupe: hashes on the workers
+    local = _run(tmp_path, raw, "local", "local", steps=steps)
+    remote = _run(tmp_path, raw, "ray", "ray", steps=steps)
     assert _manifest(remote) == _manifest(local)
     assert _cache(remote) == _cache(local)
     assert _blobs(remote) == _blobs(local)
+    kept = sorted(Path(r.path).stem for r in remote.manifest.images)
+    assert len(kept) >= 6 and "broken" in {a.name for a in remote.set_aside}
     # log lines written by steps on the Ray workers reach the summary
-    assert sorted(m for m in _stat(remote, "logline").messages if m.startswith("saw ")) == \
-        sorted(f"saw img{i:02d}" for i in range(24))
+    assert sorted(m for m in _stat(remote, "logline").messages if m.startswith("saw ")) == [f"saw {n}" for n in kept]
 
 
 def test_a_broken_image_is_set_aside_with_the_same_reason_as_locally(cluster, tmp_path):
@@ -147,6 +157,13 @@ def test_a_broken_image_is_set_aside_with_the_same_reason_as_locally(cluster, tm
     assert str(raw / "broken.png") in aside.reason
     assert [(a.name, a.step, a.reason) for a in local.set_aside] == [(aside.name, aside.step, aside.reason)]
     assert len(remote.manifest.images) == 3
+
+
+def test_the_ray_executor_without_ray_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails as if it were not installed
+    raw = _dataset(tmp_path / "raw", n=1)
+    with pytest.raises(LorakitError, match=r"pip install 'lorakit\[ray\]'"):
+        _run(tmp_path, raw, "out", "ray")
 
 
 def test_a_killed_ray_worker_loses_no_image(cluster, tmp_path):
@@ -185,8 +202,18 @@ def test_an_interrupted_ray_run_resumes_from_the_store(cluster, tmp_path, monkey
     assert _manifest(resumed) == _manifest(fresh)
 
 
-def test_the_ray_executor_without_ray_says_how_to_install_it(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails as if it were not installed
-    raw = _dataset(tmp_path / "raw", n=1)
-    with pytest.raises(LorakitError, match=r"pip install 'lorakit\[ray\]'"):
-        _run(tmp_path, raw, "out", "ray")
+def test_the_images_of_a_lost_node_are_retried_on_the_others(cluster, tmp_path):
+    """Last in the module: the worker node is killed for good."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(16):
+        Image.new("RGB", (8 + i, 8), (i * 9, 40, 0)).save(raw / f"img{i:02d}.png")
+    (tmp_path / "marks").mkdir()
+    worker_node = next(iter(cluster.worker_nodes)).node_id
+    res = _run(tmp_path, raw, "out", "ray", extra=[KillNode],
+               steps=[{"killnode": {"node_id": worker_node, "marks": str(tmp_path / "marks")}}])
+    assert (tmp_path / "marks" / "killed").exists()  # the node did die under the run
+    assert len(res.manifest.images) == 16 and not res.set_aside and not res.crashed
+    assert all("survived" in r.caption for r in res.manifest.images)
+    assert any("restarted" in m for s in res.stats for m in s.messages)
+    assert [n["Alive"] for n in ray.nodes()].count(True) == 1
