@@ -6,14 +6,18 @@ quality 70-90 so trim meets real compression artefacts) and a caption per image,
 
 1. Unchanged re-run: `lorakit run pipeline.yaml` over a dataset already built, against
    `lorakit validate pipeline.yaml` of the same file (same interpreter start-up, same imports,
-   same pipeline parsing). The difference is what the cache costs: it is reported per image, and
-   the 1k and 5k differences give a constant and a per-image slope, extrapolated to 100k.
+   same pipeline parsing). The difference is what the cache costs: it is reported per image (wall
+   time and CPU time of the process), and the sizes measured give a constant and a per-image
+   slope. 100k images (`--sizes 100000 --tiny --no-cold`) is an option: it takes a while.
 2. Cold run: `lorakit run` into an empty folder (empty store) against a plain loop over the same
    step functions (convert -> trim -> alpha per image in a pool of as many processes, one PNG
    encode at the same zlib level, then buckets, tags, triggers and repeats over the list), each a
    fresh process. The outputs are compared file for file.
 3. Store size after the cold run: files and bytes under OUTPUT/.lorakit against the dataset
    (images and captions lorakit wrote) and against the source folder.
+
+Both sides run with Python's bytecode cache on (in a folder of the bench), as an installed
+lorakit does; every figure line carries the 1-minute load average it ran under.
 
 Pipeline: convert, trim (fuzz 20%), alpha (white), buckets, tags, triggers (trigger mychar),
 repeats; resolution 512; workers = CPU cores for both sides. Runs are interleaved (A B, then B A)
@@ -22,12 +26,15 @@ and each figure is the median ratio over the rounds with min and max.
 Run:  python bench/bench_store.py                 (1k and 5k images)
       python bench/bench_store.py --sizes 1000     (one size)
       python bench/bench_store.py --rounds 5 --cold-rounds 3
+      python bench/bench_store.py --sizes 100000 --tiny --no-cold --rounds 3   (100k small pictures)
+      python bench/bench_store.py --keep DIR ...   (build in DIR and keep it; inputs found there are reused)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -89,10 +96,36 @@ def _one_input(args: tuple[Path, int]) -> int:
     return 1
 
 
-def make_inputs(folder: Path, count: int, workers: int) -> None:
+def _tiny_input(args: tuple[Path, int]) -> int:
+    """A small picture (24-64 px, noise on a padded canvas, a quarter RGBA) and its caption."""
+    folder, i = args
+    rng = np.random.default_rng(1000 + i)
+    w, h = int(rng.integers(24, 64)), int(rng.integers(24, 64))
+    content = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    pad = int(rng.integers(0, 8))
+    if i % 4 == 0:
+        canvas = Image.new("RGBA", (w + 2 * pad, h + 2 * pad), (0, 0, 0, 0))
+        canvas.paste(content.convert("RGBA"), (pad, pad))
+    else:
+        canvas = Image.new("RGB", (w + 2 * pad, h + 2 * pad), "white")
+        canvas.paste(content, (pad, pad))
+    canvas.save(folder / f"img{i:06d}.png", compress_level=1)
+    tags = list(rng.choice(WORDS, size=int(rng.integers(4, 10)), replace=False))
+    (folder / f"img{i:06d}.txt").write_text(", ".join(tags))
+    return 1
+
+
+def make_inputs(folder: Path, count: int, workers: int, tiny: bool = False) -> bool:
+    """Build the inputs, or reuse them when ``folder`` already holds ``count`` images and captions."""
+    if folder.is_dir():
+        names = os.listdir(folder)
+        if sum(n.endswith(".txt") for n in names) == count and len(names) == 2 * count:
+            return False
+        shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(workers) as pool:
-        list(pool.map(_one_input, [(folder, i) for i in range(count)], chunksize=32))
+        list(pool.map(_tiny_input if tiny else _one_input, [(folder, i) for i in range(count)], chunksize=64))
+    return True
 
 
 # ----- the plain loop (the comparator of the cold run) ---------------------------------------------
@@ -157,13 +190,24 @@ def plain_loop(src: Path, out: Path, workers: int) -> None:
 
 
 # ----- measuring -----------------------------------------------------------------------------
-def _timed(cmd: list[str], cwd: Path) -> float:
+_ENV: dict[str, str] = {}
+
+
+def _timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
+    """Wall time and CPU time (user + system, the process and its children) of one command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "100"})
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=_ENV)
     elapsed = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    return elapsed
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return elapsed, cpu
+
+
+def _load() -> str:
+    return "load %.1f" % os.getloadavg()[0]
 
 
 def _tree_size(folder: Path, skip: str | None = None) -> tuple[int, int]:
@@ -177,22 +221,29 @@ def _tree_size(folder: Path, skip: str | None = None) -> tuple[int, int]:
     return files, size
 
 
-def _ratio_line(label: str, a: list[float], b: list[float], a_name: str, b_name: str) -> str:
+def _ratio_line(label: str, a: list[float], b: list[float], a_name: str, b_name: str, loads: list[float]) -> str:
     ratios = [x / y for x, y in zip(a, b)]
     return (f"{label}: {a_name} median {statistics.median(a):.2f} s, {b_name} median {statistics.median(b):.2f} s; "
             f"ratio median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f}, "
-            f"{len(ratios)} rounds)")
+            f"{len(ratios)} rounds; load {min(loads):.1f}-{max(loads):.1f})")
 
 
-def bench_size(root: Path, count: int, rounds: int, cold_rounds: int, workers: int) -> dict:
-    print(f"\n== {count} images ==", flush=True)
-    src = root / f"src{count}"
+def _spread(values: list[float], scale: float = 1.0, unit: str = "") -> str:
+    return (f"median {statistics.median(values) * scale:.3f}{unit} (min {min(values) * scale:.3f}, "
+            f"max {max(values) * scale:.3f})")
+
+
+def bench_size(root: Path, count: int, rounds: int, cold_rounds: int, workers: int, tiny: bool = False,
+               cold: bool = True) -> dict:
+    print(f"\n== {count} images{' (tiny)' if tiny else ''} ==", flush=True)
+    src = root / f"src{count}{'t' if tiny else ''}"
     t0 = time.perf_counter()
-    make_inputs(src, count, workers)
+    built = make_inputs(src, count, workers, tiny)
     n_files, src_bytes = _tree_size(src)
-    print(f"inputs: {n_files} files, {src_bytes / 2**20:.1f} MiB (built in {time.perf_counter() - t0:.0f} s)", flush=True)
-    pipeline = root / f"pipeline{count}.yaml"
-    out = root / f"out{count}"
+    print(f"inputs: {n_files} files, {src_bytes / 2**20:.1f} MiB ("
+          f"{f'built in {time.perf_counter() - t0:.0f} s' if built else 'reused'})", flush=True)
+    pipeline = root / f"pipeline{count}{'t' if tiny else ''}.yaml"
+    out = root / f"out{count}{'t' if tiny else ''}"
     pipeline.write_text(json.dumps({"output": str(out), "resolution": 512, "workers": workers,
                                     "sources": [{"folder": {"path": str(src)}}], "steps": STEPS}))
     lorakit = [sys.executable, "-m", "lorakit"]
@@ -200,41 +251,52 @@ def bench_size(root: Path, count: int, rounds: int, cold_rounds: int, workers: i
     plain = [sys.executable, str(Path(__file__).resolve()), "--plain", str(src), str(plain_out), "--workers", str(workers)]
 
     # 2 and 3: cold runs against the plain loop, interleaved; the store is measured after a cold run
-    cold, loop = [], []
-    for r in range(cold_rounds):
-        order = ("lorakit", "plain") if r % 2 == 0 else ("plain", "lorakit")
-        for side in order:
-            if side == "lorakit":
-                shutil.rmtree(out, ignore_errors=True)
-                cold.append(_timed(lorakit + ["run", str(pipeline)], root))
-            else:
-                shutil.rmtree(plain_out, ignore_errors=True)
-                loop.append(_timed(plain, root))
-    print(_ratio_line("cold run", cold, loop, "lorakit run", "plain loop"), flush=True)
-    manifest = json.loads((out / "manifest.json").read_text())
-    same = sum((out / r["path"]).read_bytes() == (plain_out / Path(r["path"]).name).read_bytes()
-               for r in manifest["images"] if (plain_out / Path(r["path"]).name).exists())
-    print(f"  outputs: lorakit {len(manifest['images'])} images, plain loop "
-          f"{len(json.loads((plain_out / 'manifest.json').read_text())['images'])}; {same} image files byte-identical",
-          flush=True)
+    if cold:
+        cold_times, loop, loads = [], [], []
+        for r in range(cold_rounds):
+            order = ("lorakit", "plain") if r % 2 == 0 else ("plain", "lorakit")
+            for side in order:
+                loads.append(os.getloadavg()[0])
+                if side == "lorakit":
+                    shutil.rmtree(out, ignore_errors=True)
+                    cold_times.append(_timed(lorakit + ["run", str(pipeline)], root)[0])
+                else:
+                    shutil.rmtree(plain_out, ignore_errors=True)
+                    loop.append(_timed(plain, root)[0])
+        print(_ratio_line("cold run", cold_times, loop, "lorakit run", "plain loop", loads), flush=True)
+        manifest = json.loads((out / "manifest.json").read_text())
+        same = sum((out / r["path"]).read_bytes() == (plain_out / Path(r["path"]).name).read_bytes()
+                   for r in manifest["images"] if (plain_out / Path(r["path"]).name).exists())
+        print(f"  outputs: lorakit {len(manifest['images'])} images, plain loop "
+              f"{len(json.loads((plain_out / 'manifest.json').read_text())['images'])}; {same} image files "
+              "byte-identical", flush=True)
+        shutil.rmtree(plain_out, ignore_errors=True)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        wall, cpu = _timed(lorakit + ["run", str(pipeline)], root)
+        print(f"cold run (alone, no comparator): {wall:.1f} s wall, {cpu:.1f} s CPU; {_load()}", flush=True)
     store_files, store_bytes = _tree_size(out / ".lorakit")
     data_files, data_bytes = _tree_size(out, skip=".lorakit")
     print(f"store: {store_files} files, {store_bytes / 2**20:.1f} MiB; dataset {data_files} files, "
           f"{data_bytes / 2**20:.1f} MiB; store/dataset {store_bytes / data_bytes:.2f}x, store/sources "
           f"{store_bytes / src_bytes:.2f}x", flush=True)
 
-    # 1: unchanged re-runs against validate, interleaved
-    rerun, validate = [], []
+    # 1: unchanged re-runs against validate, interleaved (run validate, then validate run, ...)
+    rerun, validate, loads = [], [], []
     _timed(lorakit + ["run", str(pipeline)], root)  # the first re-run after a cold one warms the page cache
     for r in range(rounds):
         order = ("run", "validate") if r % 2 == 0 else ("validate", "run")
         for side in order:
+            loads.append(os.getloadavg()[0])
             (rerun if side == "run" else validate).append(_timed(lorakit + [side, str(pipeline)], root))
-    print(_ratio_line("unchanged re-run", rerun, validate, "lorakit run", "lorakit validate"), flush=True)
-    excess = [a - b for a, b in zip(rerun, validate)]
-    print(f"  cost of the cache: median {statistics.median(excess):.3f} s over validate = "
-          f"{1000 * statistics.median(excess) / count:.3f} ms per image", flush=True)
-    return {"count": count, "excess": statistics.median(excess)}
+    wall_run, wall_val = [w for w, _ in rerun], [w for w, _ in validate]
+    print(_ratio_line("unchanged re-run", wall_run, wall_val, "lorakit run", "lorakit validate", loads), flush=True)
+    excess = [a - b for a, b in zip(wall_run, wall_val)]
+    cpu_excess = [a[1] - b[1] for a, b in zip(rerun, validate)]
+    print(f"  cost of the cache over validate, per image: wall {_spread(excess, 1000 / count, ' ms')}; "
+          f"CPU {_spread(cpu_excess, 1000 / count, ' ms')}", flush=True)
+    print(f"  in all: wall {_spread(excess, 1, ' s')} over validate; CPU {_spread(cpu_excess, 1, ' s')}", flush=True)
+    return {"count": count, "excess": statistics.median(excess), "cpu": statistics.median(cpu_excess)}
 
 
 def main(argv=None) -> int:
@@ -244,6 +306,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cold-rounds", type=int, default=2, help="interleaved cold run / plain loop rounds")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--keep", help="build in this folder and keep it (default: a temporary folder)")
+    parser.add_argument("--tiny", action="store_true", help="small pictures (24-64 px): for --sizes 100000")
+    parser.add_argument("--no-cold", action="store_true", help="no cold-run comparison (one cold run builds the store)")
     parser.add_argument("--plain", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.plain:
@@ -251,13 +315,17 @@ def main(argv=None) -> int:
         return 0
     import PIL
 
-    print(f"python {sys.version.split()[0]}, Pillow {PIL.__version__}, {os.cpu_count()} CPU cores, workers "
-          f"{args.workers} (both sides), PNG zlib level 3 (both sides), rounds {args.rounds} re-run / "
-          f"{args.cold_rounds} cold; steps: {json.dumps(STEPS)}")
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lorakit-bench-store-"))
     root.mkdir(parents=True, exist_ok=True)
+    _ENV.update({k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}, COLUMNS="100",
+                PYTHONPYCACHEPREFIX=str(root / "pycache"))
+    print(f"python {sys.version.split()[0]}, Pillow {PIL.__version__}, {os.cpu_count()} CPU cores, workers "
+          f"{args.workers} (both sides), PNG zlib level 3 (both sides), bytecode cache on (both sides), rounds "
+          f"{args.rounds} re-run / {0 if args.no_cold else args.cold_rounds} cold; {_load()} at start; "
+          f"steps: {json.dumps(STEPS)}", flush=True)
     try:
-        found = [bench_size(root, n, args.rounds, args.cold_rounds, args.workers) for n in args.sizes]
+        found = [bench_size(root, n, args.rounds, args.cold_rounds, args.workers, args.tiny, not args.no_cold)
+                 for n in args.sizes]
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -265,8 +333,10 @@ def main(argv=None) -> int:
         a, b = found[0], found[-1]
         slope = (b["excess"] - a["excess"]) / (b["count"] - a["count"])
         constant = a["excess"] - slope * a["count"]
-        print(f"\ncache cost model from {a['count']} and {b['count']}: {constant:.3f} s + {1000 * slope:.4f} ms per "
-              f"image; extrapolated to 100k images: {constant + slope * 100_000:.1f} s over validate")
+        cpu_slope = (b["cpu"] - a["cpu"]) / (b["count"] - a["count"])
+        print(f"\ncache cost model from {a['count']} and {b['count']}: wall {constant:.3f} s + {1000 * slope:.4f} ms "
+              f"per image (CPU {a['cpu'] - cpu_slope * a['count']:.3f} s + {1000 * cpu_slope:.4f} ms per image); "
+              f"extrapolated to 100k images: {constant + slope * 100_000:.1f} s over validate")
     return 0
 
 
