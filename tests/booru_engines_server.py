@@ -12,46 +12,28 @@ Files are served under ``/data/``. Every request is recorded.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from html import escape
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, quote, urlsplit
 
-from booru_server import Post
+from booru_server import LoopbackServer, Post
 
 ENGINES = ("gelbooru_v02", "moebooru")
 
 
-class MockBooruEngine:
+class MockBooruEngine(LoopbackServer):
     """``with MockBooruEngine("moebooru", posts) as server:`` -> ``server.root``, ``server.requests``."""
 
     def __init__(self, engine: str, posts: list[Post]):
         assert engine in ENGINES
         self.engine = engine
-        self.posts = list(posts)
-        self.requests: list[tuple[float, str]] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.root = f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> "MockBooruEngine":
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def paths(self, prefix: str = "") -> list[str]:
-        return [p for _, p in self.requests if p.startswith(prefix)]
+        super().__init__(posts)
 
     def search(self, tags: str) -> list[Post]:
         wanted = tags.split()
         return [p for p in sorted(self.posts, key=lambda p: -p.id)
                 if all((t[1:] not in p.all_tags) if t.startswith("-") else t in p.all_tags for t in wanted)]
-
-    def by_id(self, post_id: str) -> Post | None:
-        return next((p for p in self.posts if str(p.id) == str(post_id)), None)
 
     # ----- answers in each engine's shape -------------------------------------------------------
     def gelbooru_xml(self, posts: list[Post], count: int, offset: int) -> bytes:

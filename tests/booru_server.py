@@ -68,24 +68,19 @@ class Post:
         }
 
 
-class MockDanbooru:
-    """``with MockDanbooru(posts) as server:`` -> ``server.root``, ``server.requests``."""
+class LoopbackServer:
+    """A threaded HTTP server on 127.0.0.1 (a free port) that records every request path.
+
+    Subclasses set ``self.posts`` and provide ``_handler()``; ``with Server(...) as s:`` serves."""
 
     def __init__(self, posts: list[Post]):
         self.posts = list(posts)
         self.requests: list[tuple[float, str]] = []
-        self.auth: list[str | None] = []  # the Authorization header of each request
-        self.fail_with: int | None = None
-        self.corrupt: set[str] = set()  # md5s whose file is served damaged
-        self.huge: set[str] = set()  # md5s whose file claims a 2 GB Content-Length
-        self.drip: set[str] = set()  # md5s whose file trickles in one byte at a time, forever
-        self.api_drip = False  # the API answers with a body that never ends
-        self.file_root: str | None = None  # another root for file URLs (a different host name)
         self.stopping = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.root = f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def __enter__(self) -> "MockDanbooru":
+    def __enter__(self):
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
@@ -96,6 +91,23 @@ class MockDanbooru:
 
     def paths(self, prefix: str = "") -> list[str]:
         return [p for _, p in self.requests if p.startswith(prefix)]
+
+    def by_id(self, post_id: str) -> Post | None:
+        return next((p for p in self.posts if str(p.id) == str(post_id)), None)
+
+
+class MockDanbooru(LoopbackServer):
+    """``with MockDanbooru(posts) as server:`` -> ``server.root``, ``server.requests``."""
+
+    def __init__(self, posts: list[Post]):
+        self.auth: list[str | None] = []  # the Authorization header of each request
+        self.fail_with: int | None = None
+        self.corrupt: set[str] = set()  # md5s whose file is served damaged
+        self.huge: set[str] = set()  # md5s whose file claims a 2 GB Content-Length
+        self.drip: set[str] = set()  # md5s whose file trickles in one byte at a time, forever
+        self.api_drip = False  # the API answers with a body that never ends
+        self.file_root: str | None = None  # another root for file URLs (a different host name)
+        super().__init__(posts)
 
     def search(self, tags: str) -> list[Post]:
         wanted = tags.split()
