@@ -488,3 +488,26 @@ def test_review_says_when_the_port_is_taken(project):
         taken.listen(1)
         r = run_cli("review", str(project), "--port", str(taken.getsockname()[1]), "--no-browser")
     assert r.returncode != 0 and "--port" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_review_command_makes_every_thumbnail_ahead_of_the_first_view(tmp_path, monkeypatch):
+    from lorakit.review import thumbs
+
+    pipeline = write_project(tmp_path, 24)
+    run_project(pipeline)
+    app = create_app(pipeline.parent / "dataset", pipeline, hosts=allowed_hosts("127.0.0.1", 8765), prefetch=True)
+    state = app.review
+    state.prefetcher.join(timeout=120)
+    assert not state.prefetcher.is_alive()
+    pictures = [e for e in state.data.entries if e.file is not None]
+    made = list((pipeline.parent / "dataset" / ".lorakit" / "review" / "thumbs").rglob("*.jpg"))
+    assert len(made) >= len(pictures) - 1  # every picture but the broken one, if it is listed
+
+    def no_render(self, image, side=None):
+        raise AssertionError(f"{image} rendered on request: it should have been made ahead")
+
+    monkeypatch.setattr(thumbs.Thumbnails, "render", no_render)
+    c = TestClient(app, base_url=f"http://{HOST}")
+    c.cookies.set("lorakit_review", app.token)
+    for item in c.get("/api/images", params={"limit": 200}).json()["items"]:
+        assert c.get(f"/media/thumb/{item['id']}").status_code == 200

@@ -59,18 +59,46 @@ class ReviewState:
         self.generation = 0
         self.data = ReviewData(self.dataset_dir, self.pipeline_path)
         self.thumbs = Thumbnails(self.dataset_dir / ".lorakit" / "review" / "thumbs")
+        self.prefetcher: threading.Thread | None = None
+        self.stop_prefetch = threading.Event()
 
     def reload(self) -> None:
         self.data = ReviewData(self.dataset_dir, self.pipeline_path)
         self.generation += 1
+        if self.prefetcher is not None:  # an edit may bring new pictures (a restored image)
+            self.start_prefetch()
+
+    def start_prefetch(self) -> threading.Thread:
+        """Make every missing thumbnail in a background thread, in gallery order (the first page first)."""
+        if self.prefetcher is not None and self.prefetcher.is_alive():
+            self.stop_prefetch.set()
+            self.prefetcher.join()
+        self.stop_prefetch = threading.Event()
+        data, stop = self.data, self.stop_prefetch
+
+        def items():
+            for e in data.entries:
+                if e.file is not None:
+                    try:
+                        yield data.served_path(e.file, inside=True), e.sha256
+                    except RequestError:  # a file the page would refuse to serve is not made either
+                        continue
+
+        self.prefetcher = threading.Thread(target=self.thumbs.prefetch, args=(items(), stop),
+                                           name="lorakit-thumbnails", daemon=True)
+        self.prefetcher.start()
+        return self.prefetcher
 
 
 def create_app(dataset_dir: Path, pipeline_path: Path | None = None, *, token: str | None = None,
-               hosts: set[str] | None = None) -> Guard:
+               hosts: set[str] | None = None, prefetch: bool = False) -> Guard:
     """The review application for one dataset folder, wrapped in its guard. ``hosts`` are the
     accepted Host headers (None: any); ``token`` is the access token (random when not given; the
-    returned app's ``token``, ``csrf_token`` and ``review`` state are attributes)."""
+    returned app's ``token``, ``csrf_token`` and ``review`` state are attributes). ``prefetch``
+    makes the missing thumbnails in a background thread from the start."""
     state = ReviewState(dataset_dir, pipeline_path)
+    if prefetch:
+        state.start_prefetch()
     assets = _assets()
     csrf = secrets.token_urlsafe(24)
     token = token or secrets.token_urlsafe(24)

@@ -99,7 +99,7 @@ def review(target, host, port, allow_remote, no_browser):
                            "to do that on purpose (the access token printed with the URL is then required)")
     sock = _listen(host, port)
     port = sock.getsockname()[1]
-    app = create_app(dataset, pipeline, hosts=allowed_hosts(host, port))
+    app = create_app(dataset, pipeline, hosts=allowed_hosts(host, port), prefetch=True)
     config = uvicorn.Config(app, log_level="warning", lifespan="off", server_header=False, date_header=False)
     server = uvicorn.Server(config)
 

@@ -2,7 +2,8 @@
 
 A thumbnail is keyed by the image file's content (its SHA-256 from the manifest, or its size and
 modification time for set-aside copies), so a re-run that changes an image makes a new one and an
-unchanged image is never decoded twice. They live in ``DATASET/.lorakit/review/thumbs/`` (safe to
+unchanged image is never decoded twice. ``lorakit review`` makes the missing ones in a background
+thread as soon as it starts (gallery order), so pages after the first open from the cache. They live in ``DATASET/.lorakit/review/thumbs/`` (safe to
 delete, like the rest of ``.lorakit``).
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import io
 import threading
 from pathlib import Path
+from typing import Iterable
 
 from PIL import Image, ImageOps
 
@@ -48,6 +50,25 @@ class Thumbnails:
             if not target.is_file():
                 atomic_write_bytes(target, self.render(image))
         return target
+
+    def is_cached(self, image: Path, content: str | None = None) -> bool:
+        key = self.key(image, content)
+        return (self.dir / key[:2] / f"{key}.jpg").is_file()
+
+    def prefetch(self, items: Iterable[tuple[Path, str | None]], stop: threading.Event) -> int:
+        """Make the missing thumbnails of ``items`` (path, content) in order, until done or ``stop``;
+        returns how many were made. Broken images are skipped (the page shows the reason on request)."""
+        made = 0
+        for image, content in items:
+            if stop.is_set():
+                break
+            try:
+                if not self.is_cached(image, content):
+                    self.path_for(image, content)
+                    made += 1
+            except (ThumbnailError, OSError):
+                continue
+        return made
 
     def thumbnail(self, image: Path, content: str | None = None) -> bytes:
         """The thumbnail's bytes (small: read whole, which is faster to send than streaming a file)."""
