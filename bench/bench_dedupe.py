@@ -1,38 +1,71 @@
-"""dedupe grouping quality: precision and recall of each linkage on a generated set with known duplicates.
+"""dedupe against imagededup: whole-process time, and grouping quality against a known truth.
 
-    python bench/bench_dedupe.py                 # 2,000 originals, about 5,000 images
-    python bench/bench_dedupe.py --originals 500 --threshold 10
+    python bench/bench_dedupe.py                       # 1k and 5k images, 3 pairs each
+    python bench/bench_dedupe.py --sizes 1000 --pairs 5
+    python bench/bench_dedupe.py --work /tmp/dd-bench  # keep the generated sets between runs
+
+The comparator is imagededup (Apache-2.0, installed for the bench only: `pip install imagededup`;
+lorakit never imports it). Both sides run as fresh processes over the same folder of files:
+
+* lorakit:    `python -m lorakit dedupe SET OUT --hash phash --hash-size 8 --threshold T
+               --linkage keeper` into an empty OUT (empty store: a cold run). It reads the folder,
+               checks every file, hashes in the run's worker pool, groups, and writes the dataset
+               folder (kept images, set-aside copies, manifest and report).
+* imagededup: `PHash().encode_images(SET)` then `find_duplicates(encoding_map,
+               max_distance_threshold=T)` (64-bit pHash, its multiprocessing on every core, its
+               default Cython brute-force search), then `find_duplicates_to_remove` on the same
+               encodings for the files it would remove. It writes nothing.
+
+Each pair runs A B, the next B A (interleaved, so a change of machine load hits both); the figure
+is the median of the per-pair ratios with min and max, in wall time and in CPU time (the process
+and its children). The load average is printed before and after. Both sides get every core.
 
 The set is built here, so the truth is known: photo-like originals (smooth random fields with
-shapes, grain and JPEG noise), and for some of them copies a user really collects (resized,
-re-saved as JPEG at another quality, cropped by a few percent, brightened, a corner watermark).
-Originals are drawn from a few hundred shared "scenes" (the same layout with other details, as in
-screencaps of one episode), so unrelated pictures can be a few bits apart: that is where
-transitive grouping chains pictures that are not duplicates of each other.
-
-For each linkage the real grouping code of the step runs on the real imagehash hashes. An image
-set aside is correct when its keeper is in its own truth group. Reported:
-* precision = correct set-asides / all set-asides (an unrelated picture thrown away lowers it),
-* recall = correct set-asides / true duplicates (a copy left in the dataset lowers it),
-* the largest group (chaining shows as groups far larger than any truth group).
+shapes, grain and JPEG noise) drawn from a few hundred shared "scenes" (the same layout with other
+details, as in screencaps of one episode), and for some originals the copies a user collects
+(resized, re-saved as JPEG at another quality, cropped a few percent, brightened, a corner
+watermark). Files are 320x240 (copies smaller), 30% PNG and 70% JPEG. Quality, for both sides:
+* precision = correct removals / all removals (an unrelated picture thrown away lowers it),
+* recall = correct removals / true duplicates (a copy left in lowers it). A removal is correct
+  when the image it was judged a duplicate of (lorakit: its group's keeper; imagededup: a kept
+  file in its duplicate list) is in its own truth group.
+The hashes differ (imagededup resizes the colour picture then greys it; imagehash, which lorakit
+uses, greys then resizes), so the two sides cannot give identical groups; the bench prints how many
+of the removed files both sides agree on.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
+import shutil
+import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+SET_VERSION = 2
+IMAGEDEDUP = r"""
+import json, sys, warnings
+warnings.simplefilter("ignore")
+from imagededup.methods import PHash
+folder, threshold, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+phasher = PHash(verbose=False)
+encodings = phasher.encode_images(image_dir=folder)
+duplicates = phasher.find_duplicates(encoding_map=encodings, max_distance_threshold=threshold)
+remove = phasher.find_duplicates_to_remove(encoding_map=encodings, max_distance_threshold=threshold)
+if out != "-":
+    json.dump({"duplicates": duplicates, "remove": sorted(remove)}, open(out, "w"))
+"""
 
-from lorakit.plugins.dedupe import group_around_keepers, group_duplicates, hash_image, hashes_to_words  # noqa: E402
 
-
+# ----- the generated set --------------------------------------------------------------------
 def scene(rng: np.random.Generator) -> np.ndarray:
     """A layout: a smooth colour field (the low frequencies a perceptual hash sees)."""
     return rng.random((5, 7, 3))
@@ -57,88 +90,222 @@ def jpeg(im: Image.Image, quality: int) -> Image.Image:
     return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
 
-def copy_of(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+def copy_of(im: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, int | None]:
+    """A copy and, for a re-saved JPEG, the quality to save it at."""
     kind = rng.integers(0, 5)
     w, h = im.size
     if kind == 0:
         f = float(rng.uniform(0.5, 0.9))
-        return im.resize((int(w * f), int(h * f)), Image.Resampling.LANCZOS)
+        return im.resize((int(w * f), int(h * f)), Image.Resampling.LANCZOS), None
     if kind == 1:
-        return jpeg(im, int(rng.integers(30, 70)))
+        return im, int(rng.integers(30, 70))
     if kind == 2:
         d = int(min(w, h) * rng.uniform(0.02, 0.06))
-        return im.crop((d, d, w - d, h - d))
+        return im.crop((d, d, w - d, h - d)), None
     if kind == 3:
         arr = np.asarray(im, dtype=np.float32) * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-10, 10))
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), None
     out = im.copy()
     ImageDraw.Draw(out).rectangle((w - 60, h - 20, w - 4, h - 4), fill=(255, 255, 255))
-    return out
+    return out, None
 
 
-def build(originals: int, scenes: int, seed: int):
-    rng = np.random.default_rng(seed)
-    fields = [scene(rng) for _ in range(scenes)]
-    images, truth, sizes = [], [], []
-    for g in range(originals):
+def _write_chunk(args) -> list[tuple[str, int]]:
+    """Originals [start, stop) and their copies as files (deterministic per original)."""
+    folder, seed, scenes, start, stop = args
+    fields = [scene(np.random.default_rng([seed, 0, s])) for s in range(scenes)]
+    rows = []
+    for g in range(start, stop):
+        rng = np.random.default_rng([seed, 1, g])
         base = original(fields[int(rng.integers(0, scenes))], rng)
-        members = [base] + [copy_of(base, rng) for _ in range(int(rng.choice([0, 0, 1, 2, 3])))]
-        for im in members:
-            images.append(im)
-            truth.append(g)
-            sizes.append(im.size[0] * im.size[1])
-    return images, np.array(truth), np.array(sizes)
+        members = [(base, None)] + [copy_of(base, rng) for _ in range(int(rng.choice([0, 0, 1, 2, 3])))]
+        for c, (im, quality) in enumerate(members):
+            stem = f"g{g:05d}_{c}"
+            if quality is not None:
+                name = stem + ".jpg"
+                im.save(Path(folder) / name, quality=quality)
+            elif rng.random() < 0.3:
+                name = stem + ".png"
+                im.save(Path(folder) / name, compress_level=3)
+            else:
+                name = stem + ".jpg"
+                im.save(Path(folder) / name, quality=92)
+            rows.append((name, g))
+    return rows
 
 
-def _hash(im):
-    return hash_image(im, "phash", 8)
+def build_set(work: Path, images: int, seed: int) -> tuple[Path, dict[str, int]]:
+    """A folder of about ``images`` files (originals and copies) and the truth: file -> original."""
+    folder = work / f"set-{images}-{seed}"
+    stamp = folder / ".truth.json"
+    if stamp.is_file():
+        data = json.loads(stamp.read_text())
+        if data.get("version") == SET_VERSION:
+            return folder, data["truth"]
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    originals = max(1, round(images / 2.2))
+    scenes = max(10, originals * 300 // 2000)
+    step = 50
+    jobs = [(str(folder), seed, scenes, a, min(originals, a + step)) for a in range(0, originals, step)]
+    with ProcessPoolExecutor() as pool:
+        rows = [r for chunk in pool.map(_write_chunk, jobs) for r in chunk]
+    truth = dict(rows)
+    stamp.write_text(json.dumps({"version": SET_VERSION, "truth": truth}))
+    return folder, truth
 
 
-def evaluate(labels: np.ndarray, truth: np.ndarray, sizes: np.ndarray) -> dict:
-    kept_of: dict[int, int] = {}
-    for k in sorted(range(len(labels)), key=lambda k: (-sizes[k], k)):  # the step keeps the largest
-        kept_of.setdefault(int(labels[k]), k)
-    aside = [k for k in range(len(labels)) if kept_of[int(labels[k])] != k]
-    correct = sum(1 for k in aside if truth[kept_of[int(labels[k])]] == truth[k])
-    true_dups = len(truth) - len(set(truth.tolist()))
-    groups = np.bincount(labels)
-    return {"set_aside": len(aside), "correct": correct,
-            "precision": correct / len(aside) if aside else 1.0, "recall": correct / true_dups if true_dups else 1.0,
-            "largest_group": int(groups.max()), "largest_truth_group": int(np.bincount(truth).max())}
+# ----- quality ------------------------------------------------------------------------------
+def quality_lorakit(out: Path, truth: dict[str, int]) -> dict:
+    report = json.loads((out / "reports" / "dedupe-groups.json").read_text())
+    stems = {Path(n).stem: n for n in truth}
+    removed, correct = set(), 0
+    for group in report["duplicate_groups"]:
+        kept = stems[group["kept"]]
+        for m in group["members"]:
+            removed.add(stems[m["name"]])
+            correct += truth[stems[m["name"]]] == truth[kept]
+    return _scores(removed, correct, truth) | {"largest_group": max(
+        (1 + len(g["members"]) for g in report["duplicate_groups"]), default=1)}
+
+
+def quality_imagededup(result: dict, truth: dict[str, int]) -> dict:
+    removed = set(result["remove"])
+    correct = 0
+    for name in removed:
+        kept = [d for d in result["duplicates"].get(name, []) if d not in removed]
+        correct += any(truth[d] == truth[name] for d in kept)
+    return _scores(removed, correct, truth)
+
+
+def _scores(removed: set[str], correct: int, truth: dict[str, int]) -> dict:
+    true_dups = len(truth) - len(set(truth.values()))
+    return {"removed": removed, "set_aside": len(removed), "correct": correct,
+            "precision": correct / len(removed) if removed else 1.0,
+            "recall": correct / true_dups if true_dups else 1.0}
+
+
+# ----- timing -------------------------------------------------------------------------------
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds (the process and its children) of one fresh process."""
+    before = os.times()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    after = os.times()
+    if proc.returncode:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return wall, (after.children_user - before.children_user) + (after.children_system - before.children_system)
+
+
+def lorakit_cmd(folder: Path, out: Path, args, linkage: str | None = None) -> list[str]:
+    return [sys.executable, "-m", "lorakit", "dedupe", str(folder), str(out), "--hash", "phash", "--hash-size", "8",
+            "--threshold", str(args.threshold), "--linkage", linkage or args.linkage]
+
+
+def imagededup_cmd(folder: Path, result: str, args) -> list[str]:
+    return [sys.executable, "-c", IMAGEDEDUP, str(folder), str(args.threshold), result]
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x (min {min(values):.2f}, max {max(values):.2f})"
+
+
+def load() -> str:
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def bench_size(images: int, args, work: Path) -> None:
+    folder, truth = build_set(work, images, args.seed)
+    n = len(truth)
+    print(f"\n== {n} images ({n - len(set(truth.values()))} true duplicates of {len(set(truth.values()))} "
+          f"originals) in {folder} ==")
+    result_file = work / f"imagededup-{n}.json"
+    rows = []
+    print(f"load average before: {load()}")
+    for p in range(args.pairs):
+        out = work / f"out-{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        sides = [("lorakit", lorakit_cmd(folder, out, args)), ("imagededup", imagededup_cmd(folder, str(result_file), args))]
+        if p % 2:
+            sides.reverse()
+        got = {name: timed(cmd) for name, cmd in sides}
+        rows.append(got)
+        (lw, lc), (iw, ic) = got["lorakit"], got["imagededup"]
+        print(f"  pair {p + 1} ({' then '.join(s for s, _ in sides)}): lorakit {lw:.1f} s wall {lc:.1f} s CPU, "
+              f"imagededup {iw:.1f} s wall {ic:.1f} s CPU   [load {load()}]")
+    wall = [r["imagededup"][0] / r["lorakit"][0] for r in rows]
+    cpu = [r["imagededup"][1] / r["lorakit"][1] for r in rows]
+    print(f"load average after: {load()}")
+    print(f"lorakit dedupe (whole process, cold) is faster than imagededup by: wall {spread(wall)}, CPU {spread(cpu)}")
+
+    out = work / f"out-{n}"
+    rerun_wall, rerun_cpu = timed(lorakit_cmd(folder, out, args))
+    print(f"unchanged re-run of lorakit dedupe (every hash and the grouping from the store): {rerun_wall:.1f} s wall, "
+          f"{rerun_cpu:.1f} s CPU")
+
+    ours = quality_lorakit(out, truth)
+    theirs = quality_imagededup(json.loads(result_file.read_text()), truth)
+    table = {f"lorakit {args.linkage}": ours}
+    for linkage in ("single", "complete"):
+        if linkage != args.linkage and not args.no_linkages:
+            lout = work / f"out-{n}-{linkage}"
+            shutil.rmtree(lout, ignore_errors=True)
+            shutil.copytree(out / ".lorakit", lout / ".lorakit")  # the hashes are cached: this run only groups
+            timed(lorakit_cmd(folder, lout, args, linkage))
+            table[f"lorakit {linkage}"] = quality_lorakit(lout, truth)
+    table["imagededup"] = theirs
+    print(f"\n{'grouping (threshold ' + str(args.threshold) + ')':30} {'removed':>8} {'correct':>8} {'precision':>9} "
+          f"{'recall':>7}")
+    for name, r in table.items():
+        print(f"{name:30} {r['set_aside']:8d} {r['correct']:8d} {r['precision']:9.3f} {r['recall']:7.3f}")
+    both = ours["removed"] & theirs["removed"]
+    print(f"removed by both: {len(both)}; by lorakit only: {len(ours['removed'] - both)}; "
+          f"by imagededup only: {len(theirs['removed'] - both)}")
+
+
+def bench_startup(work: Path, args) -> None:
+    """Fixed costs: interpreter and imports, and a run over one image (no pool)."""
+    one = work / "one"
+    one.mkdir(exist_ok=True)
+    Image.new("RGB", (64, 64), "white").save(one / "a.png")
+    rows = {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "import imagededup.methods": [sys.executable, "-c", "import imagededup.methods"],
+        "python -m lorakit --version": [sys.executable, "-m", "lorakit", "--version"],
+        "lorakit dedupe, 1 image": lorakit_cmd(one, work / "one-out", args),
+    }
+    print(f"\n== fixed costs (median of 3; load {load()}) ==")
+    for name, cmd in rows.items():
+        runs = []
+        for _ in range(3):
+            shutil.rmtree(work / "one-out", ignore_errors=True)
+            runs.append(timed(cmd))
+        print(f"  {name:32} {statistics.median(r[0] for r in runs):6.2f} s wall "
+              f"{statistics.median(r[1] for r in runs):6.2f} s CPU")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--originals", type=int, default=2000)
-    ap.add_argument("--scenes", type=int, default=300, help="shared layouts the originals are drawn from")
-    ap.add_argument("--threshold", type=int, default=10)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000], help="about this many images per set")
+    ap.add_argument("--pairs", type=int, default=3, help="paired runs per size (A B, then B A, ...)")
+    ap.add_argument("--threshold", type=int, default=10, help="Hamming distance, the same for both sides")
+    ap.add_argument("--linkage", default="keeper", choices=("keeper", "complete", "single"))
+    ap.add_argument("--no-linkages", action="store_true", help="skip the quality of the other linkages")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/lorakit-bench-dedupe"), help="sets and outputs")
     args = ap.parse_args()
-
-    t0 = time.perf_counter()
-    images, truth, sizes = build(args.originals, args.scenes, args.seed)
-    with ProcessPoolExecutor() as pool:
-        hashes = list(pool.map(_hash, images, chunksize=32))
-    words = hashes_to_words(hashes)
-    print(f"{len(images)} images from {args.originals} originals ({len(images) - args.originals} true duplicates), "
-          f"{args.scenes} scenes; phash 64 bits, threshold {args.threshold}; built and hashed in "
-          f"{time.perf_counter() - t0:.1f} s")
-    best_first = sorted(range(len(images)), key=lambda k: (-sizes[k], k))
-    rows = {}
-    t = time.perf_counter()
-    rows["single (transitive)"] = (group_duplicates(words, args.threshold, 64)[0], time.perf_counter() - t)
-    t = time.perf_counter()
-    rows["keeper (default)"] = (group_around_keepers(words, args.threshold, best_first, 64), time.perf_counter() - t)
-    t = time.perf_counter()
-    rows["complete"] = (group_around_keepers(words, args.threshold, best_first, 64, complete=True),
-                        time.perf_counter() - t)
-    print(f"\n{'linkage':22} {'set aside':>9} {'correct':>8} {'precision':>9} {'recall':>7} {'largest group':>13} "
-          f"{'seconds':>8}")
-    for name, (labels, seconds) in rows.items():
-        r = evaluate(np.asarray(labels), truth, sizes)
-        print(f"{name:22} {r['set_aside']:9d} {r['correct']:8d} {r['precision']:9.3f} {r['recall']:7.3f} "
-              f"{r['largest_group']:13d} {seconds:8.3f}")
-    print(f"\nlargest true group: {int(np.bincount(truth).max())} images")
+    try:
+        import imagededup
+    except ImportError:
+        sys.exit("the comparator is missing: pip install imagededup")
+    args.work.mkdir(parents=True, exist_ok=True)
+    print(f"lorakit dedupe: imagehash phash, hash_size 8 (64 bits), threshold {args.threshold}, linkage {args.linkage}, "
+          f"workers = {os.cpu_count()} cores; imagededup {imagededup.__version__}: PHash (64 bits), "
+          f"max_distance_threshold {args.threshold}, num_enc_workers = num_dist_workers = {os.cpu_count()}")
+    for size in args.sizes:
+        bench_size(size, args, args.work)
+    bench_startup(args.work, args)
 
 
 if __name__ == "__main__":
