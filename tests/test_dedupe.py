@@ -293,3 +293,12 @@ def test_dedupe_linkage_option_reaches_the_report(tmp_path):
     report = json.loads((tmp_path / "out" / "reports" / "dedupe-groups.json").read_text())
     assert report["linkage"] == "single" and report["set_aside"] == 1
     assert [r.path for r in res.images] == ["a.png"]
+
+
+def test_flatness_is_judged_on_colour_not_only_on_the_grey_thumbnail():
+    # red and green halves of the same grey value: the hash's grey thumbnail is uniform, the picture is not
+    im = Image.new("RGB", (64, 64), (200, 0, 0))
+    im.paste(Image.new("RGB", (32, 64), (0, 102, 0)), (32, 0))
+    assert dedupe.describe(im, "phash", 8)["flat"] is False
+    assert dedupe.describe(Image.new("RGB", (64, 64), (10, 200, 30)), "phash", 8)["flat"] is True
+    assert dedupe.describe(picture(5), "phash", 8) == {"hash": hash_image(picture(5), "phash", 8).hex(), "flat": False}
