@@ -108,11 +108,55 @@ def pixel_digest(im: Image.Image) -> str:
     return h.hexdigest()
 
 
+# Hashes whose own first step shrinks the picture to a few dozen pixels: a JPEG may be decoded at
+# reduced scale for them (whash scales by the picture's size, so it gets the whole picture).
+_REDUCIBLE = {"phash": 4, "ahash": 1, "dhash": 2}
+_JPEG_METADATA = set(range(0xE0, 0xF0)) - {0xEE} | {0xFE}  # APPn (not Adobe's APP14, which sets colours) and COM
+
+
+def jpeg_data_digest(path: str) -> str | None:
+    """Identity of a JPEG's image data (quantisation and Huffman tables, frame, scans) without its
+    metadata (EXIF, ICC profile, comments): the same data decodes to the same pixels. None when
+    the markers cannot be followed."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None
+    if data[:2] != b"\xff\xd8":
+        return None
+    h = hashlib.blake2b(b"jpeg", digest_size=20)
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xDA:  # start of scan: the rest is image data (and further scans)
+            h.update(data[pos:])
+            return h.hexdigest()
+        if marker not in _JPEG_METADATA:
+            h.update(data[pos:pos + 2 + length])
+        pos += 2 + length
+    return None
+
+
 def hash_file(path: str, method: str, hash_size: int) -> dict:
-    """Everything dedupe needs to know about one image file (what ``DedupeStep.prepare`` returns)."""
-    im = open_image(path)
+    """Everything dedupe needs to know about one image file (what ``DedupeStep.prepare`` returns).
+
+    A JPEG is decoded at reduced scale (never below the hash's own thumbnail) when the hash shrinks
+    the picture anyway, and its exact-duplicate identity is its image data without metadata."""
+    factor = _REDUCIBLE.get(method)
+    side = hash_size * factor if factor else None
+    im = open_image(path, reduce_to=(side, side) if side else None)
+    size = im.info.get("full_size", im.size)
     info = describe(im, method, hash_size)
-    info.update(pixels=pixel_digest(im), width=im.size[0], height=im.size[1], format=im.format,
+    pixels = jpeg_data_digest(path) if "full_size" in im.info else None
+    if pixels is None and "full_size" in im.info:  # markers we cannot follow: decode it whole
+        im = open_image(path)
+    info.update(pixels=pixels or pixel_digest(im), width=size[0], height=size[1], format=im.format,
                 lossless=_is_lossless(Path(path), im.format))
     return info
 
@@ -336,7 +380,7 @@ class DedupeStep(DatasetStep):
 
     name = "dedupe"
     summary = "Set aside exact and near-duplicate images (perceptual hash), keeping the best of each group."
-    version = "4"
+    version = "5"
     params = [
         Param("hash", str, "phash", "perceptual hash: phash (robust default), dhash, whash or ahash", choices=HASH_METHODS),
         Param("hash_size", int, 8, "hash side: 8 gives 64-bit hashes, 16 gives 256-bit ones", choices=(8, 16)),

@@ -302,3 +302,41 @@ def test_flatness_is_judged_on_colour_not_only_on_the_grey_thumbnail():
     assert dedupe.describe(im, "phash", 8)["flat"] is False
     assert dedupe.describe(Image.new("RGB", (64, 64), (10, 200, 30)), "phash", 8)["flat"] is True
     assert dedupe.describe(picture(5), "phash", 8) == {"hash": hash_image(picture(5), "phash", 8).hex(), "flat": False}
+
+
+def with_metadata(jpeg_bytes: bytes) -> bytes:
+    """The same JPEG with an EXIF segment and a comment spliced in after the start marker."""
+    exif = b"Exif\x00\x00" + b"camera: none"
+    app1 = b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif
+    com = b"\xff\xfe" + (2 + 5).to_bytes(2, "big") + b"hello"
+    return jpeg_bytes[:2] + app1 + com + jpeg_bytes[2:]
+
+
+def test_a_jpeg_that_differs_only_in_metadata_is_an_exact_duplicate(tmp_path):
+    src = make_folder(tmp_path, {"a.jpg": (picture(50), {"quality": 90})})
+    (src / "a_tagged.jpg").write_bytes(with_metadata((src / "a.jpg").read_bytes()))
+    picture(50).save(src / "a_other_quality.jpg", quality=70)
+    res = run_step("dedupe", src, tmp_path / "out")
+    reasons = res.reasons()
+    assert reasons.pop("a_tagged") == "exact duplicate of a"
+    assert reasons.pop("a_other_quality").startswith("near duplicate (phash distance")
+    assert not reasons
+
+
+def test_open_image_decodes_a_jpeg_at_reduced_scale_when_asked(tmp_path):
+    from lorakit.plugin_sdk import open_image
+
+    picture(60, (400, 320)).save(tmp_path / "a.jpg", quality=90)
+    picture(60, (400, 320)).save(tmp_path / "a.png")
+    small = open_image(tmp_path / "a.jpg", reduce_to=(32, 32))
+    assert small.info["full_size"] == (400, 320) and small.size == (50, 40)  # 1/8 scale keeps both sides >= 32
+    assert open_image(tmp_path / "a.jpg").size == (400, 320)
+    assert open_image(tmp_path / "a.png", reduce_to=(32, 32)).size == (400, 320)
+
+
+def test_reduced_jpeg_decoding_keeps_the_hash_close_and_the_size_whole(tmp_path):
+    picture(61, (640, 480)).save(tmp_path / "a.jpg", quality=90)
+    info = dedupe.hash_file(str(tmp_path / "a.jpg"), "phash", 8)
+    whole = hash_image(Image.open(tmp_path / "a.jpg"), "phash", 8)
+    distance = int(hamming(hashes_to_words([bytes.fromhex(info["hash"]), whole]), np.array([0]), np.array([1]))[0])
+    assert distance <= 4 and (info["width"], info["height"]) == (640, 480)
