@@ -206,6 +206,23 @@ def set_caption(target, image, caption, no_apply):
     t.finish(t.curation.set_caption(t.resolve([image]), caption, by="curate"), no_apply)
 
 
+@curate.command("picture")
+@TARGET
+@click.argument("image")
+@click.argument("picture", type=click.Path(exists=True, dir_okay=False))
+@click.option("--no-apply", is_flag=True, help="only record the edit (the next run applies it)")
+def replace_picture(target, image, picture, no_apply):
+    """Use PICTURE (a retouched version) instead of IMAGE's picture.
+
+    PICTURE is copied beside the curation file (NAME.pictures/), so it
+    survives re-runs and `lorakit clean`. Retouching the file in the
+    dataset folder itself does the same at the next run.
+    """
+    t = Target(target)
+    (image_id,) = t.resolve([image])
+    t.finish(t.curation.replace_image(image_id, picture, by="curate"), no_apply)
+
+
 @curate.command("exclude")
 @TARGET
 @IMAGES

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from lorakit.plugin_sdk import LorakitError, atomic_write_text
+from lorakit.plugin_sdk import LorakitError, atomic_path, atomic_write_text, check_relative
 
 __all__ = [
     "CURATION_VERSION", "DATASET_CURATION_NAME", "OPS", "TAG_OPS",
@@ -47,7 +47,7 @@ CURATION_VERSION = 1
 DATASET_CURATION_NAME = "curation.jsonl"
 ID_LENGTH = 16
 TAG_OPS = ("add_tags", "remove_tags", "replace_tag", "move_to_front", "set_caption")
-OPS = TAG_OPS + ("exclude", "restore", "move_to_subset", "set_keeper", "accept_mask", "reject_mask")
+OPS = TAG_OPS + ("exclude", "restore", "move_to_subset", "set_keeper", "accept_mask", "reject_mask", "replace_image")
 HAND_DELETED_NOTE = "deleted from the dataset folder"
 _SUBSET_RE = re.compile(r"^[^\W][\w.\- ]*$")
 _LOCKS: dict[str, threading.Lock] = {}
@@ -104,6 +104,7 @@ class Edit:
     note: str | None = None
     subset: str | None = None
     drop: list[str] | None = None
+    image: str | None = None  # replace_image: the picture, relative to the curation file's folder
     names: list[str] | None = None
     by: str = "api"
     at: str = ""
@@ -112,7 +113,7 @@ class Edit:
     def to_json(self) -> str:
         data = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "line"}
         order = ["batch", "op", "ids", "tags", "position", "old", "new", "caption", "note", "subset", "drop",
-                 "names", "by", "at"]
+                 "image", "names", "by", "at"]
         return json.dumps({k: data[k] for k in order if k in data}, ensure_ascii=False)
 
     def describe(self) -> str:
@@ -129,6 +130,7 @@ class Edit:
             "set_keeper": lambda: f"keep instead of {len(self.drop or [])} duplicate(s)",
             "accept_mask": lambda: "accept mask",
             "reject_mask": lambda: "reject mask" + (f" ({self.note})" if self.note else ""),
+            "replace_image": lambda: f"picture replaced by {self.image}",
         }[self.op]()
         names = self.names or self.ids
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
@@ -189,6 +191,12 @@ def _check(edit: Edit) -> None:
             raise LorakitError("set_keeper names exactly one id (the new keeper)")
         if not isinstance(edit.drop, list) or not all(isinstance(i, str) and i for i in edit.drop):
             raise LorakitError("set_keeper needs drop (the ids of the images the keeper replaces)")
+    if op == "replace_image":
+        if len(edit.ids) != 1:
+            raise LorakitError("replace_image names exactly one id")
+        if not isinstance(edit.image, str):
+            raise LorakitError("replace_image needs image (the picture's path beside the curation file)")
+        check_relative(edit.image, "replace_image's image")
     for key in ("note", "caption"):
         value = getattr(edit, key)
         if value is not None and not isinstance(value, str):
@@ -390,6 +398,39 @@ class Curation:
         """Keep images' masks, overriding a quality-check rejection when the mask was kept."""
         return self._add("accept_mask", ids, by, names)
 
+    def replace_image(self, image_id: str, picture: str | os.PathLike, by: str = "api",
+                      names: Sequence[str] | None = None) -> Edit:
+        """Use ``picture`` (a retouched version) instead of the pipeline's picture of ``image_id``.
+
+        The file is copied beside the curation file, into ``<name>.pictures/`` (by content), so the
+        edit survives ``lorakit clean`` and a deleted work store; every later run writes it in place
+        of what the steps made (captions, subset and mask decisions still apply)."""
+        from lorakit.plugin_sdk import ImageError, verify_image
+
+        picture = Path(picture)
+        try:
+            verify_image(picture)
+        except ImageError as exc:  # it names the file and the problem
+            raise LorakitError(f"replace_image: {exc}") from None
+        rel = self._keep_picture(picture)
+        return self._add("replace_image", [image_id], by, names, image=rel)
+
+    def pictures_dir(self) -> Path:
+        return self.path.with_name(self.path.name.removesuffix(".jsonl") + ".pictures")
+
+    def _keep_picture(self, picture: Path) -> str:
+        import hashlib
+        import shutil
+
+        digest = hashlib.sha256(picture.read_bytes()).hexdigest()
+        folder = self.pictures_dir()
+        target = folder / (digest + picture.suffix.lower())
+        if not target.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(target) as tmp:
+                shutil.copyfile(picture, tmp)
+        return f"{folder.name}/{target.name}"
+
     def reject_mask(self, ids: Sequence[str] | str, note: str | None = None, by: str = "api",
                     names: Sequence[str] | None = None) -> Edit:
         """Train images without their mask (the mask is kept under set_aside/masks/)."""
@@ -536,6 +577,7 @@ class Decision:
     mask: str | None = None  # "accept" | "reject"
     mask_note: str | None = None
     caption_edits: list[Edit] = field(default_factory=list)
+    image: str | None = None  # replace_image: the picture's path relative to the curation file's folder
     edits: int = 0
 
 
@@ -558,6 +600,8 @@ def decisions(edits: Iterable[Edit]) -> dict[str, Decision]:
                 d.mask, d.mask_note = "accept", None
             elif e.op == "reject_mask":
                 d.mask, d.mask_note = "reject", e.note
+            elif e.op == "replace_image":
+                d.image = e.image
         if e.op == "set_keeper":
             keeper = (e.names or e.ids)[0]
             for i in e.drop or []:
@@ -645,6 +689,7 @@ class CurationResult:
     moved: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     masks: list[str] = field(default_factory=list)
+    pictures: list[str] = field(default_factory=list)  # pictures replaced by hand (retouched)
     orphans: list[tuple[Edit, list[str]]] = field(default_factory=list)  # (edit, missing ids)
     unrestorable: list[tuple[str, str]] = field(default_factory=list)  # (name, why)
     hand: "HandEdits | None" = None
@@ -657,7 +702,8 @@ class CurationResult:
         if self.edits:
             parts = [f"{len(v)} {k}" for k, v in (("excluded", self.excluded), ("restored", self.restored),
                                                   ("moved", self.moved), ("captions edited", self.captions),
-                                                  ("masks decided", self.masks)) if v]
+                                                  ("masks decided", self.masks),
+                                                  ("pictures replaced", self.pictures)) if v]
             lines.append(f"{self.edits} edit(s) from {self.path.name} applied to {self.edited} image(s)"
                          + (": " + ", ".join(parts) if parts else ""))
         for edit, missing in self.orphans[:10]:
@@ -700,6 +746,13 @@ def apply_to_states(states: list[dict], set_aside: list[tuple[dict, str, str]], 
         if d.subset and d.subset != state["subset"]:
             state["subset"] = d.subset
             result.moved.append(name)
+        if d.image:
+            picture = path.parent / d.image
+            if picture.is_file():
+                state["picture"] = str(picture)  # the runner puts it in the store in place of the image
+                result.pictures.append(name)
+            else:
+                result.unrestorable.append((name, f"its replacement picture {picture} is missing"))
         if d.caption_edits:
             before = caption_text(state.get("tags", []), state.get("caption"))
             tags, sentence, text = curate_tags(state.get("tags", []), state.get("caption"), d.caption_edits)
@@ -770,10 +823,11 @@ class HandEdits:
 
     captions: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    pictures: list[str] = field(default_factory=list)
     unkeyed: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.captions or self.deleted)
+        return bool(self.captions or self.deleted or self.pictures)
 
     def messages(self, path: Path) -> list[str]:
         lines = []
@@ -784,9 +838,33 @@ class HandEdits:
             lines.append(f"{len(self.deleted)} image(s) deleted by hand from the dataset folder, now excluded (in "
                          f"{path.name}; `lorakit curate restore` brings them back): "
                          + ", ".join(self.deleted[:5]) + (" ..." if len(self.deleted) > 5 else ""))
+        if self.pictures:
+            lines.append(f"{len(self.pictures)} picture(s) changed by hand in the dataset folder, kept (in "
+                         f"{path.name}, the files under {path.name.removesuffix('.jsonl')}.pictures/): "
+                         + ", ".join(self.pictures[:5]) + (" ..." if len(self.pictures) > 5 else ""))
         if self.unkeyed:
             lines.append(f"{self.unkeyed} hand edit(s) could not be kept: the manifest predates image ids")
         return lines
+
+
+def _take_picture(image: Path, record: dict, curation: "Curation", found: HandEdits) -> None:
+    """A picture lorakit wrote that is no longer as it left it (retouched, cropped, inpainted by
+    hand): when its content changed and it is a readable image, it becomes a replace_image edit."""
+    try:
+        digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    except OSError:
+        return
+    if digest == record.get("sha256"):
+        return  # touched, not changed
+    name = str(Path(record["path"]).with_suffix(""))
+    from lorakit.plugin_sdk import ImageError, verify_image
+
+    try:
+        verify_image(image)
+    except ImageError:
+        return  # half-saved or broken: not an edit; the run writes the picture again
+    curation.replace_image(record["id"], image, by="hand", names=[name])
+    found.pictures.append(name)
 
 
 def _tag_ops(before: list[str], after: list[str]) -> list[tuple[str, list[str]]] | None:
@@ -844,8 +922,16 @@ def take_hand_edits(dataset: str | os.PathLike, curation: Curation, written: dic
                 st = os.stat(os.path.join(root, cap_rel))
             except OSError:
                 st = None
+            try:
+                image_st = os.stat(os.path.join(root, r["path"]))
+            except OSError:
+                image_st = None
+            image_entry = (written or {}).get(r["path"])
+            if image_st is not None and image_entry and len(image_entry) >= 3 and image_entry[1] and \
+                    (image_entry[1], image_entry[2]) != (image_st.st_size, image_st.st_mtime_ns) and r.get("id"):
+                _take_picture(dataset / r["path"], r, curation, found)
             if st is not None and entry and len(entry) >= 3 and entry[1] and (entry[1], entry[2]) == (st.st_size, st.st_mtime_ns):
-                if os.path.exists(os.path.join(root, r["path"])):
+                if image_st is not None:
                     continue  # the caption is exactly as lorakit wrote it (the ledger's size and time)
             image = dataset / r["path"]
             name = str(Path(r["path"]).with_suffix(""))

@@ -178,6 +178,7 @@ class Runner:
         states = [self._adopt_rejected_mask(s) for s in states]
         states, self.set_aside, result = curation_stage.apply_to_states(states, self.set_aside, edits,
                                                                         self.curation.path)
+        states = [self._adopt_picture(s) if s.get("picture") else s for s in states]
         result.hand = hand
         result.changed = (digest_now != previous and (bool(edits) or previous is not None)) or bool(hand)
         self._ensure_subsets(states)
@@ -203,6 +204,21 @@ class Runner:
             "pipeline_subsets": self.pipeline.subsets, "resolution": self.pipeline.resolution,
             "pipeline": _jsonable(self.pipeline.raw),
         }, ensure_ascii=False, default=str))
+
+    def _adopt_picture(self, state: State) -> State:
+        """A picture replaced by hand (curation ``replace_image``) goes into the store in place of the
+        one the steps made; a mask of another size than the new picture no longer fits and is taken off."""
+        from lorakit.plugin_sdk import verify_image
+
+        picture = Path(state["picture"])
+        state = {k: v for k, v in state.items() if k not in ("picture", "image_path")}
+        state["size"] = list(verify_image(picture))
+        state["image"] = self.store.add_file(picture)
+        if state.get("mask") and tuple(self.store.size_of(state["mask"])) != tuple(state["size"]):
+            state["rejected_mask"], state["mask"] = state["mask"], None
+            state["meta"] = dict(state.get("meta") or {}, mask_rejected="the picture was replaced by one of "
+                                 "another size: the mask no longer fits")
+        return state
 
     def _adopt_rejected_mask(self, state: State) -> State:
         """A mask a step rejected but kept (meta ``rejected_mask_file``) becomes the state's

@@ -468,3 +468,65 @@ def test_names_that_do_not_match_the_ids_are_ignored_not_fatal(tmp_path):
     path.write_text('{"op": "exclude", "ids": ["a", "b"], "names": ["only_one"]}\n')
     (edit,) = Curation(path).edits()
     assert edit.names is None and edit.describe() == "exclude: a, b"
+
+
+def test_a_picture_retouched_in_the_dataset_folder_is_kept_across_reruns(tmp_path):
+    raw = _raw(tmp_path)
+    first = _run(tmp_path, raw, steps=("convert", {"tags": {"blacklist": ["watermark"]}}))
+    out = tmp_path / "out"
+    red_id = first.by_name("red").id
+    retouched = Image.new("RGB", (48, 64), "orange")  # inpainted and cropped by hand
+    retouched.save(out / "red.png")
+    again = _run(tmp_path, raw, steps=("convert", {"tags": {"blacklist": ["watermark"]}}))
+    with Image.open(out / "red.png") as im:  # the run did not write the steps' picture over it
+        assert im.size == (48, 64) and im.getpixel((0, 0)) == (255, 165, 0)
+    red = again.by_name("red")
+    assert red.id == red_id and red.edited and (red.width, red.height) == (48, 64)
+    assert red.caption == "1girl, solo, red_background"  # caption edits and steps still apply
+    cur = Curation.for_target(out)
+    (edit,) = [e for e in cur.edits() if e.op == "replace_image"]
+    assert edit.by == "hand" and edit.ids == [red_id] and (cur.path.parent / edit.image).is_file()
+    assert any("picture(s) changed by hand" in m for s in again.stats for m in s.messages)
+    # The work store can go (lorakit clean): the picture beside the curation file is what counts.
+    import shutil
+
+    shutil.rmtree(out / ".lorakit")
+    third = _run(tmp_path, raw, steps=("convert", {"tags": {"blacklist": ["watermark"]}}))
+    with Image.open(out / "red.png") as im:
+        assert im.size == (48, 64)
+    assert third.by_name("red").sha256 == red.sha256
+    cur.undo()  # undoing the edit brings the steps' picture back
+    _run(tmp_path, raw, steps=("convert", {"tags": {"blacklist": ["watermark"]}}))
+    with Image.open(out / "red.png") as im:
+        assert im.size == (64, 64)
+
+
+def test_a_broken_or_merely_touched_picture_is_not_an_edit(tmp_path):
+    import os
+
+    raw = _raw(tmp_path, names=("red", "blue"))
+    _run(tmp_path, raw)
+    out = tmp_path / "out"
+    os.utime(out / "blue.png", ns=(1, 1))  # same bytes, another time
+    (out / "red.png").write_bytes(b"\x89PNG\r\n\x1a\nhalf-saved")
+    res = _run(tmp_path, raw)
+    assert not [e for e in Curation.for_target(out).edits() if e.op == "replace_image"]
+    with Image.open(out / "red.png") as im:  # rewritten from the store
+        assert im.size == (64, 64)
+    assert not res.by_name("red").edited
+
+
+def test_curate_picture_replaces_an_images_picture_from_the_terminal(tmp_path):
+    from conftest import run_cli
+
+    raw = _raw(tmp_path, names=("red", "blue"))
+    _run(tmp_path, raw)
+    fixed = tmp_path / "fixed.png"
+    Image.new("RGB", (32, 32), "white").save(fixed)
+    proc = run_cli("curate", "picture", str(tmp_path / "out"), "red", str(fixed))
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(tmp_path / "out" / "red.png") as im:
+        assert im.size == (32, 32)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    proc = run_cli("curate", "picture", str(tmp_path / "out"), "blue", str(tmp_path / "broken.png"))
+    assert proc.returncode != 0 and "broken.png" in proc.stderr and "Traceback" not in proc.stderr
