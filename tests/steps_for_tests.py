@@ -130,3 +130,20 @@ class KillNode(ImageStep):
             os.kill(os.getppid(), signal.SIGKILL)  # the raylet that started this worker
             os.kill(os.getpid(), signal.SIGKILL)
         return item.replace(tags={**item.tags, "survived": None})
+
+
+class CountSetups(ImageStep):
+    """Writes a file named after its process id in ``marks`` at each setup() (models load there)."""
+
+    name = "countsetups"
+    summary = "Record each setup's process (test step)."
+    params = [Param("marks", str, "", "folder for one file per process that set the step up")]
+
+    def setup(self, ctx):
+        import os
+        from pathlib import Path
+
+        (Path(self.options.marks) / str(os.getpid())).write_text(str(ctx.step_name))
+
+    def process(self, item, ctx):
+        return item

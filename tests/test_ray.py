@@ -22,10 +22,12 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from lorakit import chain  # noqa: E402
 from lorakit.pipeline import parse_pipeline  # noqa: E402
-from lorakit.plugin_sdk import LorakitError  # noqa: E402
+from lorakit.executors import _probe  # noqa: E402
+from lorakit.plugin_sdk import ImageStep, LorakitError, Param  # noqa: E402
 from lorakit.plugin_sdk.testing import _host_with  # noqa: E402
 from lorakit.runner import Runner  # noqa: E402
-from steps_for_tests import KillNode, KillWorker, LoggingStep  # noqa: E402
+from conftest import run_cli  # noqa: E402
+from steps_for_tests import CountSetups, KillNode, KillWorker, LoggingStep  # noqa: E402
 
 _TESTS = str(Path(__file__).parent)
 _MB = 1024 * 1024
@@ -119,11 +121,17 @@ def _manifest(result) -> dict:
 
 
 def _cache(result) -> dict:
+    """The store's cache entries. A chain's memo lists the keys it relies on in the order chunks
+    finished, which differs between any two pool runs: that list is compared as a set."""
     db = sqlite3.connect(result.output_dir / ".lorakit" / "index.sqlite")
     try:
-        return dict(db.execute("SELECT key, value FROM cache"))
+        entries = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM cache")}
     finally:
         db.close()
+    for entry in entries.values():
+        if isinstance(entry, dict) and isinstance(entry.get("keys"), list):
+            entry["keys"] = sorted(entry["keys"])
+    return entries
 
 
 def _blobs(result) -> set[str]:
@@ -166,6 +174,69 @@ def test_the_ray_executor_without_ray_says_how_to_install_it(tmp_path, monkeypat
         _run(tmp_path, raw, "out", "ray")
 
 
+def test_each_ray_worker_sets_a_step_up_once_for_many_chunks(cluster, tmp_path):
+    raw = _dataset(tmp_path / "raw", n=11)
+    (tmp_path / "marks").mkdir()
+    res = _run(tmp_path, raw, "out", "ray", steps=[{"countsetups": {"marks": str(tmp_path / "marks")}}],
+               extra=[CountSetups], workers=2)
+    assert len(res.manifest.images) + len(res.set_aside) == 12  # 12 chunks of one image (few images, 2 workers)
+    workers = {p.name for p in (tmp_path / "marks").iterdir()} - {str(os.getpid())}  # the driver sets up too
+    assert 1 <= len(workers) <= 2
+
+
+class GpuModelStep(ImageStep):
+    """A model step (workers = 1) whose device option asks for CUDA."""
+
+    name = "gpumodel"
+    summary = "A model step on CUDA (test step)."
+    workers = 1
+    params = [Param("device", str, "cuda", "where the model runs")]
+
+    def process(self, item, ctx):
+        return item
+
+
+def test_a_model_step_asks_ray_for_a_gpu_when_its_device_wants_one():
+    assert GpuModelStep.configure().resources(cluster_has_gpus=False) == {"num_cpus": 1, "num_gpus": 1}
+    auto = GpuModelStep.configure({"device": "auto"})
+    assert auto.resources(cluster_has_gpus=True) == {"num_cpus": 1, "num_gpus": 1}
+    assert auto.resources(cluster_has_gpus=False) == {"num_cpus": 1}
+    assert GpuModelStep.configure({"device": "cpu"}).resources(cluster_has_gpus=True) == {"num_cpus": 1}
+    assert LoggingStep.configure().resources(cluster_has_gpus=True) == {"num_cpus": 1}  # not a model step
+
+
+def test_a_gpu_step_on_a_cluster_without_gpus_stops_with_a_clear_error(cluster, tmp_path):
+    raw = _dataset(tmp_path / "raw", n=2)
+    with pytest.raises(LorakitError, match=r"step 'gpumodel' needs 1 CPU and 1 GPU per worker.*device: cpu"):
+        _run(tmp_path, raw, "out", "ray", steps=[{"gpumodel": {}}], extra=[GpuModelStep])
+
+
+def test_the_node_check_names_what_a_node_cannot_see_or_import(tmp_path):
+    store_file = tmp_path / "probe"
+    store_file.write_text("token")
+    from lorakit.plugins.trim import TrimStep
+
+    ok = _probe(str(store_file), "token", [str(store_file)], [("lorakit.plugins.trim", "TrimStep", TrimStep.version)])
+    assert ok["problems"] == []
+    wrong = _probe(str(store_file), "another run's token", [str(tmp_path / "gone.png")],
+                   [("lorakit_no_such_plugin", "Step", "1"), ("lorakit.plugins.trim", "TrimStep", "999")])
+    assert wrong["problems"][0].startswith(f"cannot read {store_file}, which the driver wrote into the store")
+    assert f"cannot read the source file {tmp_path / 'gone.png'}" in wrong["problems"][1]
+    assert "cannot import the step lorakit_no_such_plugin.Step" in wrong["problems"][2]
+    assert "step lorakit.plugins.trim.TrimStep is version" in wrong["problems"][3]
+
+
+def test_executor_settings_are_checked_before_any_work(tmp_path):
+    raw = _dataset(tmp_path / "raw", n=1)
+    (tmp_path / "p.yaml").write_text(f"output: out\nexecutor: spark\nsources:\n  - folder: {{path: {raw}}}\n")
+    bad = run_cli("validate", str(tmp_path / "p.yaml"))
+    assert bad.returncode != 0 and "executor must be local or ray, not 'spark'" in bad.stderr
+    (tmp_path / "p.yaml").write_text(f"output: out\nsources:\n  - folder: {{path: {raw}}}\n")
+    stray = run_cli("run", str(tmp_path / "p.yaml"), "--ray-address", "127.0.0.1:1")
+    assert stray.returncode != 0 and "--ray-address is for the ray executor" in stray.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_killed_ray_worker_loses_no_image(cluster, tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -198,7 +269,7 @@ def test_an_interrupted_ray_run_resumes_from_the_store(cluster, tmp_path, monkey
     resumed = _run(tmp_path, raw, "out", "ray")
     trim = _stat(resumed, "trim")
     assert (trim.cached, trim.computed) == (9, 25 - 9)  # the images finished before the interrupt are not redone
-    fresh = _run(tmp_path, raw, "fresh", "local")
+    fresh = _run(tmp_path, raw, "fresh", "local", workers=1)
     assert _manifest(resumed) == _manifest(fresh)
 
 
