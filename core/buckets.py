@@ -72,3 +72,64 @@ def select_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> Bu
         scale = bw / width
     resized = (int(width * scale + 0.5), int(height * scale + 0.5))
     return BucketChoice((bw, bh), resized)
+
+
+def select_bucket_no_upscale(width: int, height: int, max_area: int, step: int = 64) -> BucketChoice:
+    """kohya's ``bucket_no_upscale``: the bucket comes from the image's own size and is never larger.
+
+    An image of more than ``max_area`` pixels (the resolution squared) is first scaled down, keeping
+    its aspect ratio, to about that area: of the two ways to round (the width to ``step`` and the
+    height from it, or the other way round) the one whose aspect ratio is nearer the image's wins,
+    and the other side follows from the aspect ratio. A smaller image keeps its size. The bucket is
+    then that size with each side rounded down to a multiple of ``step`` (a crop, never padding).
+    ``min_bucket_reso`` / ``max_bucket_reso`` play no part (kohya ignores them here too).
+    """
+    aspect = width / height
+
+    def round_to_steps(x: float) -> int:
+        x = int(x + 0.5)
+        return x - x % step
+
+    if width * height > max_area:
+        resized_width = math.sqrt(max_area * aspect)
+        resized_height = max_area / resized_width
+        by_width = round_to_steps(resized_width)
+        height_for_width = round_to_steps(by_width / aspect)
+        by_height = round_to_steps(resized_height)
+        width_for_height = round_to_steps(by_height * aspect)
+        width_error = abs(by_width / height_for_width - aspect) if height_for_width else math.inf
+        height_error = abs(width_for_height / by_height - aspect) if by_height else math.inf
+        if width_error < height_error:
+            resized = (by_width, int(by_width / aspect + 0.5))
+        else:
+            resized = (int(by_height * aspect + 0.5), by_height)
+    else:
+        resized = (width, height)
+    bucket = (resized[0] - resized[0] % step, resized[1] - resized[1] % step)
+    return BucketChoice(bucket, resized)
+
+
+def crop_ltrb(bucket: tuple[int, int], size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """kohya's ``get_crop_ltrb``: (left, top, right, bottom) of an image of ``size`` fitted *inside*
+    ``bucket`` and centred (the offsets of Stability's SDXL preprocessing). Floats, as kohya's are;
+    left/top are floored. SDXL's crop conditioning is made from these, not from the crop taken."""
+    bucket_aspect = bucket[0] / bucket[1]
+    image_aspect = size[0] / size[1]
+    if bucket_aspect > image_aspect:
+        fitted_width, fitted_height = bucket[1] * image_aspect, bucket[1]
+    else:
+        fitted_width, fitted_height = bucket[0], bucket[0] / image_aspect
+    left = (bucket[0] - fitted_width) // 2
+    top = (bucket[1] - fitted_height) // 2
+    return left, top, left + fitted_width, top + fitted_height
+
+
+def sdxl_time_ids(size: tuple[int, int], bucket: tuple[int, int], flipped: bool) -> list[int]:
+    """SDXL's added time ids as kohya computes them: original height and width (the image's size before
+    any resize), crop top and left from ``crop_ltrb`` (flipped: the left is the bucket width minus
+    the right), target height and width (the bucket). A random crop does not change them (kohya's
+    note: it has no way to express one)."""
+    left, top, right, _ = crop_ltrb(bucket, size)
+    if flipped:
+        left = bucket[0] - right
+    return [int(size[1]), int(size[0]), int(top), int(left), int(bucket[1]), int(bucket[0])]

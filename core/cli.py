@@ -361,7 +361,11 @@ def schema():
               help="kohya: image_dir relative to the config's folder (default: absolute)")
 @click.option("--force", is_flag=True,
               help="write into a non-empty folder that is not a lorakit export (same names are overwritten)")
-def export(format, dataset, output, repeat_lines, relative_paths, force):
+@click.option("--bucket-no-upscale", is_flag=True,
+              help="kohya: buckets from each image's own size, never upscaled")
+@click.option("--random-crop", is_flag=True,
+              help="kohya: random crops (kohya then refuses --cache_latents)")
+def export(format, dataset, output, repeat_lines, relative_paths, force, bucket_no_upscale, random_crop):
     """Export DATASET (a lorakit dataset folder) to OUTPUT in another trainer's layout.
 
     \b
@@ -379,7 +383,8 @@ def export(format, dataset, output, repeat_lines, relative_paths, force):
     manifest = load_dataset(Path(dataset))
     report = None
     if format == "kohya":
-        report = export_kohya_report(manifest, Path(output), relative_paths=relative_paths, force=force)
+        report = export_kohya_report(manifest, Path(output), relative_paths=relative_paths, force=force,
+                                     bucket_no_upscale=bucket_no_upscale, random_crop=random_crop)
         target = report.config
     else:
         target = export_diffusers(manifest, Path(output), repeat_lines=repeat_lines, force=force)

@@ -192,15 +192,17 @@ class KohyaExport:
                 + (" --masked_loss" if self.masked_loss else ""))
 
 
-def export_kohya(manifest: Manifest, out: Path, *, relative_paths: bool = False, force: bool = False) -> Path:
+def export_kohya(manifest: Manifest, out: Path, *, relative_paths: bool = False, force: bool = False,
+                 bucket_no_upscale: bool = False, random_crop: bool = False) -> Path:
     """Write ``img/N_name``, ``reg/N_name``, ``mask/N_name`` and a ``dataset_config.toml``; return its path.
 
     See ``export_kohya_report`` for what the config needs (``--masked_loss``) and what it loses."""
-    return export_kohya_report(manifest, out, relative_paths=relative_paths, force=force).config
+    return export_kohya_report(manifest, out, relative_paths=relative_paths, force=force,
+                               bucket_no_upscale=bucket_no_upscale, random_crop=random_crop).config
 
 
-def export_kohya_report(manifest: Manifest, out: Path, *, relative_paths: bool = False,
-                        force: bool = False) -> KohyaExport:
+def export_kohya_report(manifest: Manifest, out: Path, *, relative_paths: bool = False, force: bool = False,
+                        bucket_no_upscale: bool = False, random_crop: bool = False) -> KohyaExport:
     """Export in kohya's layout, with a ``dataset_config.toml`` that kohya's ``ConfigSanitizer`` accepts.
 
     kohya reads masks for masked loss only from a ControlNet-style dataset (every subset with a
@@ -211,6 +213,8 @@ def export_kohya_report(manifest: Manifest, out: Path, *, relative_paths: bool =
     ``image_dir`` paths are absolute (kohya resolves relative ones against its working directory);
     ``relative_paths`` writes them relative to the config's folder instead. The folder is an
     ``ExportTarget``: a non-empty folder that is not a lorakit export is refused unless ``force``.
+    ``bucket_no_upscale`` and ``random_crop`` are the trainer settings of the same names (``[general]``
+    and every subset).
     """
     from .export_target import ExportTarget
 
@@ -238,6 +242,8 @@ def export_kohya_report(manifest: Manifest, out: Path, *, relative_paths: bool =
                     dest.write_with(mask_target, lambda tmp, src=src: _white_mask(src, tmp))
         entry = {"image_dir": _config_path(folder, out, relative_paths), "num_repeats": sub.repeats,
                  "caption_extension": ".txt", "keep_tokens": sub.keep_tokens}
+        if random_crop:
+            entry["random_crop"] = True
         if sub.keep_tokens_separator:
             entry["keep_tokens_separator"] = sub.keep_tokens_separator
         for key in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate", "flip_aug"):
@@ -245,6 +251,8 @@ def export_kohya_report(manifest: Manifest, out: Path, *, relative_paths: bool =
                 entry[key] = getattr(sub, key)
         if with_masks:
             entry["conditioning_data_dir"] = _config_path(mask_folder, out, relative_paths)
+            if entry.pop("random_crop", False):
+                lost.append(f"{name}: random_crop (kohya's masked datasets refuse it; they are centre-cropped)")
             if sub.class_tokens:
                 lost.append(f"{name}: class_tokens {sub.class_tokens!r} (kohya's masked datasets have none; "
                             "every image has its caption file)")
@@ -260,7 +268,7 @@ def export_kohya_report(manifest: Manifest, out: Path, *, relative_paths: bool =
     min_bucket, max_bucket = bucket_bounds(resolution, step=64)  # the rule the trainer and the buckets step use
     datasets = [{"resolution": resolution, "batch_size": 1, "subsets": subsets} for subsets in (plain, masked) if subsets]
     config = {
-        "general": {"enable_bucket": True, "bucket_no_upscale": False, "min_bucket_reso": min_bucket,
+        "general": {"enable_bucket": True, "bucket_no_upscale": bool(bucket_no_upscale), "min_bucket_reso": min_bucket,
                     "max_bucket_reso": max_bucket, "bucket_reso_steps": 64},
         "datasets": datasets,
     }

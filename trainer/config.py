@@ -147,6 +147,11 @@ SETTINGS: list[Setting] = [
     S("max_bucket_reso", int, None, "largest bucket side (default: kohya's 1024, or the resolution when larger)",
       min=8, nullable=True, group="data"),
     S("bucket_reso_steps", int, 64, "bucket sides are multiples of this", min=8, group="data"),
+    S("bucket_no_upscale", bool, False, "never upscale: each image's bucket is its own size (scaled down to the "
+      "resolution's area when larger) rounded down to bucket_reso_steps; min/max_bucket_reso unused (kohya)",
+      group="data"),
+    S("random_crop", bool, False, "crop each sample at a random place instead of the centre when fitting it to its "
+      "bucket (kohya); needs cache_latents none, which it then defaults to", group="data"),
     S("shuffle_caption", bool, False, "shuffle the tags of each caption (keep tokens stay first)", group="data"),
     S("keep_tokens", int, 0, "leading tags never shuffled or dropped (a subset's own setting wins)", min=0,
       group="data"),
@@ -388,6 +393,12 @@ def validate_settings(settings: dict[str, Any] | None, where: str = "train", *, 
     low, high = values["min_timestep"], values["max_timestep"]
     if low is not None and high is not None and low > high:
         raise LorakitError(f"{where}: train setting 'min_timestep' = {low} is above 'max_timestep' = {high}")
+    if values["random_crop"]:
+        if "cache_latents" not in normalised:
+            values["cache_latents"] = "none"  # a cached latent has one crop; kohya refuses the two together
+        elif values["cache_latents"] != "none":
+            raise LorakitError(f"{where}: train setting 'random_crop' needs cache_latents = none (a cached latent has "
+                               f"one crop; kohya refuses the two together), not {values['cache_latents']!r}")
     if is_adaptive(values["optimizer"]) and "learning_rate" not in normalised:
         values["learning_rate"] = 1.0  # an adaptive optimiser finds the step size; its LR is a multiplier
     if values["device"] not in ("auto", "cpu") and not values["device"].startswith("cuda"):

@@ -2,8 +2,10 @@
 
 Everything the trainer knows about the dataset comes from the manifest (``lorakit.manifest``).
 Bucketing is kohya's (``lorakit.buckets``): every image goes to the bucket of nearest aspect ratio,
-is scaled to cover it and centre-cropped; a batch holds images of one bucket only. Repeats put an
-image that many times in each epoch; regularisation images fill as many places as training images.
+is scaled to cover it and centre-cropped (``random_crop``: cropped at a random place); with
+``bucket_no_upscale`` the bucket comes from the image's own size instead. A batch holds images of
+one bucket only. Repeats put an image that many times in each epoch; regularisation images fill as
+many places as training images.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorakit.buckets import bucket_bounds, make_buckets, select_bucket
+from lorakit.buckets import bucket_bounds, make_buckets, sdxl_time_ids, select_bucket, select_bucket_no_upscale
 from lorakit.plugin_sdk import LorakitError, file_digest, image_size, open_image
 
 
@@ -43,11 +45,26 @@ class TrainImage:
     caption_prefix: str | None = None
     caption_suffix: str | None = None
     caption_dropout_every_n_epochs: int = 0
+    random_crop: bool = False
 
     @property
     def crop(self) -> tuple[int, int]:
         """(top, left) of the centre crop from the resized image to the bucket."""
         return (self.resized[1] - self.bucket[1]) // 2, (self.resized[0] - self.bucket[0]) // 2
+
+    def crop_for_sample(self, rng: random.Random) -> tuple[int, int]:
+        """(top, left) of this sample's crop: the centre one, or with ``random_crop`` a random one (kohya:
+        the left drawn first, then the top, each uniform over every whole offset). Without
+        ``random_crop`` ``rng`` is not used, so the other draws of a run stay the same."""
+        if not self.random_crop:
+            return self.crop
+        left = rng.randint(0, self.resized[0] - self.bucket[0])
+        top = rng.randint(0, self.resized[1] - self.bucket[1])
+        return top, left
+
+    def time_ids(self, flipped: bool) -> list[int]:
+        """SDXL's size and crop conditioning for this image, as kohya computes it (``sdxl_time_ids``)."""
+        return sdxl_time_ids(self.size, self.bucket, flipped)
 
 
 @dataclass
@@ -113,7 +130,10 @@ def build_training_data(manifest, config, resolution: int, *, use_masks: bool = 
     """Turn the manifest's images into ``TrainImage`` records with their buckets and caption settings."""
     if not manifest.images:
         raise LorakitError(f"{manifest.root}: the dataset has no images")
-    if config.enable_bucket:
+    no_upscale = config.enable_bucket and config.values.get("bucket_no_upscale", False)
+    if no_upscale:
+        buckets: list[tuple[int, int]] = []  # each image makes its own (min/max_bucket_reso are not used)
+    elif config.enable_bucket:
         try:
             low, high = bucket_bounds(resolution, config.min_bucket_reso, config.max_bucket_reso,
                                       config.bucket_reso_steps)
@@ -132,7 +152,14 @@ def build_training_data(manifest, config, resolution: int, *, use_masks: bool = 
         width, height = record.width, record.height
         if not width or not height:
             width, height = image_size(path)  # header only
-        choice = select_bucket(width, height, buckets)
+        if no_upscale:
+            choice = select_bucket_no_upscale(width, height, resolution * resolution, config.bucket_reso_steps)
+            if not all(choice.bucket):
+                raise LorakitError(f"{manifest.root}: image {record.path} is {width}x{height}, smaller than one bucket "
+                                   f"step ({config.bucket_reso_steps}); with bucket_no_upscale it fits no bucket "
+                                   "(upscale it, remove it or lower bucket_reso_steps)")
+        else:
+            choice = select_bucket(width, height, buckets)
 
         def pick(name: str, default):
             value = getattr(subset, name, None) if subset is not None else None
@@ -158,7 +185,10 @@ def build_training_data(manifest, config, resolution: int, *, use_masks: bool = 
             flip_aug=pick("flip_aug", config.flip_aug),
             caption_prefix=config.caption_prefix, caption_suffix=config.caption_suffix,
             caption_dropout_every_n_epochs=config.caption_dropout_every_n_epochs,
+            random_crop=bool(config.values.get("random_crop", False)),
         ))
+    if no_upscale:
+        buckets = sorted({image.bucket for image in images})  # kohya: the buckets the images made
     if not any(not i.is_reg for i in images):
         raise LorakitError(f"{manifest.root}: the dataset has only regularisation images; nothing to train on")
     return TrainingData(images=images, buckets=buckets, resolution=resolution, batch_size=config.batch_size,
@@ -208,8 +238,9 @@ def make_caption(image: TrainImage, rng: random.Random, *, step: int = 0, token_
 
 
 # ----- pixels -----------------------------------------------------------------------------------
-def load_pixels(image: TrainImage, flip: bool) -> torch.Tensor:
-    """The image scaled to cover its bucket and centre-cropped, as a (3, H, W) tensor in [-1, 1]."""
+def load_pixels(image: TrainImage, flip: bool, crop: tuple[int, int] | None = None) -> torch.Tensor:
+    """The image scaled to cover its bucket and cropped to it (at ``crop`` = (top, left), by default the
+    centre), as a (3, H, W) tensor in [-1, 1]."""
     from PIL import Image
 
     with open_image(image.path) as im:
@@ -219,21 +250,22 @@ def load_pixels(image: TrainImage, flip: bool) -> torch.Tensor:
         raise LorakitError(f"{image.path}: size {rgb.size} differs from the manifest's {image.size}; re-run the pipeline")
     resample = Image.Resampling.LANCZOS if rgb.size[0] > image.resized[0] else Image.Resampling.BICUBIC
     rgb = rgb.resize(image.resized, resample)
-    top, left = image.crop
+    top, left = image.crop if crop is None else crop
     rgb = rgb.crop((left, top, left + image.bucket[0], top + image.bucket[1]))
     array = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0
     tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
     return torch.flip(tensor, dims=[2]) if flip else tensor
 
 
-def load_mask(image: TrainImage, latent_size: tuple[int, int], flip: bool) -> torch.Tensor:
+def load_mask(image: TrainImage, latent_size: tuple[int, int], flip: bool,
+              crop: tuple[int, int] | None = None) -> torch.Tensor:
     """The mask at latent resolution as (1, h, w) in [0, 1]: white = train, black = ignore."""
     from PIL import Image
 
     with open_image(image.mask) as im:
         grey = im.convert("L")
     grey = grey.resize(image.resized, Image.Resampling.BILINEAR)
-    top, left = image.crop
+    top, left = image.crop if crop is None else crop
     grey = grey.crop((left, top, left + image.bucket[0], top + image.bucket[1]))
     grey = grey.resize(latent_size, Image.Resampling.BILINEAR)
     tensor = torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0)[None]
@@ -280,9 +312,13 @@ class LatentCache:
                  "flip" if flip else "noflip", self.fingerprint]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
-    def get(self, image: TrainImage, flip: bool) -> torch.Tensor:
-        if self.mode == "none":
-            return self._encode([image], [flip])[0]
+    def get(self, image: TrainImage, flip: bool, crop: tuple[int, int] | None = None) -> torch.Tensor:
+        """The latent of ``image`` (flipped or not) cropped at ``crop`` (default: the centre). Only the
+        centre crop is cached: ``random_crop`` needs ``cache_latents: none``, as in kohya."""
+        if self.mode == "none" or (crop is not None and crop != image.crop):
+            if self.mode != "none":
+                raise LorakitError("random_crop needs cache_latents = none (a cached latent has one crop)")
+            return self._encode([image], [flip], [crop])[0]
         key = self.key(image, flip)
         if key in self.memory:
             return self.memory[key]
@@ -310,8 +346,11 @@ class LatentCache:
         return latent
 
     @torch.no_grad()
-    def _encode(self, images: list[TrainImage], flips: list[bool]) -> list[torch.Tensor]:
-        pixels = torch.stack([load_pixels(i, f) for i, f in zip(images, flips)]).to(self.device, self.vae.dtype)
+    def _encode(self, images: list[TrainImage], flips: list[bool],
+                crops: list[tuple[int, int] | None] | None = None) -> list[torch.Tensor]:
+        crops = crops or [None] * len(images)
+        pixels = torch.stack([load_pixels(i, f, c) for i, f, c in zip(images, flips, crops)]).to(self.device,
+                                                                                                 self.vae.dtype)
         # The distribution's mean: deterministic, so a cached latent equals a fresh one.
         latents = self.vae.encode(pixels).latent_dist.mean
         self.encoded += len(images)

@@ -426,16 +426,16 @@ class Trainer:
             image = self.data_.images[index]
             rng = random.Random(f"{config.seed}:{epoch}:{batch_index}:{position}")
             flip = image.flip_aug and rng.random() < 0.5
-            latent = self.cache.get(image, flip)
+            crop = image.crop_for_sample(rng)  # the centre, or a random place with random_crop
+            latent = self.cache.get(image, flip, crop)
             latents.append(latent)
             captions.append(make_caption(image, rng, step=self.global_step, token_warmup_min=config.token_warmup_min,
                                          token_warmup_step=config.token_warmup_step, epoch=epoch + 1))
-            top, left = image.crop
-            time_ids.append([image.size[1], image.size[0], top, left, image.bucket[1], image.bucket[0]])
+            time_ids.append(image.time_ids(flip))  # SDXL: kohya's original size, crop top/left, target size
             weights.append(config.prior_loss_weight if image.is_reg else 1.0)
             if config.masked_loss:
                 if image.mask is not None:
-                    masks.append(load_mask(image, (latent.shape[2], latent.shape[1]), flip))
+                    masks.append(load_mask(image, (latent.shape[2], latent.shape[1]), flip, crop))
                 else:
                     masks.append(torch.ones(1, latent.shape[1], latent.shape[2]))
         vae_config = self.base.vae.config
