@@ -147,6 +147,18 @@ def _probe(store_file: str, token: str, sources: list[str], classes: list[tuple[
     return {"host": socket.gethostname(), "problems": problems}
 
 
+def _check_reachable(address: str) -> None:
+    """A head node's host:port that does not answer is a clear error now (Ray itself retries for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if address in ("auto", "local") or "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise LorakitError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}): is the head node "
+                           "running (ray start --head), and is this its address and port?") from None
+
+
 class RayExecutor(Executor):
     """Per-image work as Ray actor tasks: each actor is a worker process holding the configured
     steps (models load once per actor), asking Ray for the resources its chain declares
@@ -179,6 +191,7 @@ class RayExecutor(Executor):
 
         # No address: a Ray instance of this machine's own, never a cluster found by guessing.
         address = self.address or "local"
+        _check_reachable(address)
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                      configure_logging=True)

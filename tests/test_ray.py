@@ -235,6 +235,9 @@ def test_executor_settings_are_checked_before_any_work(tmp_path):
     stray = run_cli("run", str(tmp_path / "p.yaml"), "--ray-address", "127.0.0.1:1")
     assert stray.returncode != 0 and "--ray-address is for the ray executor" in stray.stderr
     assert not (tmp_path / "out").exists()
+    (tmp_path / "p.yaml").write_text(f"output: out2\nsources:\n  - folder: {{path: {raw}}}\nsteps: [trim]\n")
+    nobody = run_cli("run", str(tmp_path / "p.yaml"), "--executor", "ray", "--ray-address", "127.0.0.1:1")
+    assert nobody.returncode != 0 and "cannot reach the Ray cluster at 127.0.0.1:1" in nobody.stderr
 
 
 def test_a_killed_ray_worker_loses_no_image(cluster, tmp_path):
