@@ -61,16 +61,30 @@ def read_selected_tags(path: Path) -> TagTable:
 def prepare_image(image: Image.Image, size: int) -> np.ndarray:
     """The WD14 preprocessing: composite on white, pad to a centred white square, bicubic resize
     to ``size``, RGB -> BGR, float32 in 0..255, shape (size, size, 3)."""
-    rgba = image.convert("RGBA")
-    flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    flat.alpha_composite(rgba)
-    rgb = flat.convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        flat.alpha_composite(rgba)
+        rgb = flat.convert("RGB")
+    else:  # no alpha: compositing on white would change no pixel
+        rgb = image.convert("RGB") if image.mode != "RGB" else image
     side = max(rgb.size)
-    square = Image.new("RGB", (side, side), (255, 255, 255))
-    square.paste(rgb, ((side - rgb.width) // 2, (side - rgb.height) // 2))
+    if rgb.width == rgb.height:
+        square = rgb
+    else:
+        square = Image.new("RGB", (side, side), (255, 255, 255))
+        square.paste(rgb, ((side - rgb.width) // 2, (side - rgb.height) // 2))
     if side != size:
         square = square.resize((size, size), Image.BICUBIC)
     return np.asarray(square, dtype=np.float32)[:, :, ::-1].copy()
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (the affinity mask, which containers and taskset narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def mcut_threshold(scores: np.ndarray) -> float:
@@ -121,6 +135,8 @@ class WD14Step(ImageStep):
         *style_params("underscores"),
         device_param(),
         Param("batch_size", int, 0, "images per model run (0 = by device: 1 on the CPU, 32 on CUDA)", min=0),
+        Param("cpu_threads", int, 0, "on the CPU: pictures decoded and tagged at once, each on one thread "
+              "(0 = one per core)", min=0),
     ]
 
     # ----- model --------------------------------------------------------------------------------
@@ -141,13 +157,20 @@ class WD14Step(ImageStep):
         if device.startswith("cuda:"):
             providers = [("CUDAExecutionProvider", {"device_id": int(device[5:])}) if p == "CUDAExecutionProvider"
                          else p for p in providers]
+        cuda = device != "cpu" and "CUDAExecutionProvider" in providers
+        # On the CPU, a convnet or ViT tagger gains nothing from batches (activations grow with the
+        # batch, the arithmetic does not get cheaper) and one model run scales imperfectly over the
+        # cores while the decode of the next picture leaves them idle. So each of `cpu_threads`
+        # lanes (one per core) decodes a picture and runs the model on it on its own thread: one
+        # onnxruntime thread per run (intra_op 1, no spinning thread pool), concurrent runs of one
+        # session (the weights once in memory). On CUDA the session gets big batches instead, fed by
+        # decoding threads.
+        self.lanes = 1 if cuda else (self.options.cpu_threads or cpu_cores())
         options = ort.SessionOptions()
-        # One image at a time on the CPU (a convnet gains nothing from batching there and its
-        # activations grow with the batch); all cores for the operators, while a helper thread
-        # decodes and resizes the next pictures (PIL and numpy release the GIL).
-        options.intra_op_num_threads = os.cpu_count() or 1
+        options.intra_op_num_threads = cpu_cores() if cuda else 1
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0" if not cuda else "1")
         try:
             self.session = ort.InferenceSession(str(files["model.onnx"]), sess_options=options, providers=providers)
         except Exception as exc:
@@ -161,14 +184,17 @@ class WD14Step(ImageStep):
         self.size = int(shape[1])
         # Some exports have a fixed batch of 1: feed them one picture at a time.
         self.max_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
-        on_gpu = "CUDAExecutionProvider" in self.session.get_providers()
+        self.on_gpu = on_gpu = "CUDAExecutionProvider" in self.session.get_providers()
+        if not on_gpu:
+            self.lanes = self.options.cpu_threads or cpu_cores()
         if self.options.batch_size:
             self.run_batch = self.options.batch_size
         else:
             self.run_batch = 32 if on_gpu else 1
         if self.max_batch:
             self.run_batch = min(self.run_batch, self.max_batch)
-        self.batch_size = max(16, self.run_batch)  # images the runner hands over at a time
+        # Images the runner hands over at a time: enough for every lane (or a few GPU batches).
+        self.batch_size = max(16, 4 * self.run_batch * self.lanes)
         outputs = self.session.get_outputs()[0].shape
         if isinstance(outputs[-1], int) and outputs[-1] != len(self.tags.names):
             raise LorakitError(f"wd14 tagger model: model.onnx has {outputs[-1]} outputs but selected_tags.csv "
@@ -204,36 +230,52 @@ class WD14Step(ImageStep):
         return tags, rating, ratings
 
     def process_batch(self, items: list[Item], ctx: StepContext) -> list:
-        """Decode and preprocess in a helper thread while the model runs on what is ready, in
-        batches of ``run_batch`` (1 on the CPU, 32 on CUDA unless ``batch_size`` says otherwise)."""
+        """Tag ``items``: on the CPU in ``lanes`` threads that each decode and tag one group of
+        ``run_batch`` pictures (1 by default) at a time; on CUDA in batches of ``run_batch`` while
+        two threads decode the next pictures. Results (or the error that set a picture aside) are
+        in the order of ``items``."""
         from concurrent.futures import ThreadPoolExecutor
 
-        def prepare(item):
-            try:
-                return prepare_image(item.open(), self.size)
-            except Exception as exc:  # a broken picture is set aside, the others are tagged
-                return exc
-
+        groups = [list(range(i, min(i + self.run_batch, len(items)))) for i in range(0, len(items), self.run_batch)]
         results: list = [None] * len(items)
-        pending: list[tuple[int, np.ndarray]] = []
-
-        def flush():
-            if pending:
-                all_scores = self.scores(np.stack([a for _, a in pending]))
-                for (n, _), scores in zip(pending, all_scores):
-                    results[n] = self._apply(items[n], scores)
-                pending.clear()
-
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wd14-prepare") as pool:
-            for n, prepared in enumerate(pool.map(prepare, items)):
-                if isinstance(prepared, Exception):
-                    results[n] = prepared
-                    continue
-                pending.append((n, prepared))
-                if len(pending) >= self.run_batch:
-                    flush()
-            flush()
+        if not self.on_gpu:
+            with ThreadPoolExecutor(max_workers=min(self.lanes, len(groups)) or 1, thread_name_prefix="wd14-lane") as pool:
+                for group, tagged in zip(groups, pool.map(lambda g: self._tag_group(items, g), groups)):
+                    for n, out in zip(group, tagged):
+                        results[n] = out
+            return results
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="wd14-decode") as pool:
+            # The next group decodes while the model runs on this one (two groups in memory at most).
+            ahead = pool.submit(lambda: [self._prepare(items[n]) for n in groups[0]]) if groups else None
+            for k, group in enumerate(groups):
+                arrays = ahead.result()
+                ahead = pool.submit(lambda g=groups[k + 1]: [self._prepare(items[n]) for n in g]) \
+                    if k + 1 < len(groups) else None
+                for n, out in zip(group, self._run_group(items, group, arrays)):
+                    results[n] = out
         return results
+
+    def _prepare(self, item: Item):
+        try:
+            return prepare_image(item.open(), self.size)
+        except Exception as exc:  # a broken picture is set aside, the others are tagged
+            return exc
+
+    def _tag_group(self, items: list[Item], group: list[int]) -> list:
+        return self._run_group(items, group, [self._prepare(items[n]) for n in group])
+
+    def _run_group(self, items: list[Item], group: list[int], arrays: list) -> list:
+        """Tagged items (or errors) for the pictures ``group`` of ``items``, decoded as ``arrays``."""
+        out: list = list(arrays)
+        good = [k for k, a in enumerate(arrays) if not isinstance(a, Exception)]
+        if good:
+            try:
+                all_scores = self.scores(np.stack([arrays[k] for k in good]))
+            except Exception as exc:
+                return [exc if k in good else arrays[k] for k in range(len(arrays))]
+            for k, scores in zip(good, all_scores):
+                out[k] = self._apply(items[group[k]], scores)
+        return out
 
     def process(self, item: Item, ctx: StepContext) -> Item:
         return self._apply(item, self.scores(prepare_image(item.open(), self.size)[None])[0])
