@@ -65,6 +65,7 @@ class BlipStep(ImageStep):
         Param("precision", str, "auto", "weights precision: auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16",
               choices=PRECISIONS),
         device_param(),
+        Param("batch_size", int, 0, "pictures per generate call (0 = by device: 2 on the CPU, 16 on CUDA)", min=0),
     ]
 
     @classmethod
@@ -114,21 +115,41 @@ class BlipStep(ImageStep):
             raise ModelNotFound(f"blip captioning model: cannot load {folder / 'model.safetensors'} "
                                 f"({type(exc).__name__}: {exc})") from None
         self.model = model.to(self.device).eval()
+        on_gpu = self.device.startswith("cuda")
+        # Device-sized batches: on CUDA many pictures per generate call; on the CPU a couple (a
+        # batch shares the per-token Python work of generate, but the cross-attention cache grows
+        # with pictures x beams: about 130 MB per picture at beams 3 for BLIP large in fp32).
+        self.run_batch = self.options.batch_size or (16 if on_gpu else 2)
+        self.batch_size = max(8, 2 * self.run_batch)  # pictures the runner hands over per call
+        if not on_gpu:
+            # All cores for torch's operators (its default counts physical cores, which a container
+            # limit or taskset can narrow further); the decoding thread below takes little.
+            from .wd14 import cpu_cores
+
+            torch.set_num_threads(cpu_cores())
 
     # ----- captions -----------------------------------------------------------------------------
-    def captions(self, images: list[Image.Image]) -> list[str]:
-        """BLIP sentences for a batch of pictures."""
-        import torch
-
+    def _inputs(self, images: list[Image.Image]) -> dict:
+        """The model's inputs for a group of pictures: flattened on white, resized and normalised by
+        the model's processor, on the device in the model's precision."""
         o = self.options
         texts = [o.prompt] * len(images) if o.prompt else None
         inputs = self.processor(images=[_flatten_on_white(im) for im in images], text=texts, return_tensors="pt")
-        inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
-                  for k, v in inputs.items()}
+        return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                for k, v in inputs.items()}
+
+    def _generate(self, inputs: dict) -> list[str]:
+        import torch
+
+        o = self.options
         with torch.inference_mode():
             out = self.model.generate(**inputs, num_beams=o.beams, min_length=o.min_length, max_length=o.max_length,
                                       repetition_penalty=o.repetition_penalty, do_sample=False)
         return [" ".join(text.split()) for text in self.processor.batch_decode(out, skip_special_tokens=True)]
+
+    def captions(self, images: list[Image.Image]) -> list[str]:
+        """BLIP sentences for a batch of pictures (one generate call)."""
+        return self._generate(self._inputs(images))
 
     def _apply(self, item: Item, sentence: str) -> Item:
         o = self.options
@@ -139,20 +160,37 @@ class BlipStep(ImageStep):
         return item.replace(caption=sentence)
 
     def process_batch(self, items: list[Item], ctx: StepContext) -> list:
+        """Caption ``items`` in groups of ``run_batch``; a helper thread decodes and preprocesses
+        the next group while the model generates for this one (PIL and torch release the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         results: list = [None] * len(items)
-        images, todo = [], []
+        todo = []
         for n, item in enumerate(items):
             if self.options.combine == "keep" and item.caption:
                 results[n] = item
-                continue
-            try:
-                images.append(item.open())
+            else:
                 todo.append(n)
-            except Exception as exc:  # one broken picture is set aside; the batch goes on
-                results[n] = exc
-        if images:
-            for n, sentence in zip(todo, self.captions(images)):
-                results[n] = self._apply(items[n], sentence)
+        groups = [todo[i:i + self.run_batch] for i in range(0, len(todo), self.run_batch)]
+
+        def prepare(group: list[int]):
+            opened, good = [], []
+            for n in group:
+                try:
+                    opened.append(items[n].open())
+                    good.append(n)
+                except Exception as exc:  # one broken picture is set aside; the batch goes on
+                    results[n] = exc
+            return good, (self._inputs(opened) if opened else None)
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="blip-prepare") as pool:
+            ahead = pool.submit(prepare, groups[0]) if groups else None
+            for k in range(len(groups)):
+                good, inputs = ahead.result()
+                ahead = pool.submit(prepare, groups[k + 1]) if k + 1 < len(groups) else None
+                if inputs is not None:
+                    for n, sentence in zip(good, self._generate(inputs)):
+                        results[n] = self._apply(items[n], sentence)
         return results
 
     def process(self, item: Item, ctx: StepContext) -> Item:

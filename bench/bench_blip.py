@@ -1,0 +1,202 @@
+"""BLIP captioning on the CPU: lorakit's step against a plain per-image `generate` loop.
+
+    python bench/bench_blip.py                    # 24 pictures, 3 pairs, beams 3
+    python bench/bench_blip.py --images 48 --pairs 5 --beams 1
+
+No BLIP can be downloaded here, so the bench builds a small one with random weights from a
+transformers BlipConfig (real BlipForConditionalGeneration, BERT tokenizer over a small vocabulary):
+vision 4 layers x 256 wide at 224 px (patch 16), text decoder 4 layers x 256 wide. Far smaller
+than BLIP large (24 + 12 layers x 1024/768 at 384 px): the per-token Python work of `generate`
+weighs more here than with a real model. Pictures: bench/photo_inputs.py's ~1 MP photos (mixed
+formats, one third transparent, composited on white by both sides).
+
+Each run is its own process, alternating A B, B A, ...:
+* A  `loop`: for each file: PIL open, RGB (transparency on white), the model's BlipProcessor, one
+  `model.generate` per picture under torch.no_grad, torch's default threads (what a user's
+  script or a captioning GUI does). Written here, not lorakit's code.
+* B  `lorakit`: BlipStep.setup + process_batch as the runner calls it (step.batch_size pictures a
+  call), device cpu: groups of `run_batch` pictures (2 on the CPU) per generate call under
+  inference_mode, a helper thread decoding and preprocessing the next group, torch threads set to
+  the cores.
+Same generation settings on both sides (beams, min/max length, no sampling); the captions must be
+equal. Reported: speed ratio A/B per pair of wall and of CPU time (median, min, max), peak memory.
+
+Measured (2 cores shared with other jobs; load average printed with each run):
+  see the end of this docstring.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from photo_inputs import make_photo_set  # noqa: E402
+
+WORDS = ("a an the photo picture image of cat dog woman man girl boy red blue green white black sitting standing "
+         "on in with long short hair and at is room street table chair window tree sky water coffee cup rocket "
+         "space suit face close up view background light dark small large").split()
+
+
+def build_blip(folder: Path, seed: int = 0) -> str:
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    vocab_file = folder / "_vocab.txt"
+    vocab_file.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer(vocab=str(vocab_file), do_lower_case=True)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 224, "width": 224}),
+                              tokenizer=tokenizer)
+    width = 256
+    config = BlipConfig(
+        vision_config=dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=4, num_attention_heads=4,
+                           image_size=224, patch_size=16),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
+                         num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=128,
+                         encoder_hidden_size=width, bos_token_id=tokenizer.bos_token_id,
+                         sep_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.sep_token_id),
+        projection_dim=width,
+    )
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(config).eval()
+    with torch.no_grad():  # larger random weights, so that the sentence depends on the picture
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0, 0.3)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    vocab_file.unlink()
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return f"BLIP, random weights: vision 4x{width} at 224 px, text 4x{width}, {params:.1f} M parameters"
+
+
+LOOP = r"""
+import json, sys, time
+import torch
+from PIL import Image
+from transformers import BlipForConditionalGeneration, BlipProcessor
+model_dir, images, out, settings = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+t0 = time.perf_counter()
+processor = BlipProcessor.from_pretrained(model_dir)
+model = BlipForConditionalGeneration.from_pretrained(model_dir).eval()
+
+def rgb(path):
+    image = Image.open(path)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        image = image.convert("RGBA")
+        flat = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        flat.alpha_composite(image)
+        return flat.convert("RGB")
+    return image.convert("RGB")
+
+captions = []
+for path in images:
+    inputs = processor(images=rgb(path), return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**inputs, do_sample=False, **settings)
+    captions.append(" ".join(processor.decode(ids[0], skip_special_tokens=True).split()))
+seconds = time.perf_counter() - t0
+json.dump(captions, open(out, "w"))
+peak = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")][0] / 1024
+print(json.dumps({"seconds": seconds, "peak_mib": peak, "threads": torch.get_num_threads()}))
+"""
+
+LORAKIT = r"""
+import json, sys, tempfile, time
+from pathlib import Path
+model_dir, images, out, settings = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+import torch
+from lorakit.plugins.blip import BlipStep
+from lorakit.plugin_sdk import Item, StepContext
+work = Path(tempfile.mkdtemp())
+ctx = StepContext("blip", work, work, work, device="cpu")
+t0 = time.perf_counter()
+step = BlipStep.configure({"model": model_dir, "device": "cpu", "beams": settings["num_beams"],
+                           "min_length": settings["min_length"], "max_length": settings["max_length"]})
+step.setup(ctx)
+items = [Item(name=str(i), path=Path(p)) for i, p in enumerate(images)]
+done = []
+for k in range(0, len(items), step.batch_size):  # what the runner hands over
+    done += step.process_batch(items[k:k + step.batch_size], ctx)
+seconds = time.perf_counter() - t0
+json.dump([d.caption for d in done], open(out, "w"))
+peak = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")][0] / 1024
+print(json.dumps({"seconds": seconds, "peak_mib": peak, "threads": torch.get_num_threads(),
+                  "run_batch": step.run_batch, "handed_over": step.batch_size}))
+"""
+
+
+def run(side: str, model: Path, images: list[Path], out: Path, settings: dict) -> dict:
+    args = [sys.executable, "-c", LOOP if side == "loop" else LORAKIT, str(model),
+            json.dumps([str(p) for p in images]), str(out), json.dumps(settings)]
+    load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=str(ROOT))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode:
+        raise SystemExit(f"{side} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    result["load"] = load
+    result["captions"] = json.loads(out.read_text())
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=24)
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--beams", type=int, default=3)
+    args = ap.parse_args()
+    settings = {"num_beams": args.beams, "min_length": 5, "max_length": 30}
+    with tempfile.TemporaryDirectory(prefix="lorakit-bench-blip-") as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        inputs = make_photo_set(root / "images", args.images)
+        images = [i.path for i in inputs]
+        described = build_blip(root / "model")
+        import torch
+        import transformers
+
+        print(f"{args.images} pictures (~1 MP, mixed formats, {sum(i.transparent for i in inputs)} with transparency); "
+              f"model: {described}; built in {time.perf_counter() - t0:.0f} s")
+        print(f"{os.cpu_count()} CPU cores, torch {torch.__version__}, transformers {transformers.__version__}; "
+              f"generate settings on both sides: {settings}, do_sample False")
+        runs: dict[str, list[dict]] = {"loop": [], "lorakit": []}
+        for r in range(args.pairs):
+            for side in (("loop", "lorakit") if r % 2 == 0 else ("lorakit", "loop")):
+                result = run(side, root / "model", images, root / f"{side}{r}.json", settings)
+                runs[side].append(result)
+                extra = (f", {result['run_batch']} pictures per generate, {result['handed_over']} handed over per call"
+                         if side == "lorakit" else "")
+                print(f"pair {r + 1} {side:8}: wall {result['seconds']:7.2f} s, CPU {result['cpu']:7.2f} s, peak "
+                      f"{result['peak_mib']:6.0f} MiB, torch threads {result['threads']} (load average before: "
+                      f"{result['load']:.2f}){extra}")
+        for label, key in (("wall", "seconds"), ("CPU ", "cpu")):
+            ratios = [a[key] / b[key] for a, b in zip(runs["loop"], runs["lorakit"])]
+            print(f"{label}: speed lorakit vs loop (loop time / lorakit time) median {statistics.median(ratios):.2f}x, "
+                  f"min {min(ratios):.2f}x, max {max(ratios):.2f}x over {len(ratios)} pairs")
+        peak_loop = max(r["peak_mib"] for r in runs["loop"])
+        peak_ours = max(r["peak_mib"] for r in runs["lorakit"])
+        print(f"peak memory: lorakit {peak_ours:.0f} MiB, loop {peak_loop:.0f} MiB: {peak_ours / peak_loop:.2f}x")
+        reference = runs["loop"][0]["captions"]
+        same = sum(a == b for a, b in zip(reference, runs["lorakit"][0]["captions"]))
+        stable = all(r["captions"] == reference for side in runs.values() for r in side)
+        print(f"same captions: {same}/{len(reference)} pictures (every run identical: {stable}); "
+              f"{len(set(reference))} different captions, e.g. {reference[0]!r}")
+
+
+if __name__ == "__main__":
+    main()
