@@ -25,8 +25,14 @@ Tags: B's tags must equal the tags A's scores give through the same selection (t
 scores are compared to 1e-4 (threads change the order of float sums, never the tags here).
 Reported: per-pair speed ratio A/B (median, min, max) of wall time and of CPU time, peak memory.
 
-Measured (2 cores shared with 5 other helpers' jobs; load average printed with each run):
-  see the end of this docstring, updated with each change.
+Measured (2 cores shared with five other helpers' jobs, load average 20.3-22.7 during the runs):
+  `python bench/bench_wd14.py --images 16 --pairs 2` (ConvNeXt-Tiny size):
+    wall: lorakit 1.16x the loop's speed (min 1.12x, max 1.19x); CPU time: 1.34x (1.33x-1.35x);
+    peak memory 487 MiB vs 343 MiB (1.42x); same tags (and order) on 16/16 pictures, 17-24 tags each.
+  The wall-time goal (1.3x) is not met at that load: the core the loop leaves idle while it decodes
+  is taken by other jobs, and with an 18 GFLOP model decoding is a small share of the work. The CPU
+  saving is onnxruntime's spinning thread pool (off in the lanes) and the composite skipped for
+  pictures without alpha. On CUDA nothing was measured (no GPU here).
 """
 from __future__ import annotations
 
