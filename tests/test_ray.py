@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import struct
 import sys
@@ -62,6 +63,7 @@ def cluster():
                 ray.shutdown()
             c.shutdown()
     _assert_no_ray_processes(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)  # Ray's session logs and sockets
 
 
 def _ray_processes(tmp: str) -> list[str]:
