@@ -514,7 +514,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=0, help="resolution (default: 64 small, 512 full)")
     parser.add_argument("--cache-latents", action="store_true", help="both sides encode the latents once, up front")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
-X
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads in each run, both sides (default 1: on a shared, loaded machine more "
+                             "threads spin against each other; 0 = torch's default)")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even with a GPU")
     parser.add_argument("--kohya", type=Path, help="a local kohya-ss/sd-scripts checkout: run its train_network.py too")
     parser.add_argument("--model", help="a diffusers SD1.5 folder to use instead of building one")
