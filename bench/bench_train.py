@@ -398,7 +398,28 @@ def kohya_arguments(opts, data: Path, out: Path) -> list[str]:
         args.append("--cache_latents")
     if opts.checkpointing:
         args.append("--gradient_checkpointing")
+    # kohya reads the tokenizer by hub id; its tokenizer cache folder points that id at the model's own.
+    tokenizers = out / "tokenizers"
+    args += ["--tokenizer_cache_dir", str(tokenizers)]
     return args
+
+
+def kohya_tokenizer(source: Path, folder: Path) -> None:
+    """The model's tokenizer as vocab.json + merges.txt, the files kohya's (slow) CLIPTokenizer reads."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    folder.mkdir(parents=True)
+    if (source / "vocab.json").is_file():
+        for file in source.iterdir():
+            shutil.copy(file, folder / file.name)
+        return
+    Tokenizer.from_file(str(source / "tokenizer.json")).model.save(str(folder))
+    config = json.loads((source / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config = {k: v for k, v in config.items() if k in ("model_max_length", "bos_token", "eos_token", "unk_token",
+                                                         "pad_token")}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "CLIPTokenizer"}))
 
 
 def run_kohya(opts) -> dict:
@@ -426,7 +447,10 @@ def run_kohya(opts) -> dict:
             (data / "1_bench" / source.name).symlink_to(source)
     sys.path.insert(0, str(checkout))
     os.chdir(checkout)
-    sys.argv = ["train_network.py", *kohya_arguments(opts, data, Path(tempfile.mkdtemp(prefix="kohya_out_")))]
+    out = Path(tempfile.mkdtemp(prefix="kohya_out_"))
+    (out / "tokenizers").mkdir()
+    kohya_tokenizer(Path(opts.model) / "tokenizer", out / "tokenizers" / "openai_clip-vit-large-patch14")
+    sys.argv = ["train_network.py", *kohya_arguments(opts, data, out)]
     runpy.run_path(str(checkout / "train_network.py"), run_name="__main__")
     if len(ends) < opts.warmup + opts.steps:
         raise RuntimeError(f"kohya ran {len(ends)} optimiser steps, expected {opts.warmup + opts.steps}")
@@ -464,7 +488,8 @@ def child(opts) -> None:
 
 # ----- the parent: pairs, ratios, report ----------------------------------------------------------------------
 def measure(side: str, opts, model: Path, dataset: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--model", str(model), "--dataset", str(dataset),
+    python = opts.kohya_python if side == "kohya" else sys.executable
+    cmd = [python, __file__, "--child", side, "--model", str(model), "--dataset", str(dataset),
            "--size", str(opts.size), "--batch", str(opts.batch), "--steps", str(opts.steps),
            "--warmup", str(opts.warmup), "--threads", str(opts.threads)]
     cmd += [flag for flag, on in (("--checkpointing", opts.checkpointing), ("--cache-latents", opts.cache_latents),
@@ -519,6 +544,8 @@ def main() -> None:
                              "threads spin against each other; 0 = torch's default)")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even with a GPU")
     parser.add_argument("--kohya", type=Path, help="a local kohya-ss/sd-scripts checkout: run its train_network.py too")
+    parser.add_argument("--kohya-python", default=sys.executable,
+                        help="the Python that runs kohya (a venv with sd-scripts' pinned transformers/diffusers)")
     parser.add_argument("--model", help="a diffusers SD1.5 folder to use instead of building one")
     parser.add_argument("--work", type=Path, help="keep the built model and dataset here (re-used next time)")
     parser.add_argument("--json", type=Path, help="write every run's figures here")
@@ -549,7 +576,10 @@ def main() -> None:
     dataset = build_dataset(work / f"photos{opts.size}", opts.size, max(8, opts.batch * 4))
     sides = ["lorakit", "comparator"]
     if opts.kohya:
-        if (opts.kohya / "train_network.py").is_file():
+        if not (opts.full or opts.model):
+            print("kohya: skipped in the small mode (sd-scripts builds its own fixed-size SD1.5 UNet and cannot load "
+                  "the tiny model); use --full")
+        elif (opts.kohya / "train_network.py").is_file():
             sides.append("kohya")
         else:
             print(f"kohya: {opts.kohya} has no train_network.py (not an sd-scripts checkout); kohya skipped")
