@@ -80,3 +80,21 @@ def write_png_bomb(path: Path, side: int) -> None:
     body = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+# ----- tiny diffusers models (random weights), built once per test session -------------------------
+# Tests load them read-only (a test that changes a model copies it first).
+@pytest.fixture(scope="session")
+def sd15(tmp_path_factory) -> Path:
+    """A tiny random-weight SD1.5-shaped diffusers folder (tests/tiny_models.py)."""
+    from tests.tiny_models import build_tiny_sd15
+
+    return build_tiny_sd15(tmp_path_factory.mktemp("models") / "sd15")
+
+
+@pytest.fixture(scope="session")
+def sdxl(tmp_path_factory) -> Path:
+    """A tiny random-weight SDXL-shaped diffusers folder (two text encoders)."""
+    from tests.tiny_models import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "sdxl")

@@ -16,7 +16,6 @@ from lorakit.plugin_sdk import LorakitError
 from lorakit.trainer.api import train
 from lorakit.trainer.models import load_pipeline
 from tests.test_train import make_dataset, quiet, settings
-from tests.tiny_models import build_tiny_sd15
 
 
 def _raw(tmp_path: Path, n: int = 3) -> Path:
@@ -78,11 +77,6 @@ def test_a_non_writable_output_folder_is_one_clear_error(tmp_path):
 class _RunsCode:
     def __reduce__(self):
         return (os.system, (f"touch {_RunsCode.marker}",))
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return build_tiny_sd15(tmp_path_factory.mktemp("models") / "sd15")
 
 
 @pytest.fixture(scope="module")

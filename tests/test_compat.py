@@ -16,20 +16,10 @@ from lorakit.trainer import kohya_format
 from lorakit.trainer.api import validate_settings
 from lorakit.trainer.models import load_base_model
 from lorakit.trainer.network import LoraNetwork
-from tests.tiny_models import _unet_key_to_ldm, build_tiny_sd15, build_tiny_sdxl
+from tests.tiny_models import _unet_key_to_ldm
 
 
 # ----- fixtures: tiny models, networks with random (non-zero) weights ----------------------------
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return build_tiny_sd15(tmp_path_factory.mktemp("models") / "sd15")
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "sdxl")
-
-
 def network_for(base_folder, seed=0, **extra):
     """A LoRA network on a freshly loaded base model, every adapter weight random (as after training)."""
     values = {"base_model": str(base_folder), "network_dim": 2, "network_alpha": 1, "conv_dim": 2, "conv_alpha": 1}

@@ -15,16 +15,10 @@ from lorakit.trainer.api import train
 from lorakit.trainer.inspect import describe
 from lorakit.trainer.models import load_base_model
 from tests.test_train import make_dataset, quiet, settings
-from tests.tiny_models import build_tiny_sd15
 
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 MID = "lora_unet_mid_block_attentions_0_proj_in"
 TE = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return build_tiny_sd15(tmp_path_factory.mktemp("models") / "sd15")
 
 
 @pytest.fixture(scope="module")

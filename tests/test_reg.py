@@ -10,14 +10,9 @@ from PIL import Image
 from lorakit.plugin_sdk import Item, LorakitError, ParamError
 from lorakit.plugin_sdk.testing import run_pipeline_dict
 from lorakit.plugins.reg import RegStep, aspect_size, remove_words, without_triggers
-from tests.tiny_models import build_tiny_sd15, build_tiny_sdxl
+from tests.tiny_models import build_tiny_sdxl
 
 FAST = {"steps": 2, "size": 64, "device": "cpu"}
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return build_tiny_sd15(tmp_path_factory.mktemp("models") / "tiny-sd15")
 
 
 def training_set(folder, captions, size=(64, 64)):
