@@ -147,3 +147,30 @@ def test_missing_or_pickled_lora_is_refused(sd15, tmp_path):
     for path, message in ((tmp_path / "none.safetensors", "no such LoRA file"), (pickled, "pickled")):
         result = CliRunner().invoke(cli, ["compare", str(path), "--prompts", str(prompts), "--base-model", str(sd15)])
         assert result.exit_code != 0 and message in result.output
+
+
+def test_compare_on_an_sdxl_lora_renders_its_ldm_named_file_like_diffusers(tmp_path):
+    """SDXL: lorakit's merge places kohya's LDM-named UNet keys and both text encoders; weight 1 is what
+    diffusers' own loader gives, the no-LoRA column the base model's image."""
+    from tests.tiny_models import build_tiny_sdxl
+
+    sdxl = build_tiny_sdxl(tmp_path / "sdxl")
+    dataset = make_dataset(tmp_path / "data", subsets=(("outfit", 2, 1),))
+    lora = train(dataset, settings(sdxl, tmp_path / "xl.safetensors", max_train_steps=2, learning_rate=5e-2),
+                 console=quiet())
+    renderer = Renderer(str(sdxl), steps=2, size=64, device="cpu")
+    prompt = parse_prompt("mychar, red hair --d 5", "test")
+    grid = compare_module.compare([lora], [prompt], [0.5, 1.0], renderer)
+    assert grid.columns == ["no LoRA", "weight 0.5", "weight 1"]
+    cells = {k: np.asarray(v, dtype=np.int16) for k, v in grid.cells.items()}
+    assert np.abs(cells[(0, 0, 1)] - cells[(0, 0, 0)]).max() > 0 and np.abs(cells[(0, 0, 2)] - cells[(0, 0, 1)]).max() > 0
+    pipe = load_pipeline(sdxl)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        return np.asarray(pipe("mychar, red hair", num_inference_steps=2, guidance_scale=7.0, width=64, height=64,
+                               generator=torch.Generator().manual_seed(5)).images[0], dtype=np.int16)
+
+    np.testing.assert_array_equal(image(), cells[(0, 0, 0)])
+    pipe.load_lora_weights(str(lora))
+    assert np.abs(image() - cells[(0, 0, 2)]).max() <= 2  # the same maths; 8-bit rounding only

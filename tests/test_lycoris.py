@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -211,3 +212,64 @@ def test_recipes_fill_only_settings_left_at_their_defaults():
 def test_bad_network_settings_name_the_problem(settings_, message):
     with pytest.raises(LorakitError, match=message):
         validate_settings(settings_, "train.toml")
+
+
+# ----- SDXL ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    from tests.tiny_models import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "sdxl")
+
+
+@pytest.mark.parametrize("network_type", ["locon", "loha"])
+def test_sdxl_lycoris_file_has_kohyas_ldm_unet_names_and_both_text_encoders_and_applies(sdxl, dataset, tmp_path,
+                                                                                          network_type):
+    out = tmp_path / f"{network_type}.safetensors"
+    config = settings(sdxl, out, network_type=network_type, max_train_steps=2, learning_rate=2e-2,
+                      **EXTRA[network_type])
+    path = train(dataset, config, console=quiet())
+    tensors, meta = kohya_format.read(path)
+    modules = group_modules(tensors)
+    unet = [n for n in modules if n.startswith("lora_unet_")]
+    assert unet and not any(re.match(r"lora_unet_(down_blocks|up_blocks|mid_block)_", n) for n in unet)
+    assert any(n.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") for n in unet)
+    assert any(n.startswith("lora_unet_middle_block_1_") for n in unet)
+    assert any(n.startswith("lora_unet_output_blocks_0_1_") for n in unet)
+    if network_type == "locon":
+        assert "lora_unet_output_blocks_2_2_conv" in modules  # the first upsampler, kohya's SDXL name
+    for prefix in ("lora_te1_text_model_encoder_layers_0_", "lora_te2_text_model_encoder_layers_0_"):
+        assert any(n.startswith(prefix) for n in modules)
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_network_module"] == "lycoris.kohya"
+    pipe = load_pipeline(sdxl)
+    base = render(pipe)
+    with applied(pipe, modules, 1.0):  # every module names a layer of the SDXL pipeline
+        merged = render(pipe)
+    assert np.abs(merged - base).max() > 1e-4
+    if network_type == "locon":  # diffusers reads kohya's SDXL LoCon names too, with the same result
+        pipe.load_lora_weights(str(path))
+        np.testing.assert_allclose(render(pipe), merged, atol=2e-4)
+
+
+# ----- several processes ------------------------------------------------------------------------------
+def test_lycoris_on_two_processes_is_refused_with_a_clear_message(sd15, tmp_path):
+    """A real two-process CPU run (gloo): LyCORIS' weights live outside the models accelerate wraps in
+    DistributedDataParallel, so their gradients would never be averaged; lorakit refuses."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_train_maths import free_port
+
+    dataset = make_dataset(tmp_path / "data", subsets=(("outfit", 2, 1),))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "lorakit", "train", str(dataset),
+               "--base-model", str(sd15), "--output", str(tmp_path / "x.safetensors"), "--resolution", "64",
+               "--min-bucket-reso", "32", "--max-bucket-reso", "128", "--bucket-reso-steps", "32",
+               "--network-type", "loha", "--network-dim", "2", "--max-train-steps", "1", "--device", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "LyCORIS network types train on one process" in output and "network_type lora" in output
+    assert not (tmp_path / "x.safetensors").exists()
