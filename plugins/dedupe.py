@@ -364,8 +364,9 @@ def group_around_keepers(words: np.ndarray, threshold: int, order: list[int] | n
 # ----- the step ------------------------------------------------------------------------------
 class DedupeStep(DatasetStep):
     """Find exact and near-duplicate images and keep one of each group. Exact duplicates have the
-    same decoded pixels (whatever the file format); near duplicates have perceptual hashes within
-    `threshold` bits of each other (resized, re-compressed, slightly cropped or recoloured copies).
+    same decoded pixels (whatever the lossless format) or, for JPEGs, the same image data whatever
+    the metadata; near duplicates have perceptual hashes within `threshold` bits of each other
+    (resized, re-compressed, slightly cropped or recoloured copies).
     Groups do not chain: each is built around its keeper, and every member is within `threshold`
     of the keeper (linkage keeper, the default). linkage complete also needs every pair of members
     within it; linkage single is transitive (A near B and B near C make one group even when A and C
