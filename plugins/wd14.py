@@ -185,8 +185,8 @@ class WD14Step(ImageStep):
         # Some exports have a fixed batch of 1: feed them one picture at a time.
         self.max_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
         self.on_gpu = on_gpu = "CUDAExecutionProvider" in self.session.get_providers()
-        if not on_gpu:
-            self.lanes = self.options.cpu_threads or cpu_cores()
+        if cuda and not on_gpu:  # CUDA was expected but onnxruntime fell back: its threads span the cores
+            self.lanes = 1
         if self.options.batch_size:
             self.run_batch = self.options.batch_size
         else:
