@@ -110,7 +110,7 @@ def build_small(folder: Path, channels: int = 64, tags: int = TAGS) -> str:
         nodes += [helper.make_node("Conv", [name, f"w{k}", f"b{k}"], [f"c{k}"], strides=[2, 2], pads=[1, 1, 1, 1]),
                   helper.make_node("Relu", [f"c{k}"], [f"r{k}"])]
         c_in, name = c_out, f"r{k}"
-    inits += [numpy_helper.from_array((rng.standard_normal((c_in, tags)) * 0.5 / np.sqrt(c_in)).astype(np.float32), "W"),
+    inits += [numpy_helper.from_array((rng.standard_normal((c_in, tags)) * 1.4 / np.sqrt(c_in)).astype(np.float32), "W"),
               numpy_helper.from_array(rng.normal(-6.0, 1.0, tags).astype(np.float32), "B")]
     nodes += [helper.make_node("GlobalAveragePool", [name], ["pool"]),
               helper.make_node("Flatten", ["pool"], ["flat"]),
