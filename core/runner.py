@@ -292,7 +292,7 @@ class Runner:
                     progress.update(task, advance=1)
                 progress.update(task, total=stats.inputs, completed=stats.inputs, description=f"{step.name}: {stats.inputs} files")
                 for state in self._ingest_sources(items, stats):
-                    state["id"] = _unique_id(curation_stage.source_id(Path(state["image"]).stem), used_ids)
+                    state["id"] = _unique_id(curation_stage.source_id(os.path.splitext(state["image"])[0]), used_ids)
                     states.append(state)
                     stats.outputs += 1
             for item, reason in ctx.set_aside_items:  # files the source could not use (an unreadable caption)
@@ -1021,8 +1021,10 @@ def _remove_partial_files(folder: Path) -> None:
         if root == str(folder) and STORE_DIR in dirs:
             dirs.remove(STORE_DIR)
         for name in files:
+            if not name.startswith(TMP_PREFIX):  # (no path object for the many other files)
+                continue
             tmp = Path(root, name)
-            if name.startswith(TMP_PREFIX) and is_partial_file(tmp) and tmp.is_file() and not tmp.is_symlink():
+            if is_partial_file(tmp) and tmp.is_file() and not tmp.is_symlink():
                 tmp.unlink(missing_ok=True)
 
 

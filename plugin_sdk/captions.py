@@ -46,14 +46,14 @@ def decode_caption(data: bytes) -> str:
 
 def read_caption(path: str | os.PathLike, max_bytes: int | None = None) -> str:
     """The stripped text of a caption file; raises CaptionError naming the file and the problem."""
-    path = Path(path)
     limit = MAX_CAPTION_BYTES if max_bytes is None else max_bytes
     try:
         with open(path, "rb") as fh:
             data = fh.read(limit + 1)
     except OSError as exc:
-        raise CaptionError(f"{path}: cannot read caption file ({exc.strerror or exc})") from None
+        raise CaptionError(f"{os.fspath(path)}: cannot read caption file ({exc.strerror or exc})") from None
     if len(data) > limit:
+        path = Path(path)
         size = path.stat().st_size if path.is_file() else len(data)
         raise CaptionError(f"{path}: caption file is {size} bytes, over the cap of {limit} "
                            "(raise LORAKIT_MAX_CAPTION_BYTES if it is genuine)")
