@@ -604,7 +604,10 @@ def main() -> None:
             runs[side].append(result)
             print(f"pair {pair + 1} {side:<10} {result['seconds_per_step']:.4f} s/step, peak RSS "
                   f"{result['peak_rss_gb']:.2f} GB, trained parameters {result.get('trained_parameters', '?')}, "
-                  f"load {result['load_before']:.2f}->{result['load_after']:.2f}", flush=True)
+                  f"load {result['load_before']:.2f}->{result['load_after']:.2f}; s/step by phase: "
+                  + ", ".join(f"{name} {seconds:.3f}" for name, seconds in result["phases"].items()), flush=True)
+            if opts.json:  # written after every run: a long full-size run keeps what it measured so far
+                opts.json.write_text(json.dumps({"runs": runs}, indent=2))
         ours, theirs = runs["lorakit"][-1], runs["comparator"][-1]
         if ours["trained_parameters"] != theirs["trained_parameters"]:
             raise SystemExit(f"not like for like: lorakit trains {ours['trained_parameters']} parameters, "
