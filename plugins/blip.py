@@ -65,7 +65,7 @@ class BlipStep(ImageStep):
         Param("precision", str, "auto", "weights precision: auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16",
               choices=PRECISIONS),
         device_param(),
-        Param("batch_size", int, 0, "pictures per generate call (0 = by device: 2 on the CPU, 16 on CUDA)", min=0),
+        Param("batch_size", int, 0, "pictures per generate call (0 = by device: 1 on the CPU, 16 on CUDA)", min=0),
     ]
 
     @classmethod
@@ -116,10 +116,11 @@ class BlipStep(ImageStep):
                                 f"({type(exc).__name__}: {exc})") from None
         self.model = model.to(self.device).eval()
         on_gpu = self.device.startswith("cuda")
-        # Device-sized batches: on CUDA many pictures per generate call; on the CPU a couple (a
-        # batch shares the per-token Python work of generate, but the cross-attention cache grows
-        # with pictures x beams: about 130 MB per picture at beams 3 for BLIP large in fp32).
-        self.run_batch = self.options.batch_size or (16 if on_gpu else 2)
+        # Device-sized batches: on CUDA many pictures per generate call; on the CPU one (the
+        # cross-attention cache grows with pictures x beams, about 130 MB a picture at beams 3 for
+        # BLIP large in fp32, and a batch's different float sums can flip a near-tie between two
+        # beams: one picture a call gives exactly the captions of a per-picture loop).
+        self.run_batch = self.options.batch_size or (16 if on_gpu else 1)
         self.batch_size = max(8, 2 * self.run_batch)  # pictures the runner hands over per call
         if not on_gpu:
             # All cores for torch's operators (its default counts physical cores, which a container

@@ -208,7 +208,7 @@ def test_the_step_is_registered_through_the_entry_point():
     assert load_host().steps["blip"] is BlipStep
 
 
-def test_cpu_generates_in_small_groups_with_the_next_one_prepared_meanwhile(tmp_path, model_dir):
+def test_cpu_generates_one_picture_a_call_with_the_next_one_prepared_meanwhile(tmp_path, model_dir):
     import threading
 
     (tmp_path / "more").mkdir()
@@ -219,13 +219,13 @@ def test_cpu_generates_in_small_groups_with_the_next_one_prepared_meanwhile(tmp_
     step = BlipStep.configure({"model": str(model_dir), "precision": "fp32", "beams": 2, "max_length": 12})
     ctx = StepContext("blip", tmp_path / "work", tmp_path / "tmp", tmp_path / "out", device="cpu")
     step.setup(ctx)
-    assert step.run_batch == 2 and torch.get_num_threads() >= 1
+    assert step.run_batch == 1 and torch.get_num_threads() >= 1
     groups, preparers = [], set()
     real_generate, real_inputs = step._generate, step._inputs
     step._generate = lambda inputs: groups.append(len(inputs["pixel_values"])) or real_generate(inputs)
     step._inputs = lambda images: preparers.add(threading.current_thread().name) or real_inputs(images)
     out = step.process_batch(items, ctx)
-    assert groups == [2, 1, 2, 1]  # groups of 2; the broken picture's group goes on with the other one
+    assert groups == [1] * 6  # one picture a generate call; the broken one is set aside, not generated
     assert preparers == {"blip-prepare_0"}  # decoding and preprocessing off the generating thread
     assert isinstance(out[2], Exception) and "bad.png" in str(out[2])
     one_by_one = [caption(model_dir, [i], tmp_path, beams=2, max_length=12)[0].caption
