@@ -28,6 +28,7 @@ Run:  python bench/bench_store.py                 (1k and 5k images)
       python bench/bench_store.py --rounds 5 --cold-rounds 3
       python bench/bench_store.py --sizes 100000 --tiny --no-cold --rounds 3   (100k small pictures)
       python bench/bench_store.py --keep DIR ...   (build in DIR and keep it; inputs found there are reused)
+      python bench/bench_store.py --keep DIR --rerun-only ...   (only the re-runs, over what DIR holds)
 """
 from __future__ import annotations
 
@@ -234,7 +235,7 @@ def _spread(values: list[float], scale: float = 1.0, unit: str = "") -> str:
 
 
 def bench_size(root: Path, count: int, rounds: int, cold_rounds: int, workers: int, tiny: bool = False,
-               cold: bool = True) -> dict:
+               cold: bool = True, rerun_only: bool = False) -> dict:
     print(f"\n== {count} images{' (tiny)' if tiny else ''} ==", flush=True)
     src = root / f"src{count}{'t' if tiny else ''}"
     t0 = time.perf_counter()
@@ -251,7 +252,11 @@ def bench_size(root: Path, count: int, rounds: int, cold_rounds: int, workers: i
     plain = [sys.executable, str(Path(__file__).resolve()), "--plain", str(src), str(plain_out), "--workers", str(workers)]
 
     # 2 and 3: cold runs against the plain loop, interleaved; the store is measured after a cold run
-    if cold:
+    if rerun_only:
+        if not (out / "manifest.json").is_file():
+            raise SystemExit(f"--rerun-only: no dataset in {out} (run once without it)")
+        print("cold run: skipped (--rerun-only: the dataset and store of an earlier run are re-run)", flush=True)
+    elif cold:
         cold_times, loop, loads = [], [], []
         for r in range(cold_rounds):
             order = ("lorakit", "plain") if r % 2 == 0 else ("plain", "lorakit")
@@ -308,6 +313,8 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", help="build in this folder and keep it (default: a temporary folder)")
     parser.add_argument("--tiny", action="store_true", help="small pictures (24-64 px): for --sizes 100000")
     parser.add_argument("--no-cold", action="store_true", help="no cold-run comparison (one cold run builds the store)")
+    parser.add_argument("--rerun-only", action="store_true", help="only the re-runs, over the dataset an earlier "
+                        "bench left in --keep")
     parser.add_argument("--plain", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.plain:
@@ -321,11 +328,11 @@ def main(argv=None) -> int:
                 PYTHONPYCACHEPREFIX=str(root / "pycache"))
     print(f"python {sys.version.split()[0]}, Pillow {PIL.__version__}, {os.cpu_count()} CPU cores, workers "
           f"{args.workers} (both sides), PNG zlib level 3 (both sides), bytecode cache on (both sides), rounds "
-          f"{args.rounds} re-run / {0 if args.no_cold else args.cold_rounds} cold; {_load()} at start; "
+          f"{args.rounds} re-run / {0 if args.no_cold or args.rerun_only else args.cold_rounds} cold; {_load()} at start; "
           f"steps: {json.dumps(STEPS)}", flush=True)
     try:
-        found = [bench_size(root, n, args.rounds, args.cold_rounds, args.workers, args.tiny, not args.no_cold)
-                 for n in args.sizes]
+        found = [bench_size(root, n, args.rounds, args.cold_rounds, args.workers, args.tiny, not args.no_cold,
+                            args.rerun_only) for n in args.sizes]
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
