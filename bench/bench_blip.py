@@ -28,7 +28,11 @@ earlier CPU default of 2 pictures per generate call:
   925 MiB vs 854 MiB (1.08x); captions equal on 11/12 pictures: the twelfth differed after 17
   words (a near-tie between two beams of the random model, flipped by the batch's float sums).
   That is why the CPU default is now one picture a call (exactly the loop's captions, checked in
-  tests/test_blip.py); that setting was not benchmarked before the deadline.
+  tests/test_blip.py). With it, `python bench/bench_blip.py --images 4 --pairs 1` (load average
+  9.5): loop 96.6 s wall / 47.7 s CPU, lorakit 36.3 s / 19.1 s: 2.66x wall, 2.50x CPU, peak memory
+  1.04x (885 vs 853 MiB), same captions 4/4 (4 different sentences). One pair of 4 pictures: a
+  first look, not a figure to quote; what in the loop costs the difference (torch.no_grad vs
+  inference_mode, the preprocessing off the generating thread, spinning threads) was not profiled.
   Treat the ratios with suspicion: the model is tiny, so torch's per-operator overhead and its
   threads spinning on a saturated machine dominate, and where the loop's CPU goes was not profiled.
 """
