@@ -214,6 +214,10 @@ _A1111_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj
 
 def a1111_compvis_name(key: str) -> str:
     """``convert_diffusers_name_to_compvis``: fixed SD1 numbering ``1 + block * 3 + i`` etc."""
+    if m := re.match(r"lora_unet_conv_(in|out)$", key):  # LyCORIS' full preset adapts these; LoRA does not
+        return "diffusion_model_input_blocks_0_0" if m[1] == "in" else "diffusion_model_out_2"
+    if m := re.match(r"lora_unet_time_embedding_linear_(\d+)$", key):
+        return f"diffusion_model_time_embed_{int(m[1]) * 2 - 2}"
     if m := re.match(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
         b, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
         rest = _A1111_RESNET.get(rest, rest) if kind == "resnets" else rest
@@ -458,3 +462,197 @@ def test_dora_resume_refuses_a_file_of_the_other_axis(sd15):
     _, input_axis = network_for(sd15, seed=7, dora=True, dora_axis="input")
     with pytest.raises(LorakitError, match="dora_axis"):
         kohya_format.load_state_dict(input_axis, kohya_format.state_dict(output_axis, "fp32"), "x.safetensors")
+
+
+# ----- Forge (backend/patcher/lora.py -> packages_3rdparty/comfyui_lora_collection/lora.py) -------
+def forge_key_map(base) -> set[str]:
+    """Forge dfdcbab6 (2025-06-26): ``backend.patcher.lora`` asks its webui collection first, whose
+    ``lora.py`` is empty, so ``model_lora_keys_unet/clip`` are the ComfyUI collection's copies:
+    ``lora_unet_`` + every weight of its LDM-layout ``IntegratedUNet2DConditionModel``, the
+    diffusers spellings through ``unet_to_diffusers`` (ComfyUI's table), and for the text encoders
+    (``clip_l`` / ``clip_g``, transformers 4.46 ``CLIPTextModel`` under ``.transformer``)
+    ``lora_te_`` and ``lora_te1_`` -> clip_l, ``lora_te2_`` -> clip_g when clip_l is present. That is
+    ComfyUI's map, plus ``lora_te_`` on SDXL's clip_l."""
+    keys = comfy_key_map(base)
+    if base.is_sdxl:
+        parts = ("mlp_fc1", "mlp_fc2", "self_attn_k_proj", "self_attn_q_proj", "self_attn_v_proj", "self_attn_out_proj")
+        keys |= {f"lora_te_text_model_encoder_layers_{b}_{c}"
+                 for b in range(base.text_encoder.config.num_hidden_layers) for c in parts}
+    return keys
+
+
+def forge_lora_delta(file: dict, shape) -> torch.Tensor:
+    """Forge's ``merge_lora_to_weight`` "lora" patch at strength 1: ``alpha / lora_down.shape[0]``
+    times ``up.flatten(1) @ down.flatten(1)``, reshaped to the weight."""
+    up, down = file["lora_up.weight"].float(), file["lora_down.weight"].float()
+    scale = float(file["alpha"]) / down.shape[0] if "alpha" in file else 1.0
+    return (up.flatten(1) @ down.flatten(1)).reshape(shape) * scale
+
+
+@pytest.mark.parametrize("which", ["sd15_locon", "sdxl_locon"])
+def test_forge_key_map_has_every_key_and_its_maths_is_ours(which, request):
+    base, network, tensors = request.getfixturevalue(which)
+    names = module_names(tensors)
+    # load_lora_for_models: more than 12 unmatched keys and the whole file is refused ("version mismatch")
+    assert sorted(names - forge_key_map(base)) == []
+    for name, layer in list(network.layers.items())[:12]:
+        weight = layer.get_base_layer().weight
+        file = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".")[0] == name}
+        merged = kohya_format.merged_weight(weight.detach().float(), tensors, name)
+        assert torch.allclose(weight.float() + forge_lora_delta(file, weight.shape), merged, atol=1e-5), name
+
+
+# ----- LyCORIS network types: the suffixes each client's loader consumes, and its maths ------------
+# Suffixes a client's loader takes for a module of that type (per module; anything else is left over).
+# A1111 1.10: network_hada / network_lokr / network_ia3 / network_oft ``create_module`` + network.py
+# (``alpha``, ``dora_scale``); ComfyUI: comfy/weight_adapter loha.py 17adbb5c, lokr.py 179c2d35,
+# oft.py 3684cff3 (no IA3 adapter in __init__.py 0bca89eb); Forge dfdcbab6: comfyui_lora_collection's
+# ``load_lora`` (LoRA, LoHa, LoKr, GLoRA, diff/set; no OFT, no IA3).
+_LOHA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale"}
+_LOKR = {"lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha", "dora_scale"}
+CLIENT_SUFFIXES = {
+    "a1111": {"loha": _LOHA, "lokr": _LOKR, "ia3": {"weight", "on_input", "alpha"}, "diag_oft": {"oft_blocks", "alpha"}},
+    "comfyui": {"loha": _LOHA, "lokr": _LOKR, "ia3": set(), "diag_oft": {"oft_blocks", "rescale", "alpha"}},
+    "forge": {"loha": _LOHA, "lokr": _LOKR, "ia3": set(), "diag_oft": set()},
+}
+
+
+def lycoris_network_for(base_folder, network_type, seed=0, **extra):
+    from lorakit.trainer.lycoris import LycorisNetwork
+
+    values = {"base_model": str(base_folder), "network_type": network_type, "network_dim": 4, "network_alpha": 2,
+              "conv_dim": 4, "conv_alpha": 2}
+    values.update(extra)
+    config = validate_settings(values, "test")
+    base = load_base_model(str(base_folder), device="cpu")
+    network = LycorisNetwork.create(base, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(p + 0.2 * torch.randn(p.shape, generator=generator))
+    return base, network, network.state_dict("fp32")
+
+
+@pytest.fixture(scope="module")
+def lycoris_files(sd15):
+    cache = {}
+
+    def get(network_type):
+        if network_type not in cache:
+            cache[network_type] = lycoris_network_for(sd15, network_type)
+        return cache[network_type]
+
+    return get
+
+
+def lycoris_outputs(network, tensors, client):
+    """(the trained LyCORIS module's output, the output with the client's delta merged into the base
+    weight) for every module, on a random input. LyCORIS 4.1.3's own ``get_diff_weight`` is not the
+    reference: for LoHa it applies ``scale`` twice (``get_weight`` already has it), unlike its forward."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(8)
+    for name, module in network.layers.items():
+        layer = module.org_module[0]
+        w = layer.weight.detach().float()
+        file = {k.split(".", 1)[1]: v.float() for k, v in tensors.items() if k.split(".")[0] == name}
+        merged = w + client(w, file)
+        if isinstance(layer, torch.nn.Conv2d):
+            x = torch.randn(2, w.shape[1], 5, 5, generator=generator)
+            theirs, plain = (F.conv2d(x, v, layer.bias, layer.stride, layer.padding) for v in (merged, w))
+        else:
+            x = torch.randn(3, w.shape[1], generator=generator)
+            theirs, plain = F.linear(x, merged, layer.bias), F.linear(x, w, layer.bias)
+        with torch.no_grad():
+            ours = module(x)
+        yield name, ours, theirs, plain
+
+
+def webui_loha(w, f):
+    """A1111 network_hada / ComfyUI & Forge "loha": (w1a@w1b) * (w2a@w2b) * alpha / w1b.shape[0]."""
+    delta = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
+    return delta.reshape(w.shape) * (float(f["alpha"]) / f["hada_w1_b"].shape[0])
+
+
+def webui_lokr(w, f):
+    """A1111 network_lokr / ComfyUI & Forge "lokr": kron(w1, w2) (w1 unsqueezed for a conv w2), times
+    alpha / dim where dim is the rank of a decomposed factor (w2_b, else w1_b), else 1."""
+    w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+    w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+    dim = f["lokr_w2_b"].shape[0] if "lokr_w2_b" in f else f["lokr_w1_b"].shape[0] if "lokr_w1_b" in f else None
+    if w2.dim() == 4:
+        w1 = w1[:, :, None, None]
+    scale = float(f["alpha"]) / dim if dim else 1.0
+    return torch.kron(w1, w2).reshape(w.shape) * scale
+
+
+def a1111_ia3(w, f):
+    """A1111 network_ia3: ``orig * w``, w on the input axis when ``on_input``, else on the output axis."""
+    scale = f["weight"].reshape(1, -1) if f["on_input"].item() else f["weight"].reshape(-1, 1)
+    return w * scale
+
+
+def _cayley(blocks, limit):
+    q = blocks - blocks.transpose(1, 2)
+    norm = torch.norm(q)
+    if limit is not None:
+        q = q * limit(norm)
+    eye = torch.eye(blocks.shape[1])
+    return (eye + q) @ (eye - q).inverse()
+
+
+def _rotate(w, r):
+    k, n, _ = r.shape
+    return torch.einsum("k n m, k n ... -> k m ...", r, w.reshape(k, n, *w.shape[1:])).reshape(w.shape) - w
+
+
+def comfy_oft(w, f):
+    """ComfyUI ``OFTAdapter.calculate_weight``: Cayley rotation of skew(oft_blocks), norm clamped to
+    ``alpha`` only when alpha > 0, applied per output block."""
+    alpha = float(f["alpha"])
+    return _rotate(w, _cayley(f["oft_blocks"], (lambda n: min(1.0, alpha / (n + 1e-8))) if alpha > 0 else None))
+
+
+def a1111_oft(w, f):
+    """A1111 network_oft, ``oft_blocks`` = kohya COFT: the skew norm clamped to ``alpha * out_dim``
+    always (``torch.clamp(norm, max=constraint)``), so alpha 0 scales the rotation to nothing."""
+    constraint = float(f["alpha"]) * w.shape[0]
+    return _rotate(w, _cayley(f["oft_blocks"], lambda n: (min(float(n), constraint) + 1e-8) / (float(n) + 1e-8)))
+
+
+@pytest.mark.parametrize("network_type", ["loha", "lokr", "ia3", "diag_oft"])
+def test_lycoris_suffixes_each_client_consumes(lycoris_files, network_type):
+    base, network, tensors = lycoris_files(network_type)
+    suffixes = {k.split(".", 1)[1] for k in tensors}
+    names = module_names(tensors)
+    assert names <= comfy_key_map(base) and names <= forge_key_map(base)  # same names as our LoRA files
+    mapping = {"diffusion_model_" + p.replace(".", "_") for p in ldm_unet_modules(clean_unet(base))}
+    mapping |= clip_modules(base.text_encoder, "transformer_")
+    assert [n for n in names if a1111_match(n, mapping) is None] == []
+    for client, table in CLIENT_SUFFIXES.items():
+        left = suffixes - table[network_type]
+        if network_type in ("loha", "lokr") or (client, network_type) in {("a1111", "ia3"), ("a1111", "diag_oft"),
+                                                                         ("comfyui", "diag_oft")}:
+            assert left == set(), (client, network_type)
+        else:  # ComfyUI / Forge have no IA3 loader, Forge no OFT: every key is left over (file refused)
+            assert left == suffixes, (client, network_type)
+    if network_type == "diag_oft":
+        assert all(v.dim() == 3 for k, v in tensors.items() if k.endswith(".oft_blocks"))  # ComfyUI takes ndim 3 only
+        assert all(float(v) == 0 for k, v in tensors.items() if k.endswith(".alpha"))  # LyCORIS' constraint: none
+
+
+@pytest.mark.parametrize("network_type,client,exact", [
+    ("loha", webui_loha, True), ("lokr", webui_lokr, True), ("ia3", a1111_ia3, True),
+    ("diag_oft", comfy_oft, True), ("diag_oft", a1111_oft, False)])
+def test_lycoris_client_maths_on_our_files(lycoris_files, network_type, client, exact):
+    _, network, tensors = lycoris_files(network_type)
+    checked = changed = 0
+    for name, ours, theirs, plain in lycoris_outputs(network, tensors, client):
+        checked += 1
+        changed += not torch.allclose(ours, plain, atol=1e-4, rtol=1e-3)
+        if exact:
+            assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4), name
+        else:  # A1111 on LyCORIS' unconstrained Diag-OFT (alpha 0): the rotation is scaled away
+            assert torch.allclose(theirs, plain, atol=1e-5), name
+    assert checked == len(network.layers)
+    assert changed > 10  # the trained layers do differ from the base (1x1 OFT blocks cannot rotate)
