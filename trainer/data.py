@@ -346,15 +346,20 @@ class LatentCache:
         return latent
 
     @torch.no_grad()
-    def _encode(self, images: list[TrainImage], flips: list[bool],
-                crops: list[tuple[int, int] | None] | None = None) -> list[torch.Tensor]:
+    def encode(self, images: list[TrainImage], flips: list[bool],
+               crops: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
+        """The latents of a batch in one VAE call, fp32 on the VAE's device (``none``: at every step)."""
         crops = crops or [None] * len(images)
         pixels = torch.stack([load_pixels(i, f, c) for i, f, c in zip(images, flips, crops)]).to(self.device,
                                                                                                  self.vae.dtype)
         # The distribution's mean: deterministic, so a cached latent equals a fresh one.
         latents = self.vae.encode(pixels).latent_dist.mean
         self.encoded += len(images)
-        return [latent.to("cpu", torch.float32) for latent in latents]
+        return latents.float()
+
+    def _encode(self, images: list[TrainImage], flips: list[bool],
+                crops: list[tuple[int, int] | None] | None = None) -> list[torch.Tensor]:
+        return [latent.to("cpu") for latent in self.encode(images, flips, crops)]
 
     def fill(self, data: TrainingData, progress=None) -> None:
         """Encode (or read) every latent the run needs, up front, with progress."""

@@ -210,6 +210,8 @@ class Trainer:
         self.warn_about_cut_captions()
         torch.manual_seed(config.seed)  # LoRA initialisation
         self.network = create_network(self.base, config, console=self.console)
+        # The trained parameters, gathered once (clipping needs them every step; resuming copies in place).
+        self.trained_parameters = self.network.parameters()
         if config.gradient_checkpointing:
             self.base.unet.enable_gradient_checkpointing()
             for encoder in self.base.text_encoders:
@@ -268,7 +270,8 @@ class Trainer:
             if not base.is_sdxl:
                 ids = chunk_ids(base.tokenizer, captions, length).to(device)
                 batch, chunks = ids.shape[:2]
-                out = self.text_encoders[0](ids.reshape(batch * chunks, -1), output_hidden_states=True)
+                out = self.text_encoders[0](ids.reshape(batch * chunks, -1),
+                                            output_hidden_states=self.config.clip_skip > 1)
                 if self.config.clip_skip == 1:
                     return join_chunks(out.last_hidden_state, batch, chunks), None
                 # clip skip N: the Nth-from-last layer, through the final layer norm (as A1111 does).
@@ -343,8 +346,16 @@ class Trainer:
         loss = loss.mean(dim=(1, 2, 3))
         # 6. Per-image weights: the prior-loss weight of regularisation images, then the SNR weights
         #    (min-SNR, v-pred scaling, v-pred-like loss, debiased estimation; ``snr_weights``).
-        loss = loss * weights * self.snr_weights(timesteps)
+        loss = loss * weights
+        if self.weights_by_snr():
+            loss = loss * self.snr_weights(timesteps)
         return loss.mean()
+
+    def weights_by_snr(self) -> bool:
+        """Whether a setting weights the loss by the SNR (otherwise every weight is 1 and is skipped)."""
+        config = self.config
+        return bool(config.min_snr_gamma or config.scale_v_pred_loss_like_noise_pred or config.v_pred_like_loss
+                    or config.debiased_estimation_loss)
 
     def sample_noise(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The noise and a timestep per image, as kohya draws them.
@@ -421,27 +432,31 @@ class Trainer:
         """Latents, captions, SDXL size conditioning, loss weights and masks of one batch."""
         config = self.config
         device = self.accelerator.device
-        latents, captions, time_ids, weights, masks = [], [], [], [], []
-        for position, index in enumerate(batch):
-            image = self.data_.images[index]
-            rng = random.Random(f"{config.seed}:{epoch}:{batch_index}:{position}")
-            flip = image.flip_aug and rng.random() < 0.5
-            crop = image.crop_for_sample(rng)  # the centre, or a random place with random_crop
-            latent = self.cache.get(image, flip, crop)
-            latents.append(latent)
+        images = [self.data_.images[index] for index in batch]
+        rngs = [random.Random(f"{config.seed}:{epoch}:{batch_index}:{position}") for position in range(len(batch))]
+        # Each image's own generator draws its flip, then its crop, then (below) its caption's shuffles.
+        flips = [bool(image.flip_aug and rng.random() < 0.5) for image, rng in zip(images, rngs)]
+        crops = [image.crop_for_sample(rng) for image, rng in zip(images, rngs)]  # the centre, or random_crop's
+        if self.cache.mode == "none":  # encoded now, the whole batch in one VAE call, left on the device
+            stacked = self.cache.encode(images, flips, crops)
+        else:
+            stacked = torch.stack([self.cache.get(image, flip, crop)
+                                   for image, flip, crop in zip(images, flips, crops)]).to(device)
+        height, width = stacked.shape[2:]
+        captions, time_ids, weights, masks = [], [], [], []
+        for image, rng, flip, crop in zip(images, rngs, flips, crops):
             captions.append(make_caption(image, rng, step=self.global_step, token_warmup_min=config.token_warmup_min,
                                          token_warmup_step=config.token_warmup_step, epoch=epoch + 1))
             time_ids.append(image.time_ids(flip))  # SDXL: kohya's original size, crop top/left, target size
             weights.append(config.prior_loss_weight if image.is_reg else 1.0)
             if config.masked_loss:
                 if image.mask is not None:
-                    masks.append(load_mask(image, (latent.shape[2], latent.shape[1]), flip, crop))
+                    masks.append(load_mask(image, (width, height), flip, crop))
                 else:
-                    masks.append(torch.ones(1, latent.shape[1], latent.shape[2]))
+                    masks.append(torch.ones(1, height, width))
         vae_config = self.base.vae.config
-        stacked = torch.stack(latents).to(device)
         shift = getattr(vae_config, "shift_factor", None) or 0.0
-        stacked = (stacked - shift) * vae_config.scaling_factor
+        stacked = (stacked - shift) * vae_config.scaling_factor if shift else stacked * vae_config.scaling_factor
         return (stacked, captions, torch.tensor(time_ids, dtype=torch.float32, device=device),
                 torch.tensor(weights, dtype=torch.float32, device=device),
                 torch.stack(masks).to(device) if masks else None)
@@ -618,10 +633,11 @@ class Trainer:
                         stack.enter_context(self.accelerator.no_sync(model))
                 context, pooled = self.encode_prompts(captions)
                 loss = self.loss(latents, context, pooled, time_ids, weights, masks, generator)
-                if not torch.isfinite(loss):
+                value = loss.item()  # the one device sync of the step
+                if not math.isfinite(value):
                     self.stop_on_bad_loss(loss, epoch)
                 self.accelerator.backward(loss / len(batches))
-            losses.append(loss.item())
+            losses.append(value)
         return losses
 
     # ----- the run ------------------------------------------------------------------------------------
@@ -637,7 +653,8 @@ class Trainer:
         # fixed-width parts first and a short bar, so the times are never cut to "0:00:…" at 80 columns
         columns = [TextColumn("{task.description}"), BarColumn(bar_width=16), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-        with Progress(*columns, console=self.console, transient=False) as progress:
+        # Redrawn twice a second: a step takes longer, and a 10 Hz redraw costs a few % of a core.
+        with Progress(*columns, console=self.console, transient=False, refresh_per_second=2) as progress:
             self.fill_latent_cache(progress)
             task = progress.add_task("training", total=self.total_steps, completed=self.global_step, info="")
             for model in (self.unet, *self.text_encoders):
@@ -656,7 +673,7 @@ class Trainer:
                     recent = self.accumulate(batches[first:first + accumulation], epoch, first)
                     losses += recent
                     if config.max_grad_norm:
-                        self.accelerator.clip_grad_norm_(self.network.parameters(), config.max_grad_norm)
+                        self.accelerator.clip_grad_norm_(self.trained_parameters, config.max_grad_norm)
                     self.optimizer.step()
                     if config.scale_weight_norms:
                         scaled, _, largest = self.network.apply_max_norm(config.scale_weight_norms)
@@ -707,7 +724,7 @@ class Trainer:
         from .compare import compare_after_training
 
         # The training models are done: free their memory before the comparison loads the base model again.
-        for name in ("unet", "text_encoders", "optimizer", "lr_scheduler", "network", "base"):
+        for name in ("unet", "text_encoders", "optimizer", "lr_scheduler", "network", "trained_parameters", "base"):
             setattr(self, name, None)
         gc.collect()
         if torch.cuda.is_available():
