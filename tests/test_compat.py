@@ -656,3 +656,17 @@ def test_lycoris_client_maths_on_our_files(lycoris_files, network_type, client, 
             assert torch.allclose(theirs, plain, atol=1e-5), name
     assert checked == len(network.layers)
     assert changed > 10  # the trained layers do differ from the base (1x1 OFT blocks cannot rotate)
+
+
+def test_lycoris_sdxl_names_are_in_every_clients_map(sdxl):
+    """SDXL LoHa (LyCORIS' full preset, LDM names as kohya + LyCORIS write them): every module name
+    is one ComfyUI, Forge and A1111 look up (the suffixes are the SD1.5 ones checked above)."""
+    base, _, tensors = lycoris_network_for(sdxl, "loha")
+    names = module_names(tensors)
+    assert sorted(names - comfy_key_map(base)) == [] and sorted(names - forge_key_map(base)) == []
+    mapping = {"diffusion_model_" + p.replace(".", "_") for p in ldm_unet_modules(clean_unet(base))}
+    mapping |= clip_modules(base.text_encoder, "0_transformer_")
+    mapping |= open_clip_modules(base.text_encoder_2.config.num_hidden_layers)
+    assert [n for n in names if a1111_match(n, mapping) is None] == []
+    assert {"lora_unet_input_blocks_0_0", "lora_unet_out_2", "lora_unet_time_embed_0"} <= names
+    assert any(n.startswith("lora_te2_") for n in names)
