@@ -41,9 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +49,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired import run_script  # noqa: E402
 from photo_inputs import make_photo_set  # noqa: E402
 
 WORDS = ("a an the photo picture image of cat dog woman man girl boy red blue green white black sitting standing "
@@ -151,17 +150,8 @@ print(json.dumps({"seconds": seconds, "peak_mib": peak, "threads": torch.get_num
 
 
 def run(side: str, model: Path, images: list[Path], out: Path, settings: dict) -> dict:
-    args = [sys.executable, "-c", LOOP if side == "loop" else LORAKIT, str(model),
-            json.dumps([str(p) for p in images]), str(out), json.dumps(settings)]
-    load = os.getloadavg()[0]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=str(ROOT))
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode:
-        raise SystemExit(f"{side} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    result["load"] = load
+    result = run_script(side, LOOP if side == "loop" else LORAKIT,
+                        [str(model), json.dumps([str(p) for p in images]), str(out), json.dumps(settings)], ROOT)
     result["captions"] = json.loads(out.read_text())
     return result
 

@@ -39,9 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +49,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired import run_script  # noqa: E402
 from photo_inputs import make_photo_set  # noqa: E402
 
 TAGS = 10_000
@@ -181,20 +180,10 @@ print(json.dumps({"seconds": seconds, "peak_mib": peak, "lanes": step.lanes, "ru
 
 
 def run(side: str, model: Path, images: list[Path], out: Path) -> dict:
-    script = LOOP if side == "loop" else LORAKIT
-    args = [sys.executable, "-c", script, str(model), json.dumps([str(p) for p in images]), str(out)]
+    args = [str(model), json.dumps([str(p) for p in images]), str(out)]
     if side == "lorakit":
         args.append(str(THRESHOLD))
-    load = os.getloadavg()[0]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=str(ROOT))
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode:
-        raise SystemExit(f"{side} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    result["load"] = load
-    return result
+    return run_script(side, LOOP if side == "loop" else LORAKIT, args, ROOT)
 
 
 def compare_tags(model: Path, loop_scores: np.ndarray, lorakit_tags: list[dict]) -> str:

@@ -14,14 +14,8 @@ from lorakit.trainer.api import train, validate_settings
 from lorakit.trainer.compare import GAP, HEADER_HEIGHT, LABEL_WIDTH, PROMPT_HEIGHT, Renderer, parse_prompt, read_prompts
 from lorakit.trainer.models import load_pipeline
 from tests.test_train import make_dataset, quiet, settings
-from tests.tiny_models import build_tiny_sd15
 
 PROMPTS = ["mychar, red hair", "mychar, smile --n lowres --d 3"]
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return build_tiny_sd15(tmp_path_factory.mktemp("models") / "sd15")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from conftest import run_cli
 from lorakit.plugin_sdk import ImageStep, LorakitError, PathEscape, check_relative, confined_path

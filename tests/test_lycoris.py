@@ -16,7 +16,6 @@ from lorakit.trainer.lora_file import applied, group_modules
 from lorakit.trainer.lycoris import LycorisNetwork, classic_text_encoder
 from lorakit.trainer.models import load_pipeline
 from tests.test_train import make_dataset, quiet, render, settings
-from tests.tiny_models import build_tiny_sd15
 
 # The tensors each type writes per module (LyCORIS' own save format, what A1111/ComfyUI read).
 FORMAT = {
@@ -37,11 +36,6 @@ EXTRA = {
     "dylora": dict(network_dim=4, network_alpha=2, conv_dim=4, conv_alpha=2, network_args=["block_size=2"]),
     "diag_oft": dict(network_dim=2, network_alpha=2, conv_dim=2, conv_alpha=2, learning_rate=5e-2),
 }
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return build_tiny_sd15(tmp_path_factory.mktemp("models") / "sd15")
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +193,15 @@ def test_recipes_fill_only_settings_left_at_their_defaults():
     assert again.values == dylora.values
 
 
+def test_diag_oft_without_a_constraint_warns_that_a1111_applies_nothing():
+    from lorakit.trainer.lycoris import guide_warnings
+
+    (note,) = [n for n in guide_warnings(validate_settings({"network_type": "diag_oft"})) if "A1111" in n]
+    assert "constraint" in note and "Forge" in note
+    constrained = validate_settings({"network_type": "diag_oft", "network_args": ["constraint=0.01"]})
+    assert not [n for n in guide_warnings(constrained) if "A1111" in n]
+
+
 @pytest.mark.parametrize("settings_,message", [
     ({"network_module": "networks.lora", "network_args": ["algo=loha"]}, "needs network_module"),
     ({"network_module": "lycoris.kohya", "network_args": ["algo=magic"]}, "algo='magic' is not supported"),
@@ -215,13 +218,6 @@ def test_bad_network_settings_name_the_problem(settings_, message):
 
 
 # ----- SDXL ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    from tests.tiny_models import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "sdxl")
-
-
 @pytest.mark.parametrize("network_type", ["locon", "loha"])
 def test_sdxl_lycoris_file_has_kohyas_ldm_unet_names_and_both_text_encoders_and_applies(sdxl, dataset, tmp_path,
                                                                                           network_type):

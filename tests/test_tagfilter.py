@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from lorakit.plugin_sdk import Item, ParamError, StepContext, Subset
-from lorakit.plugin_sdk.testing import run_pipeline_dict, run_step
+from lorakit.plugin_sdk.testing import run_pipeline_dict
 from lorakit.plugins.tagfilter import TagFilterStep
 from test_filter import toned, warm_photo
 

@@ -21,7 +21,6 @@ from lorakit.trainer.api import dry_run, train, validate_settings
 from lorakit.trainer.data import TrainImage, build_training_data, make_caption
 from lorakit.trainer.loop import TrainingStopped
 from lorakit.trainer.models import load_pipeline
-from tests.tiny_models import build_tiny_sd15, build_tiny_sdxl
 
 
 # ----- fixtures ----------------------------------------------------------------------------------
@@ -51,16 +50,6 @@ def make_dataset(root: Path, subsets=(("outfit", 4, 2),), reg=(), masks: str | N
                 sha256=hashlib.sha256(path.read_bytes()).hexdigest(), repeats=repeats, is_reg=is_reg, mask=mask))
     manifest.save()
     return root
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return build_tiny_sd15(tmp_path_factory.mktemp("models") / "sd15")
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "sdxl")
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,6 @@ from lorakit.trainer import kohya_format
 from lorakit.trainer.api import train, validate_settings
 from lorakit.trainer.blocks import block_index, block_label, lr_weights, preset_weights
 from tests.test_train import assert_loads_completely, make_dataset, quiet, settings
-from tests.tiny_models import build_tiny_sd15, build_tiny_sdxl
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return build_tiny_sd15(tmp_path_factory.mktemp("models") / "sd15")
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "sdxl")
 
 
 def network(model, **extra):

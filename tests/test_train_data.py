@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import tomllib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,12 +18,7 @@ from lorakit.trainer import kohya_format
 from lorakit.trainer.api import train, validate_settings
 from lorakit.trainer.data import TrainImage, build_training_data, load_pixels
 from tests.test_train import make_dataset, quiet, settings
-from tests.tiny_models import build_tiny_sd15, build_tiny_sdxl
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return build_tiny_sd15(tmp_path_factory.mktemp("models") / "sd15")
+from tests.tiny_models import build_tiny_sdxl
 
 
 # ----- bucket_no_upscale ----------------------------------------------------------------------------

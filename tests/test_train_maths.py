@@ -11,16 +11,10 @@ from rich.progress import Progress
 
 from lorakit.trainer.loop import Trainer
 from tests.test_train import make_dataset, settings
-from tests.tiny_models import build_tiny_sd15
 
 
 def quiet():
     return Console(file=io.StringIO(), width=120)
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return build_tiny_sd15(tmp_path_factory.mktemp("models") / "sd15")
 
 
 @pytest.fixture(scope="module")

@@ -6,17 +6,6 @@ import torch
 
 from lorakit.plugin_sdk import LorakitError, ModelNotFound
 from lorakit.trainer.models import load_base_model, load_pipeline, single_file_kind
-from tests.tiny_models import build_tiny_sd15, build_tiny_sdxl
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return build_tiny_sd15(tmp_path_factory.mktemp("sd15") / "model")
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "model")
 
 
 @pytest.fixture

@@ -23,11 +23,6 @@ PARTS = ("unet", "vae", "text_encoder")
 
 
 @pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return build_tiny_sd15(tmp_path_factory.mktemp("sd15") / "model")
-
-
-@pytest.fixture(scope="module")
 def single_file(sd15, tmp_path_factory):
     return save_tiny_sd15_single_file(sd15, tmp_path_factory.mktemp("single") / "tiny-sd15.safetensors")
 

@@ -179,6 +179,16 @@ def guide_warnings(config) -> list[str]:
         if getattr(config, name) > limit:
             notes.append(f"{config.network_type}: the guides advise {name} <= {limit:g} (this run: "
                          f"{getattr(config, name):g})")
+    if config.network_type == "diag_oft":
+        args = parse_network_args(config.network_args, "network_args")
+        try:
+            constraint = float(args.get("constraint", 0))
+        except ValueError:
+            constraint = 0.0
+        if constraint <= 0:  # docs/trainer.md, LyCORIS table: checked against A1111's network_oft.py
+            notes.append("diag_oft without a constraint: A1111 reads the file's alpha (0) as its COFT constraint and "
+                         "applies nothing, silently; Forge does not load OFT at all. The file works in ComfyUI and "
+                         "diffusers+LyCORIS; set network_args constraint=... (> 0) for A1111")
     return notes
 
 
