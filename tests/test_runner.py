@@ -205,12 +205,13 @@ def test_a_killed_run_resumes_and_its_partial_files_are_cleaned_up(tmp_path, ima
     for i in range(60):
         Image.new("RGB", (400, 400), (i, 2 * i, 3 * i)).save(images_dir / f"k{i:02}.png")
     (tmp_path / "pipeline.yaml").write_text(
-        f"output: out\nworkers: 1\nsources:\n  - folder: {{path: {images_dir}}}\nsteps:\n  - slow: {{seconds: 0.1}}\n")
+        f"output: out\nworkers: 1\nsources:\n  - folder: {{path: {images_dir}}}\nsteps:\n  - slow: {{seconds: 0.3}}\n")
     (tmp_path / "slowplugin.py").write_text(
         "import time\nfrom lorakit.plugin_sdk import ImageStep, Param, hookimpl\n"
         "class Slow(ImageStep):\n    name='slow'; summary='Sleep per image (test).'; workers=1\n"
         "    params=[Param('seconds', float, 0.1, 'sleep')]\n"
-        "    def process(self, item, ctx):\n        time.sleep(self.options.seconds)\n        return item\n"
+        "    def process(self, item, ctx):\n        time.sleep(self.options.seconds)\n"
+        f"        open({str(tmp_path / 'done')!r} + '/' + item.name, 'w').close()\n        return item\n"
         "@hookimpl\ndef register_steps(register):\n    register(Slow)\n")
     (tmp_path / "run.py").write_text(
         "import sys\nsys.path.insert(0, sys.argv[1])\nimport slowplugin\nfrom lorakit.host import get_host, load_host\n"
@@ -218,9 +219,13 @@ def test_a_killed_run_resumes_and_its_partial_files_are_cleaned_up(tmp_path, ima
         "import lorakit.cli as c\nc.get_host = lambda: host\nsys.argv = ['lorakit', 'run', sys.argv[2]]\nc.main()\n")
     (tmp_path / "out" / "sub").mkdir(parents=True)
     (tmp_path / "out" / "sub" / ".lorakit-tmp-left0ver.png").write_bytes(b"partial")
+    (tmp_path / "done").mkdir()
     proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(tmp_path), str(tmp_path / "pipeline.yaml")],
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(6)
+    deadline = time.monotonic() + 300
+    while len(list((tmp_path / "done").iterdir())) < 10 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)  # killed once some images are done, however slow the machine is
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Interrupted" in err
