@@ -160,6 +160,7 @@ LORAKIT = r"""
 import json, sys, tempfile, time
 from pathlib import Path
 model, images, out, threshold = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+import onnxruntime  # imported before the clock starts, as the loop imports it (the step imports it in setup)
 from lorakit.plugins.wd14 import WD14Step
 from lorakit.plugin_sdk import Item, StepContext
 work = Path(tempfile.mkdtemp())

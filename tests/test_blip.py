@@ -9,43 +9,7 @@ from PIL import Image
 
 from lorakit.plugin_sdk import Item, ModelNotFound, ParamError, StepContext
 from lorakit.plugins.blip import BlipStep
-
-WORDS = ("a the photo picture of cat dog woman man girl red blue green sitting standing on in with long hair "
-         "and at is room street").split()
-
-
-def build_tiny_blip(folder: Path, seed: int = 0) -> Path:
-    """A BLIP captioning model with random weights: 32px ViT, 1-layer text decoder, BERT tokenizer."""
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz",
-             *("##" + c for c in "abcdefghijklmnopqrstuvwxyz")]
-    vocab_file = folder / "_vocab_src.txt"
-    vocab_file.write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizer(vocab=str(vocab_file), do_lower_case=True)
-    tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # BLIP's decoder start token
-    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
-    config = BlipConfig(
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=128, encoder_hidden_size=16,
-                         bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id),
-        projection_dim=16,
-    )
-    torch.manual_seed(seed)
-    model = BlipForConditionalGeneration(config).eval()
-    with torch.no_grad():  # larger random weights, so the sentence depends on the picture
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0, 0.5)
-    model.save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
-    vocab_file.unlink()
-    return folder
-
+from tests.tiny_models import build_tiny_blip
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:

@@ -311,3 +311,52 @@ def write_tiny_images(folder: str | Path, count: int = 4, sizes=((64, 64), (96, 
             p.with_suffix(".txt").write_text(caption, encoding="utf-8")
         paths.append(p)
     return paths
+
+
+BLIP_WORDS = ("a an the photo picture image of cat dog woman man girl boy red blue green white black sitting "
+              "standing on in with long short hair and at is room street table chair window tree sky water coffee "
+              "cup rocket space suit face close up view background light dark small large").split()
+
+
+def build_tiny_blip(path: str | Path, *, seed: int = 0, image_size: int = 32, width: int = 16, layers: int = 1,
+                    heads: int = 2, patch_size: int = 8, weight_std: float = 0.5, subwords: bool = True) -> Path:
+    """Save a BLIP captioning model with random weights (real transformers classes) and its processor.
+
+    The tests use the defaults (a 32 px ViT, one-layer decoder); the bench builds a realistic-size one.
+    Weights are drawn wider than the init (``weight_std``) so that the sentence depends on the picture.
+    """
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *BLIP_WORDS]
+    if subwords:
+        vocab += [*"abcdefghijklmnopqrstuvwxyz", *("##" + c for c in "abcdefghijklmnopqrstuvwxyz")]
+    vocab_file = folder / "_vocab_src.txt"
+    vocab_file.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer(vocab=str(vocab_file), do_lower_case=True)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # BLIP's decoder start token
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
+                              tokenizer=tokenizer)
+    config = BlipConfig(
+        vision_config=dict(hidden_size=width, intermediate_size=2 * width if width < 64 else 4 * width,
+                           num_hidden_layers=layers, num_attention_heads=heads, image_size=image_size,
+                           patch_size=patch_size),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=width,
+                         intermediate_size=2 * width if width < 64 else 4 * width, num_hidden_layers=layers,
+                         num_attention_heads=heads, max_position_embeddings=128, encoder_hidden_size=width,
+                         bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id),
+        projection_dim=width,
+    )
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0, weight_std)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    vocab_file.unlink()
+    return folder
