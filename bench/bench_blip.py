@@ -35,6 +35,17 @@ earlier CPU default of 2 pictures per generate call:
   inference_mode, the preprocessing off the generating thread, spinning threads) was not profiled.
   Treat the ratios with suspicion: the model is tiny, so torch's per-operator overhead and its
   threads spinning on a saturated machine dominate, and where the loop's CPU goes was not profiled.
+
+The "7.5 s against 1.7 s" of round 3 (`--images 2 --pairs 2`, idle) was the bench, not the step: the
+loop imports BlipForConditionalGeneration at its top, before its clock, while lorakit's side
+imported only `transformers` (lazy) and paid the BLIP modeling import (torch._dynamo and more,
+about 6 s) inside its timed setup. cProfile of setup on 2 cores: 9.1 s of 9.1 s were imports.
+Both sides now import the classes before the clock. 2026-12-01 23:20 UTC, load average 1.3-1.7
+(another helper's dedupe bench on the machine), `python bench/bench_blip.py --images 2 --pairs 2`:
+  wall: lorakit 0.81x the loop's speed (0.76x-0.86x); CPU 1.02x; peak memory 1.02x (864 vs 849
+  MiB); same captions 2/2. The remaining ~0.3-0.5 s on 2 pictures is fixed per-run cost not
+  yet traced (candidates: the decoding helper thread's own torch thread pool, setup's extra
+  model-folder resolution); with 2 pictures it is not a per-picture figure.
 """
 from __future__ import annotations
 
@@ -105,7 +116,11 @@ import json, sys, tempfile, time
 from pathlib import Path
 model_dir, images, out, settings = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 import torch
-import transformers  # imported before the clock starts, as the loop imports it (the step imports it in setup)
+# Imported before the clock starts, as the loop imports them at its top (the step imports them in
+# setup). `import transformers` alone is lazy: the BLIP modeling module (and torch._dynamo under
+# it) loads on first access of the class, about 6 s on this machine, which the timed part of an
+# earlier version of this bench counted on lorakit's side only.
+from transformers import BlipForConditionalGeneration, BlipProcessor  # noqa: F401
 from lorakit.plugins.blip import BlipStep
 from lorakit.plugin_sdk import Item, StepContext
 work = Path(tempfile.mkdtemp())
