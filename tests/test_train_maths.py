@@ -166,6 +166,17 @@ def test_adaptive_optimizer_defaults_to_learning_rate_1_and_warns_on_a_low_one()
     assert config_warnings(validate_settings({"learning_rate": 1e-4})) == []
 
 
+def test_bucket_no_upscale_warns_that_min_and_max_bucket_reso_are_unused():
+    from lorakit.trainer.config import config_warnings, validate_settings
+
+    assert config_warnings(validate_settings({"bucket_no_upscale": True})) == []
+    assert config_warnings(validate_settings({"min_bucket_reso": 320, "max_bucket_reso": 1536})) == []
+    (warning,) = config_warnings(validate_settings({"bucket_no_upscale": True, "max_bucket_reso": 1536}))
+    assert "max_bucket_reso = 1536 is not used" in warning and "min_bucket_reso" not in warning
+    (warning,) = config_warnings(validate_settings({"bucket_no_upscale": True, "enable_bucket": False}))
+    assert "no effect with enable_bucket = false" in warning
+
+
 def test_network_alpha_0_means_alpha_equals_dim(sd15):
     from lorakit.trainer.config import validate_settings
     from lorakit.trainer.models import load_base_model

@@ -424,6 +424,16 @@ def config_warnings(config: TrainConfig) -> list[str]:
         if low:
             warnings.append(f"optimizer {config.optimizer} adapts its step size and expects a learning rate around 1.0; "
                             f"{', '.join(low)} trains almost nothing")
+    if config.values.get("bucket_no_upscale") and config.values.get("enable_bucket"):
+        ignored = [f"{name} = {config.values[name]}" for name in ("min_bucket_reso", "max_bucket_reso")
+                   if name in config.explicit]
+        if ignored:
+            warnings.append(f"bucket_no_upscale makes each image's bucket from its own size: {', '.join(ignored)} "
+                            "is not used (kohya ignores it too)")
+    if not config.values.get("enable_bucket") and (config.values.get("bucket_no_upscale")
+                                                    and "bucket_no_upscale" in config.explicit):
+        warnings.append("bucket_no_upscale has no effect with enable_bucket = false (every image is cropped to "
+                        "the resolution)")
     return warnings
 
 
