@@ -160,13 +160,14 @@ LORAKIT = r"""
 import json, sys, tempfile, time
 from pathlib import Path
 model, images, out, threshold = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+extra = json.loads(sys.argv[5])
 import onnxruntime  # imported before the clock starts, as the loop imports it (the step imports it in setup)
 from lorakit.plugins.wd14 import WD14Step
 from lorakit.plugin_sdk import Item, StepContext
 work = Path(tempfile.mkdtemp())
 ctx = StepContext("wd14", work, work, work, device="cpu")
 t0 = time.perf_counter()
-step = WD14Step.configure({"model": model, "device": "cpu", "general_threshold": threshold})
+step = WD14Step.configure({"model": model, "device": "cpu", "general_threshold": threshold, **extra})
 step.setup(ctx)
 items = [Item(name=str(i), path=Path(p)) for i, p in enumerate(images)]
 tagged = []
@@ -180,10 +181,10 @@ print(json.dumps({"seconds": seconds, "peak_mib": peak, "lanes": step.lanes, "ru
 """
 
 
-def run(side: str, model: Path, images: list[Path], out: Path) -> dict:
+def run(side: str, model: Path, images: list[Path], out: Path, options: dict | None = None) -> dict:
     args = [str(model), json.dumps([str(p) for p in images]), str(out)]
     if side == "lorakit":
-        args.append(str(THRESHOLD))
+        args += [str(THRESHOLD), json.dumps(options or {})]
     return run_script(side, LOOP if side == "loop" else LORAKIT, args, ROOT)
 
 
@@ -219,6 +220,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--model", choices=["convnext", "small"], default="convnext")
+    ap.add_argument("--cpu-threads", type=int, default=0, help="the step's cpu_threads option (0 = its default)")
     args = ap.parse_args()
     import onnxruntime
 
@@ -237,7 +239,7 @@ def main() -> None:
         for r in range(args.pairs):
             for side in (("loop", "lorakit") if r % 2 == 0 else ("lorakit", "loop")):
                 out = root / f"{side}{r}.{'npy' if side == 'loop' else 'json'}"
-                result = run(side, model, images, out)
+                result = run(side, model, images, out, {"cpu_threads": args.cpu_threads})
                 runs[side].append(result)
                 if side == "loop":
                     loop_scores = np.load(out)

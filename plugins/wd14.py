@@ -135,8 +135,8 @@ class WD14Step(ImageStep):
         *style_params("underscores"),
         device_param(),
         Param("batch_size", int, 0, "images per model run (0 = by device: 1 on the CPU, 32 on CUDA)", min=0),
-        Param("cpu_threads", int, 0, "on the CPU: pictures decoded and tagged at once, each on one thread "
-              "(0 = one per core)", min=0),
+        Param("cpu_threads", int, 0, "on the CPU: pictures tagged at once, the cores shared out between "
+              "them (0 = 1: one model run on every core while a helper thread decodes the next picture)", min=0),
     ]
 
     # ----- model --------------------------------------------------------------------------------
@@ -159,15 +159,18 @@ class WD14Step(ImageStep):
                          else p for p in providers]
         cuda = device != "cpu" and "CUDAExecutionProvider" in providers
         # On the CPU, a convnet or ViT tagger gains nothing from batches (activations grow with the
-        # batch, the arithmetic does not get cheaper) and one model run scales imperfectly over the
-        # cores while the decode of the next picture leaves them idle. So each of `cpu_threads`
-        # lanes (one per core) decodes a picture and runs the model on it on its own thread: one
-        # onnxruntime thread per run (intra_op 1, no spinning thread pool), concurrent runs of one
-        # session (the weights once in memory). On CUDA the session gets big batches instead, fed by
-        # decoding threads.
-        self.lanes = 1 if cuda else (self.options.cpu_threads or cpu_cores())
+        # batch, the arithmetic does not get cheaper). By default one model run at a time gets every
+        # core (intra_op = the cores, no spinning thread pool) while a helper thread decodes and
+        # preprocesses the next picture, so the cores are not idle during decodes and the memory is
+        # one run's. `cpu_threads` N > 1 runs N lanes instead, each decoding its own picture and
+        # running the model with cores/N onnxruntime threads (concurrent runs of one session: the
+        # weights once, the activations N times; measured at 1.6x the loop's memory). On CUDA the
+        # session gets big batches, fed by decoding threads.
+        self.lanes = 1 if cuda else (self.options.cpu_threads or 1)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = cpu_cores() if cuda else 1
+        # The cores are shared out between the lanes: one lane (the default) runs the model on
+        # every core while a helper thread decodes the next picture.
+        options.intra_op_num_threads = cpu_cores() if cuda else max(1, cpu_cores() // self.lanes)
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.add_session_config_entry("session.intra_op.allow_spinning", "0" if not cuda else "1")
@@ -230,21 +233,21 @@ class WD14Step(ImageStep):
         return tags, rating, ratings
 
     def process_batch(self, items: list[Item], ctx: StepContext) -> list:
-        """Tag ``items``: on the CPU in ``lanes`` threads that each decode and tag one group of
-        ``run_batch`` pictures (1 by default) at a time; on CUDA in batches of ``run_batch`` while
-        two threads decode the next pictures. Results (or the error that set a picture aside) are
-        in the order of ``items``."""
+        """Tag ``items`` in groups of ``run_batch`` (1 on the CPU by default): with one lane (the
+        CPU default, and CUDA) the model runs on this thread while a helper thread (two on CUDA)
+        decodes the next group; with ``lanes`` > 1 each lane thread decodes and tags its own
+        groups. Results (or the error that set a picture aside) are in the order of ``items``."""
         from concurrent.futures import ThreadPoolExecutor
 
         groups = [list(range(i, min(i + self.run_batch, len(items)))) for i in range(0, len(items), self.run_batch)]
         results: list = [None] * len(items)
-        if not self.on_gpu:
+        if not self.on_gpu and self.lanes > 1:
             with ThreadPoolExecutor(max_workers=min(self.lanes, len(groups)) or 1, thread_name_prefix="wd14-lane") as pool:
                 for group, tagged in zip(groups, pool.map(lambda g: self._tag_group(items, g), groups)):
                     for n, out in zip(group, tagged):
                         results[n] = out
             return results
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="wd14-decode") as pool:
+        with ThreadPoolExecutor(max_workers=2 if self.on_gpu else 1, thread_name_prefix="wd14-decode") as pool:
             # The next group decodes while the model runs on this one (two groups in memory at most).
             ahead = pool.submit(lambda: [self._prepare(items[n]) for n in groups[0]]) if groups else None
             for k, group in enumerate(groups):

@@ -364,3 +364,36 @@ def test_preprocessing_of_an_opaque_picture_equals_the_composited_one():
     np.testing.assert_array_equal(prepare_image(rgb, 64), prepare_image(rgba, 64))
     grey = rgb.convert("L")
     np.testing.assert_array_equal(prepare_image(grey, 64), prepare_image(grey.convert("RGBA"), 64))
+
+
+def test_the_cpu_default_is_one_lane_on_every_core_decoding_ahead_in_order(tmp_path, model_dir, monkeypatch):
+    import threading
+
+    import lorakit.plugins.wd14 as wd14
+
+    monkeypatch.setattr(wd14, "cpu_cores", lambda: 4)   # the affinity mask a 4-core machine would give
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (120, 30, 200), (9, 9, 9)]
+    items = [make_item(tmp_path, f"i{n}", c, size=(448, 320 + 20 * n)) for n, c in enumerate(colors)]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"broken")
+    items.insert(2, Item(name="bad", path=bad))
+    step = WD14Step.configure({"model": str(model_dir), "device": "cpu"})   # the CPU default: one lane
+    step.setup(make_ctx(tmp_path))
+    assert step.lanes == 1 and step.run_batch == 1
+    assert step.session.get_session_options().intra_op_num_threads == 4   # the cores, not 1
+    two = WD14Step.configure({"model": str(model_dir), "device": "cpu", "cpu_threads": 2})
+    two.setup(make_ctx(tmp_path))
+    assert two.session.get_session_options().intra_op_num_threads == 2    # shared out between the lanes
+    decoders, runners = set(), set()
+    real_prepare, real_scores = step._prepare, step.scores
+    step._prepare = lambda item: decoders.add(threading.current_thread().name) or real_prepare(item)
+    step.scores = lambda batch: runners.add(threading.current_thread().name) or real_scores(batch)
+    results = step.process_batch(items, make_ctx(tmp_path))
+    assert decoders and all(t.startswith("wd14-decode") for t in decoders)   # decoding off the model's thread
+    assert runners == {threading.current_thread().name}
+    assert isinstance(results[2], Exception) and "bad.png" in str(results[2])
+    good = [r for r in results if not isinstance(r, Exception)]
+    assert [r.name for r in good] == [it.name for it in items if it.name != "bad"]
+    alone = [step.process(it, make_ctx(tmp_path)) for it in items if it.name != "bad"]
+    assert [list(r.tags) for r in good] == [list(a.tags) for a in alone]
+    assert [r.tags for r in good] == [pytest.approx(a.tags, abs=1e-5) for a in alone]
