@@ -461,6 +461,30 @@ def test_dry_run_without_the_weights_takes_the_model_type_and_prints_the_run(tmp
         dry_run(dataset, config.replace(model_type=None), console=quiet())
 
 
+def test_dry_run_lists_each_blocks_dim_alpha_and_lr_weight(tmp_path):
+    from lorakit.trainer.api import dry_run
+    from lorakit.trainer.config import validate_settings
+
+    dataset = make_dataset(tmp_path / "d")
+    dims = ",".join(str(d) for d in [2] * 12 + [4] + [8] * 12)
+    config = validate_settings({"base_model": str(tmp_path / "none.safetensors"), "model_type": "sd15",
+                                "network_dim": 8, "network_alpha": 4, "resolution": 64,
+                                "network_args": [f"block_dims={dims}", "up_lr_weight=zeros"]})
+    console = quiet()
+    plan = dry_run(dataset, config, console=console)
+    rows = {row["block"]: row for row in plan.blocks}
+    assert len(rows) == 25
+    assert rows["IN00"] == {"block": "IN00", "lr_weight": 1.0, "dim": 2, "alpha": 4, "conv_dim": 0, "conv_alpha": None}
+    assert rows["MID"]["dim"] == 4 and rows["MID"]["lr_weight"] == 1.0
+    assert rows["OUT05"]["dim"] == 0 and rows["OUT05"]["lr_weight"] == 0.0  # weight 0: no LoRA in that block
+    text = console.file.getvalue()
+    assert "UNet blocks" in text and "OUT11" in text
+    assert plan.as_dict()["blocks"][0]["block"] == "IN00"
+    plain = dry_run(dataset, validate_settings({"base_model": str(tmp_path / "none.safetensors"),
+                                                "model_type": "sd15", "resolution": 64}), console=quiet())
+    assert plain.blocks is None
+
+
 def test_validate_names_a_missing_local_base_model_before_any_work(tmp_path):
     import yaml
 

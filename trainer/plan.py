@@ -33,6 +33,7 @@ class TrainingPlan:
     precision: str = "fp32"
     settings: dict[str, Any] = field(default_factory=dict)  # optimiser, rates, network, schedule, output
     seconds_per_step: float | None = None
+    blocks: list[dict[str, Any]] | None = None  # per-block dim/alpha/LR weight when block-wise settings are given
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -41,7 +42,7 @@ class TrainingPlan:
             "batches_per_epoch": self.batches_per_epoch, "steps_per_epoch": self.steps_per_epoch,
             "epochs": self.epochs, "total_steps": self.total_steps, "memory_gb": self.memory,
             "device": self.device, "precision": self.precision, "settings": self.settings,
-            "seconds_per_step": self.seconds_per_step,
+            "seconds_per_step": self.seconds_per_step, "blocks": self.blocks,
         }
 
 
@@ -128,6 +129,31 @@ def run_settings(config, output) -> dict[str, Any]:
             "scheduler": schedule, "save_precision": config.save_precision, "output": str(output)}
 
 
+def block_rows(config, is_sdxl: bool, warn=lambda _: None) -> list[dict[str, Any]] | None:
+    """Each UNet block's dim, alpha, 3x3-conv dim/alpha and LR weight, as the network will build them
+    (None when no block-wise setting is given)."""
+    from . import blocks
+    from .lycoris import parse_network_args
+
+    args = parse_network_args(config.values.get("network_args"), "network_args")
+    if not any(args.get(name) is not None for name in blocks.BLOCK_ARGS):
+        return None
+    weights = blocks.lr_weights(args, is_sdxl, "network_args", warn)
+    dims = blocks.block_dims(args, is_sdxl, dim=config.network_dim, alpha=config.network_alpha,
+                             conv_dim=config.conv_dim, conv_alpha=config.conv_alpha, weights=weights)
+    rows = []
+    for index in range(blocks.block_count(is_sdxl)):
+        row: dict[str, Any] = {"block": blocks.block_label(index, is_sdxl),
+                               "lr_weight": weights[index] if weights is not None else 1.0}
+        if dims is not None:
+            dim, alpha = dims.of(index, False)
+            conv_dim, conv_alpha = dims.of(index, True)
+            row.update(dim=dim, alpha=dim if not alpha else alpha, conv_dim=conv_dim,
+                       conv_alpha=(conv_dim if conv_alpha is None else conv_alpha) if conv_dim else None)
+        rows.append(row)
+    return rows
+
+
 def make_plan(manifest, data, config, model: dict[str, Any], device: str, precision: str,
               num_processes: int = 1, output=None) -> TrainingPlan:
     subsets: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -145,6 +171,7 @@ def make_plan(manifest, data, config, model: dict[str, Any], device: str, precis
         memory=estimate_memory(model, config, data.resolution, weight_bytes), device=device, precision=precision,
         settings=run_settings(config, output),
         seconds_per_step=estimate_seconds_per_step(model, config, data.resolution, device, precision),
+        blocks=block_rows(config, bool(model.get("is_sdxl"))),
     )
 
 
@@ -174,6 +201,17 @@ def render(plan: TrainingPlan, console) -> None:
     for (w, h), n in plan.buckets.items():
         buckets.add_row(f"{w}x{h}", str(n))
     console.print(buckets)
+    if plan.blocks:
+        table = Table(title="UNet blocks (block-wise settings)")
+        for col in ("block", "dim", "alpha", "conv dim", "conv alpha", "LR weight"):
+            table.add_column(col, justify="left" if col == "block" else "right")
+        for row in plan.blocks:
+            def cell(key):
+                value = row.get(key)
+                return "-" if value is None else f"{value:g}"
+            table.add_row(row["block"], cell("dim"), cell("alpha"), cell("conv_dim"), cell("conv_alpha"),
+                          cell("lr_weight"))
+        console.print(table)
     console.print(f"[bold]Batches per epoch[/bold]: {plan.batches_per_epoch}")
     console.print(f"[bold]Steps per epoch[/bold]: {plan.steps_per_epoch}")
     console.print(f"[bold]Epochs[/bold]: {plan.epochs}")
