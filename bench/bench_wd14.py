@@ -19,13 +19,15 @@ A B, B A, ...:
   resize, BGR float32, one `session.run` per picture on a session with onnxruntime's default
   options (what the A1111 tagger extension and imgutils do). Written here, not lorakit's code.
 * B  `lorakit`: WD14Step.setup + process_batch as the runner calls it (step.batch_size pictures a
-  call), device cpu, defaults: one lane per core, each decoding its picture and running the model
-  on one onnxruntime thread (intra_op 1, inter_op 1, sequential, no spinning), one session.
+  call), device cpu, defaults: one model run at a time on every core (intra_op = cores, inter_op 1,
+  sequential, no spinning) while a helper thread decodes the next picture. `--cpu-threads N`
+  passes the step's cpu_threads (N lanes, cores/N onnxruntime threads each).
 Tags: B's tags must equal the tags A's scores give through the same selection (threshold 0.35);
 scores are compared to 1e-4 (threads change the order of float sums, never the tags here).
 Reported: per-pair speed ratio A/B (median, min, max) of wall time and of CPU time, peak memory.
 
-Measured (2 cores shared with five other helpers' jobs, load average 20.3-22.7 during the runs):
+Measured in round 3, with the earlier CPU default of one lane per core at intra_op 1 (2 cores
+shared with five other helpers' jobs, load average 20.3-22.7 during the runs):
   `python bench/bench_wd14.py --images 16 --pairs 2` (ConvNeXt-Tiny size):
     wall: lorakit 1.16x the loop's speed (min 1.12x, max 1.19x); CPU time: 1.34x (1.33x-1.35x);
     peak memory 487 MiB vs 343 MiB (1.42x); same tags (and order) on 16/16 pictures, 17-24 tags each.
