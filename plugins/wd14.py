@@ -136,7 +136,7 @@ class WD14Step(ImageStep):
         device_param(),
         Param("batch_size", int, 0, "images per model run (0 = by device: 1 on the CPU, 32 on CUDA)", min=0),
         Param("cpu_threads", int, 0, "on the CPU: pictures tagged at once, the cores shared out between "
-              "them (0 = 1: one model run on every core while a helper thread decodes the next picture)", min=0),
+              "them (0 = 1: one model run on every core while helper threads decode the next pictures)", min=0),
     ]
 
     # ----- model --------------------------------------------------------------------------------
@@ -160,8 +160,8 @@ class WD14Step(ImageStep):
         cuda = device != "cpu" and "CUDAExecutionProvider" in providers
         # On the CPU, a convnet or ViT tagger gains nothing from batches (activations grow with the
         # batch, the arithmetic does not get cheaper). By default one model run at a time gets every
-        # core (intra_op = the cores, no spinning thread pool) while a helper thread decodes and
-        # preprocesses the next picture, so the cores are not idle during decodes and the memory is
+        # core (intra_op = the cores, no spinning thread pool) while two helper threads decode and
+        # preprocess the next two pictures, so the cores are not idle during decodes and the memory is
         # one run's. `cpu_threads` N > 1 runs N lanes instead, each decoding its own picture and
         # running the model with cores/N onnxruntime threads (concurrent runs of one session: the
         # weights once, the activations N times; measured at 1.6x the loop's memory). On CUDA the
@@ -169,7 +169,7 @@ class WD14Step(ImageStep):
         self.lanes = 1 if cuda else (self.options.cpu_threads or 1)
         options = ort.SessionOptions()
         # The cores are shared out between the lanes: one lane (the default) runs the model on
-        # every core while a helper thread decodes the next picture.
+        # every core while helper threads decode the next pictures.
         options.intra_op_num_threads = cpu_cores() if cuda else max(1, cpu_cores() // self.lanes)
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -234,9 +234,10 @@ class WD14Step(ImageStep):
 
     def process_batch(self, items: list[Item], ctx: StepContext) -> list:
         """Tag ``items`` in groups of ``run_batch`` (1 on the CPU by default): with one lane (the
-        CPU default, and CUDA) the model runs on this thread while a helper thread (two on CUDA)
-        decodes the next group; with ``lanes`` > 1 each lane thread decodes and tags its own
+        CPU default, and CUDA) the model runs on this thread while two helper threads decode
+        the next two groups; with ``lanes`` > 1 each lane thread decodes and tags its own
         groups. Results (or the error that set a picture aside) are in the order of ``items``."""
+        from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
         groups = [list(range(i, min(i + self.run_batch, len(items)))) for i in range(0, len(items), self.run_batch)]
@@ -247,13 +248,19 @@ class WD14Step(ImageStep):
                     for n, out in zip(group, tagged):
                         results[n] = out
             return results
-        with ThreadPoolExecutor(max_workers=2 if self.on_gpu else 1, thread_name_prefix="wd14-decode") as pool:
-            # The next group decodes while the model runs on this one (two groups in memory at most).
-            ahead = pool.submit(lambda: [self._prepare(items[n]) for n in groups[0]]) if groups else None
+        # Two helper threads decode the next two groups while the model runs on this one (three
+        # groups in memory at most): one decoding thread alone cannot keep up when a picture
+        # decodes slower than the model runs (a small model, big photos).
+        ahead = 2
+        with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="wd14-decode") as pool:
+            def decode(g: list[int]):
+                return pool.submit(lambda: [self._prepare(items[n]) for n in g])
+
+            pending = deque(decode(g) for g in groups[:ahead])
             for k, group in enumerate(groups):
-                arrays = ahead.result()
-                ahead = pool.submit(lambda g=groups[k + 1]: [self._prepare(items[n]) for n in g]) \
-                    if k + 1 < len(groups) else None
+                arrays = pending.popleft().result()
+                if k + ahead < len(groups):
+                    pending.append(decode(groups[k + ahead]))
                 for n, out in zip(group, self._run_group(items, group, arrays)):
                     results[n] = out
         return results
