@@ -20,7 +20,7 @@ A B, B A, ...:
   options (what the A1111 tagger extension and imgutils do). Written here, not lorakit's code.
 * B  `lorakit`: WD14Step.setup + process_batch as the runner calls it (step.batch_size pictures a
   call), device cpu, defaults: one model run at a time on every core (intra_op = cores, inter_op 1,
-  sequential, no spinning) while a helper thread decodes the next picture. `--cpu-threads N`
+  sequential, no spinning) while two helper threads decode the next two pictures. `--cpu-threads N`
   passes the step's cpu_threads (N lanes, cores/N onnxruntime threads each).
 Tags: B's tags must equal the tags A's scores give through the same selection (threshold 0.35);
 scores are compared to 1e-4 (threads change the order of float sums, never the tags here).
