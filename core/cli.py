@@ -219,20 +219,20 @@ def print_summary(result) -> None:
         print_set_aside(result)
     _warn_empty_subsets(result)
     _print_image_warnings(result)
-    n = len(result.manifest.images)
-    subsets = Counter(r.subset for r in result.manifest.images)
+    summary = result.summary()
+    n, subsets = summary["images"], summary["subsets"]
     console.print(Text.assemble((f"{n} image(s)", "green"), f" in {len(subsets)} subset(s) -> {result.output_dir}  "
                                 f"(manifest: {result.manifest_path})"), soft_wrap=True)
-    if result.nothing_changed:
+    if result.unchanged_run:
+        console.print("Nothing changed since the last run (sources, steps, curation and outputs as it left them): "
+                      "nothing was done or written.")
+    elif result.nothing_changed:
         console.print("Nothing changed since the last run: every result came from the cache.")
 
 
 def _print_image_warnings(result, names_shown: int = 3) -> None:
     """Images kept but flagged by a step (``meta.warnings``): a trim that cut most of the picture..."""
-    groups: dict[str, list[str]] = {}
-    for r in result.manifest.images:
-        for w in (r.meta or {}).get("warnings", []):
-            groups.setdefault(w.get("step", "?"), []).append(Path(r.path).name)
+    groups: dict[str, list[str]] = result.summary()["warnings"]
     if not groups:
         return
     total = sum(len(v) for v in groups.values())
@@ -245,8 +245,8 @@ def _print_image_warnings(result, names_shown: int = 3) -> None:
 
 def _warn_empty_subsets(result) -> None:
     """A subset configured in pipeline.yaml that no image reached is most often a typo of a real one."""
-    configured = (result.manifest.pipeline or {}).get("subsets") or {}
-    used = sorted({r.subset for r in result.manifest.images})
+    configured = result.summary()["configured_subsets"]
+    used = sorted(result.summary()["subsets"])
     for name in configured:
         if str(name) in used:
             continue

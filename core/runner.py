@@ -32,7 +32,7 @@ from lorakit.plugin_sdk import (
     verify_image,
 )
 
-from . import chain, executors, prepare
+from . import chain, executors, prepare, unchanged
 from . import curation as curation_stage
 from .manifest import MANIFEST_NAME, ImageRecord, Manifest, SetAsideRecord
 from .pipeline import ConfiguredStep, Pipeline
@@ -65,15 +65,38 @@ class StepStats:
 class RunResult:
     output_dir: Path
     manifest_path: Path
-    manifest: Manifest
+    _manifest: Manifest | None  # None: read from manifest_path when asked for (an unchanged re-run)
     stats: list[StepStats]
     set_aside: list[SetAsideRecord]
     curation: curation_stage.CurationResult | None = None
     crashed: list[str] = field(default_factory=list)  # images that killed a worker process: the run failed
+    _summary: dict | None = None
+    unchanged_run: bool = False  # reported from the last run without running (unchanged.py)
+
+    @property
+    def manifest(self) -> Manifest:
+        if self._manifest is None:
+            self._manifest = Manifest.load(self.manifest_path)
+        return self._manifest
 
     @property
     def nothing_changed(self) -> bool:
         return all(s.computed == 0 for s in self.stats)
+
+    def summary(self) -> dict:
+        """What the run summary shows of the dataset: images, images per subset, the warnings on
+        kept images by step, the subsets configured. Kept with the last run, so an unchanged re-run
+        shows it without reading the manifest."""
+        if self._summary is None:
+            m = self.manifest
+            warnings: dict[str, list[str]] = {}
+            for r in m.images:
+                for w in (r.meta or {}).get("warnings", []):
+                    warnings.setdefault(w.get("step", "?"), []).append(Path(r.path).name)
+            self._summary = {"images": len(m.images), "subsets": dict(Counter(r.subset for r in m.images)),
+                             "warnings": warnings,
+                             "configured_subsets": list(((m.pipeline or {}).get("subsets") or {}).keys())}
+        return self._summary
 
 
 # ----- the runner ---------------------------------------------------------------------------
@@ -131,6 +154,12 @@ class Runner:
     def _run(self) -> RunResult:
         self.output.mkdir(parents=True, exist_ok=True)
         _remove_partial_files(self.output)
+        fingerprint = None if self.force else unchanged.run_fingerprint(self)
+        if fingerprint is not None:
+            record = unchanged.load(self, fingerprint)
+            if record is not None:
+                return self._unchanged_result(record)
+        unchanged.forget(self)  # this run may change the output: the last run's record no longer holds
         # hand edits in the folder go into the curation file before anything rewrites the folder
         hand = (curation_stage.HandEdits() if self._output_untouched()
                 else curation_stage.take_hand_edits(self.output, self.curation, self._ledger()))
@@ -155,8 +184,25 @@ class Runner:
         manifest, curated = self.finish(states, hand)
         self.store.flush()
         self.store.record_run(self.output.resolve(), self._refs)
-        return RunResult(self.output, self.output / MANIFEST_NAME, manifest, self.stats,
-                         manifest.set_aside, curated, list(self.crashed))
+        result = RunResult(self.output, self.output / MANIFEST_NAME, manifest, self.stats,
+                           manifest.set_aside, curated, list(self.crashed))
+        # Only a run that took every result from the cache is remembered: an error to retry, a
+        # crash or any new work means the next run runs again (and, unchanged, is then remembered).
+        if fingerprint is not None and result.nothing_changed and not self.crashed:
+            unchanged.save(self, fingerprint, self.stats, result.summary(), manifest.set_aside)
+        return result
+
+    def _unchanged_result(self, record: dict) -> RunResult:
+        """The last run's result, for a re-run whose fingerprint and outputs equal it: nothing written."""
+        stats = []
+        for data in record.get("stats") or []:
+            s = StepStats(**data)
+            s.seconds = 0.0
+            stats.append(s)
+        self.stats = stats
+        set_aside = [SetAsideRecord.from_dict(d) for d in record.get("set_aside") or []]
+        return RunResult(self.output, self.output / MANIFEST_NAME, None, stats, set_aside, None, [],
+                         record.get("summary"), unchanged_run=True)
 
     def _refuse_empty_dataset(self) -> None:
         """A run that would write a dataset of no images failed: say why, leave the output as it was."""

@@ -124,6 +124,10 @@ class Step:
     reads: ClassVar[frozenset[str] | None] = None
     writes: ClassVar[frozenset[str] | None] = None
     example: ClassVar[str] = ""
+    # True when the step's results depend on something outside its inputs and parameters (the
+    # network, the time, randomness without a seed): a pipeline with such a step is never reported
+    # "unchanged" from the last run without running (docs/store.md, "The run-level short circuit").
+    volatile: ClassVar[bool] = False
 
     def __init__(self, params: Params | dict[str, Any] | None = None):
         if not isinstance(params, Params):
@@ -258,6 +262,14 @@ class SourceStep(Step):
     def inputs(self) -> list[Path]:
         """Local folders this source reads; the host refuses an output folder that overlaps them."""
         return []
+
+    def fingerprint(self) -> str | None:
+        """A string that changes whenever what ``produce`` would yield may change (for a local
+        folder: the path, size, modification time and inode of every file, from one listing), or
+        None (the default) when the source cannot tell without producing: a network source, say.
+        With None, every run of the pipeline runs; with a fingerprint, a re-run whose fingerprints,
+        steps and curation all equal the last run's is reported from it without doing anything."""
+        return None
 
 
 def reason_of(exc: BaseException) -> str:

@@ -41,6 +41,12 @@ class FolderSource(SourceStep):
     def inputs(self) -> list[Path]:
         return [self.options.path]
 
+    def fingerprint(self) -> str | None:
+        from lorakit.unchanged import folder_fingerprint
+
+        root = self.options.path
+        return folder_fingerprint(root, self.options.recursive) if os.path.isdir(root) else None
+
     def produce(self, ctx):
         root: Path = self.options.path
         if not root.is_dir():
