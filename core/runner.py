@@ -122,6 +122,8 @@ class Runner:
         self._refs: dict[str, list[str]] = {"cache": [], "sources": []}  # what this run used (for `clean`)
         self._marks = _OutputMarks(self.store.root)
         self._written: dict[str, list] | None = None  # the ledger of files written to the output (written.json)
+        self._applied: str | None = None  # the digest of the curation file this run applied
+        self._all_final = True  # no result of this run is an error to retry (unchanged.py remembers it)
 
     def _ctx(self, step) -> StepContext:
         work = self.store.root / "steps" / step.name
@@ -156,7 +158,7 @@ class Runner:
         _remove_partial_files(self.output)
         fingerprint = None if self.force else unchanged.run_fingerprint(self)
         if fingerprint is not None:
-            record = unchanged.load(self, fingerprint)
+            record = unchanged.load(self, unchanged.with_curation(fingerprint, self.curation))
             if record is not None:
                 return self._unchanged_result(record)
         unchanged.forget(self)  # this run may change the output: the last run's record no longer holds
@@ -186,10 +188,10 @@ class Runner:
         self.store.record_run(self.output.resolve(), self._refs)
         result = RunResult(self.output, self.output / MANIFEST_NAME, manifest, self.stats,
                            manifest.set_aside, curated, list(self.crashed))
-        # Only a run that took every result from the cache is remembered: an error to retry, a
-        # crash or any new work means the next run runs again (and, unchanged, is then remembered).
-        if fingerprint is not None and result.nothing_changed and not self.crashed:
-            unchanged.save(self, fingerprint, self.stats, result.summary(), manifest.set_aside)
+        # A run with an error to retry or a crash is not remembered: the next run runs again.
+        if fingerprint is not None and self._all_final and not self.crashed:
+            unchanged.save(self, unchanged.with_curation(fingerprint, self.curation, self._applied),
+                           self.stats, result.summary(), manifest.set_aside)
         return result
 
     def _unchanged_result(self, record: dict) -> RunResult:
@@ -197,7 +199,11 @@ class Runner:
         stats = []
         for data in record.get("stats") or []:
             s = StepStats(**data)
-            s.seconds = 0.0
+            if s.computed and s.kind == "dataset":  # as a re-run from the cache shows them
+                s.messages = [f"(earlier run) {m}" for m in s.messages]
+            elif s.computed and s.kind == "image":
+                s.messages = []  # lines the work logged: a re-run from the cache does no work
+            s.seconds, s.computed, s.replayed, s.cached = 0.0, 0, 0, s.inputs
             stats.append(s)
         self.stats = stats
         set_aside = [SetAsideRecord.from_dict(d) for d in record.get("set_aside") or []]
@@ -225,7 +231,7 @@ class Runner:
             old_input = None
         previous = _applied_of(old_input)
         edits = self.curation.edits()
-        digest_now = self.curation.digest()
+        digest_now = self._applied = self.curation.digest()
         if save_input:
             self._save_curation_input(input_path, states, digest_now, old_input)
         else:
@@ -498,6 +504,8 @@ class Runner:
                         done(chunk, trees, messages, [p.seconds for p in run_plans])
         if not self.crashed:
             planned.remember()
+        if self.crashed or any(c.failed for c in planned.counts):
+            self._all_final = False  # an error is retried by the next run: this run is not remembered whole
         self.store.flush()
         out, asides = planned.outputs()
         for state, step_name, reason in asides:

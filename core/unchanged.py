@@ -88,14 +88,18 @@ def run_fingerprint(runner) -> str | None:
                 entry.append(fp)
             steps.append(entry)
     parts["steps"] = steps
-    curation = runner.curation
-    parts["curation"] = curation.digest()
+    text = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=20).hexdigest()
+
+
+def with_curation(base: str, curation, digest: str | None = None) -> str:
+    """``base`` (run_fingerprint) and the curation file: its digest (``digest``: the one a run
+    applied; the curation file takes the hand edits a run finds) and any picture it puts in place."""
     pictures = []
     for edit in curation.edits():
         if getattr(edit, "image", None):
             pictures.append([edit.image, _stat_key(os.fspath(Path(curation.path).parent / edit.image))])
-    parts["pictures"] = pictures
-    text = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
+    text = json.dumps([base, digest if digest is not None else curation.digest(), pictures], default=str)
     return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=20).hexdigest()
 
 

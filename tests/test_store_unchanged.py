@@ -57,11 +57,10 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def _settle(tmp_path, raw, steps=("invert", "addtag"), source="folder"):
-    """First run, then an unchanged re-run that takes everything from the cache (and is remembered)."""
-    run_pipeline_dict(_data(tmp_path, raw, steps, source), tmp_path, STEPS, workers=1)
-    second = run_pipeline_dict(_data(tmp_path, raw, steps, source), tmp_path, STEPS, workers=1)
-    assert second.run.nothing_changed and not second.run.unchanged_run
-    return second
+    """A first run, which is remembered: the next unchanged run is reported from it."""
+    first = run_pipeline_dict(_data(tmp_path, raw, steps, source), tmp_path, STEPS, workers=1)
+    assert not first.run.nothing_changed and not first.run.unchanged_run
+    return first
 
 
 def _rerun(tmp_path, raw, steps=("invert", "addtag"), source="folder"):
@@ -79,8 +78,9 @@ def test_unchanged_rerun_writes_nothing_and_reports_the_last_run(tmp_path, image
     third = _rerun(tmp_path, images_dir)
     assert third.run.unchanged_run and third.run.nothing_changed
     assert _snapshot(tmp_path / "out") == before  # no file written, touched or removed
-    assert [(s.name, s.inputs, s.outputs, s.cached) for s in third.stats] == \
-        [(s.name, s.inputs, s.outputs, s.cached) for s in second.stats]
+    assert [(s.name, s.inputs, s.outputs, s.set_aside) for s in third.stats] == \
+        [(s.name, s.inputs, s.outputs, s.set_aside) for s in second.stats]
+    assert all(s.cached == s.inputs and s.computed == 0 for s in third.stats)
     assert third.run.summary()["images"] == 3
     assert sorted(r.path for r in third.images) == sorted(r.path for r in second.images)
 
@@ -142,8 +142,6 @@ def test_deleting_or_editing_an_output_file_runs_again(tmp_path, images_dir):
     (tmp_path / "out" / "blue.png").unlink()  # a hand edit: the image is taken out of the dataset
     third = _rerun(tmp_path, images_dir)
     assert not third.run.unchanged_run and "blue" not in {Path(r.path).stem for r in third.images}
-    # remembered again once a run took every result from the cache
-    _rerun(tmp_path, images_dir)
     assert _rerun(tmp_path, images_dir).run.unchanged_run
     (tmp_path / "out" / "red.txt").write_text("hand edit in the output")
     again = _rerun(tmp_path, images_dir)
@@ -178,3 +176,19 @@ def test_the_booru_grabber_is_not_fingerprinted():
     assert sources
     for cls in sources:
         assert cls.fingerprint is SourceStep.fingerprint
+
+
+def test_a_run_with_an_error_to_retry_is_not_remembered(tmp_path, images_dir, monkeypatch):
+    from steps_for_tests import InvertStep
+    real = InvertStep.process
+
+    def flaky(self, item, ctx):
+        if item.name == "red":
+            raise RuntimeError("out of memory, for now")
+        return real(self, item, ctx)
+    monkeypatch.setattr(InvertStep, "process", flaky)
+    first = _rerun(tmp_path, images_dir)
+    assert len(first.run.set_aside) == 1
+    monkeypatch.setattr(InvertStep, "process", real)
+    second = _rerun(tmp_path, images_dir)
+    assert not second.run.unchanged_run and "red" in {Path(r.path).stem for r in second.images}
