@@ -80,7 +80,8 @@ def run_fingerprint(runner) -> str | None:
             if getattr(step, "volatile", False):
                 return None
             entry = [kind, step.name, step.version, f"{type(step).__module__}.{type(step).__qualname__}",
-                     step.options.as_json(), getattr(cfg, "subset", None)]
+                     step.options.as_json(), getattr(cfg, "subset", None),
+                     step.cache_token()]  # files a step reads beside its inputs (a model, a tag list)
             if kind == "source":
                 fp = step.fingerprint()
                 if fp is None:
