@@ -262,13 +262,18 @@ def test_ctrl_c_during_a_pooled_step_prints_no_worker_tracebacks(tmp_path, image
         "        time.sleep(30 if item.name == 'c00' else 0)\n        return item\n"
         "@hookimpl\ndef register_steps(register):\n    register(Slow)\n")
     (tmp_path / "run.py").write_text(
-        "import sys\nimport slowplugin2\nfrom lorakit.host import load_host\nimport lorakit.host as h\n"
-        "import lorakit.cli as c\nif __name__ == '__main__':\n    host = load_host(extra_plugins=[slowplugin2])\n"
+        "import signal, sys\nimport slowplugin2\nfrom lorakit.host import load_host\nimport lorakit.host as h\n"
+        "import lorakit.cli as c\nif __name__ == '__main__':\n"
+        "    print('SIGINT handler at start:', signal.getsignal(signal.SIGINT), file=sys.stderr)\n"
+        "    host = load_host(extra_plugins=[slowplugin2])\n"
         "    h.get_host = lambda: host\n    c.get_host = lambda: host\n"
         "    sys.argv = ['lorakit', 'run', sys.argv[2]]\n    c.main()\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # A child started while the parent ignores SIGINT would inherit that (Python keeps an inherited
+    # SIG_IGN): start it with the default disposition, as a terminal does.
     proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(tmp_path), str(tmp_path / "pipeline.yaml")],
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
