@@ -159,9 +159,6 @@ def _check_reachable(address: str) -> None:
                            "running (ray start --head), and is this its address and port?") from None
 
 
-ACTOR_START_TIMEOUT_S = 120
-
-
 class RayExecutor(Executor):
     """Per-image work as Ray actor tasks: each actor is a worker process holding the configured
     steps (models load once per actor), asking Ray for the resources its chain declares
@@ -251,20 +248,6 @@ class RayExecutor(Executor):
             if self._remote_cls is None:
                 self._remote_cls = ray.remote(max_restarts=0, max_task_retries=0)(ChainWorker)
             actor = self._remote_cls.options(num_cpus=shape[0], num_gpus=shape[1]).remote(str(self.store_root))
-            # A new actor must start: right after a node dies its resources can still look free, and an
-            # actor asked of them would wait forever (and the run with it). One that does not start in
-            # time is dropped; the live ones carry on.
-            ready, _ = ray.wait([actor.__ray_ready__.remote()], timeout=ACTOR_START_TIMEOUT_S)
-            if not ready:
-                try:
-                    ray.kill(actor, no_restart=True)
-                except Exception:  # noqa: BLE001 - it never started
-                    pass
-                if actors:
-                    n_workers = len(actors)
-                    break
-                raise LorakitError(f"no Ray worker started within {ACTOR_START_TIMEOUT_S} s (asked for "
-                                   f"{shape[0]:g} CPU and {shape[1]:g} GPU): is a node of the cluster free?")
             actors.append(actor)
             self._load[actor] = 0
         actor = min(actors[:n_workers], key=lambda a: self._load[a])
