@@ -7,7 +7,6 @@ import json
 import sqlite3
 import sys
 import textwrap
-from collections import Counter
 from pathlib import Path
 
 import click

@@ -8,7 +8,10 @@ to itself, so a run behaves the same on either executor. An executor only has to
 * run ``chain.worker_jobs(plans, jobs)`` on a worker and return a ``concurrent.futures.Future``
   (``submit``); a worker that died (kill -9, the out-of-memory killer, a node that went away)
   fails its futures with ``WorkerLost`` (a ``BrokenProcessPool``), which the runner retries;
-* replace lost workers (``restart``) and stop (``shutdown``).
+* replace lost workers (``restart``) and stop (``shutdown``);
+* when no chunk has finished for a while, look for work that sits on a worker that never started
+  (``watch``): such a chunk fails with ``WorkerNeverStarted`` and the runner submits it again, not
+  counted as a crash. Only the Ray executor can have such workers (an actor Ray cannot place).
 
 ``ray`` is imported only by ``RayExecutor``, only when chosen (``pip install 'lorakit[ray]'``).
 """
@@ -18,6 +21,7 @@ import multiprocessing
 import os
 import secrets
 import socket
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -35,6 +39,11 @@ class WorkerLost(BrokenProcessPool):
     """A worker process, or the machine it ran on, died holding a chunk of images (retried)."""
 
 
+class WorkerNeverStarted(Exception):
+    """A chunk was handed to a worker that never started (Ray could not place the actor); the runner
+    submits it again. Not a crash: nothing ran."""
+
+
 class Executor:
     """The interface the runner uses for per-image work (see the module docstring)."""
 
@@ -50,6 +59,11 @@ class Executor:
     def restart(self) -> None:
         """After a lost worker: fresh workers for the next submissions."""
         self.shutdown(cancel=True)
+
+    def watch(self) -> list[str]:
+        """Called when no chunk has finished for ``WATCH_SECONDS``: fail (with ``WorkerNeverStarted``)
+        the chunks held by workers that will not start, and return lines for the run's log."""
+        return []
 
     def shutdown(self, cancel: bool = False) -> None:
         raise NotImplementedError
@@ -107,6 +121,10 @@ class ChainWorker:
 
     def run(self, plans, jobs):
         return chain.worker_jobs(plans, jobs)
+
+    def ready(self) -> bool:
+        """The actor's first task: its answer says the actor was placed and started."""
+        return True
 
 
 def _probe(store_file: str, token: str, sources: list[str], classes: list[tuple[str, str, str]]) -> dict:
@@ -166,6 +184,10 @@ class RayExecutor(Executor):
     node must see at the same path; checked before the first chunk) and come back as states."""
 
     name = "ray"
+    #: An actor that has not started this many seconds after it was asked for, while another of the
+    #: same shape runs, is given up: Ray cannot place it (its node died as it was asked for, or the
+    #: cluster's free CPUs/GPUs are held by others). Its chunks go to the actors that did start.
+    start_grace = 60.0
 
     def __init__(self, store_root: Path, address: str | None = None):
         try:
@@ -181,6 +203,10 @@ class RayExecutor(Executor):
         self._plan_refs: dict[int, tuple[Any, Any]] = {}  # id(plans) -> (plans, object ref)
         self._checked: set[tuple] = set()
         self._remote_cls = None
+        self._asked: dict[Any, float] = {}  # actor -> when it was asked for (until it starts)
+        self._started: set = set()  # actors whose ready() answered
+        self._dropped: set = set()  # actors given up by watch(); their chunks fail as WorkerNeverStarted
+        self._ceiling: dict[tuple, int] = {}  # shape -> the most actors Ray could start of it
 
     # ----- connection --------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -243,14 +269,18 @@ class RayExecutor(Executor):
         shape = self._shape(plans)
         self._check_nodes(plans, jobs)
         actors = self._actors.setdefault(shape, [])
-        n_workers = max(1, min(n_workers, self._capacity(shape)))
+        n_workers = max(1, min(n_workers, self._capacity(shape), self._ceiling.get(shape, n_workers)))
         while len(actors) < n_workers:
             if self._remote_cls is None:
                 self._remote_cls = ray.remote(max_restarts=0, max_task_retries=0)(ChainWorker)
             actor = self._remote_cls.options(num_cpus=shape[0], num_gpus=shape[1]).remote(str(self.store_root))
             actors.append(actor)
             self._load[actor] = 0
-        actor = min(actors[:n_workers], key=lambda a: self._load[a])
+            self._asked[actor] = time.monotonic()
+            # Tasks of one caller run on an actor in the order they were sent: this one runs first.
+            actor.ready.remote().future().add_done_callback(lambda f, a=actor: self._on_ready(a, f))
+        # a started actor before one still waiting to be placed, then the least loaded
+        actor = min(actors[:n_workers], key=lambda a: (a not in self._started, self._load[a]))
         self._load[actor] += 1
         ref = actor.run.remote(self._plans_ref(plans), jobs)
         out: Future = Future()
@@ -260,7 +290,13 @@ class RayExecutor(Executor):
             self._load[actor] = max(0, self._load.get(actor, 1) - 1)
             try:
                 out.set_result(done.result())
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+            except ray.exceptions.RayActorError as exc:
+                if actor in self._dropped:  # given up by watch() before it started: nothing ran
+                    out.set_exception(WorkerNeverStarted(f"its Ray worker never started ({type(exc).__name__})"))
+                else:
+                    self._forget(actor)
+                    out.set_exception(WorkerLost(f"a Ray worker died: {type(exc).__name__}"))
+            except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
                     ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError, ray.exceptions.LocalRayletDiedError) as exc:
                 self._forget(actor)
                 out.set_exception(WorkerLost(f"a Ray worker died: {type(exc).__name__}"))
@@ -285,6 +321,37 @@ class RayExecutor(Executor):
             if actor in actors:
                 actors.remove(actor)
         self._load.pop(actor, None)
+        self._asked.pop(actor, None)
+        self._started.discard(actor)
+
+    def _on_ready(self, actor, done) -> None:
+        if done.exception() is None:
+            self._started.add(actor)
+            self._asked.pop(actor, None)
+
+    def watch(self) -> list[str]:
+        """Give up the actors Ray has not started ``start_grace`` seconds after they were asked for,
+        where another actor of the same shape did start (so the work has somewhere to go). Where
+        none started, nothing is given up: the cluster is busy and the run waits for it."""
+        lines = []
+        now = time.monotonic()
+        for shape, actors in self._actors.items():
+            started = [a for a in actors if a in self._started]
+            stuck = [a for a in actors if a not in self._started and now - self._asked.get(a, now) > self.start_grace]
+            if not started or not stuck:
+                continue
+            for actor in stuck:
+                self._dropped.add(actor)
+                self._forget(actor)
+                try:
+                    self.ray.kill(actor, no_restart=True)  # its queued chunks fail: WorkerNeverStarted
+                except Exception:  # noqa: BLE001 - an actor that is gone already
+                    pass
+            self._ceiling[shape] = len(started)
+            lines.append(f"Ray could not start {len(stuck)} of {len(stuck) + len(started)} workers "
+                         f"({shape[0]:g} CPU, {shape[1]:g} GPU each) within {self.start_grace:g} s (a node lost, or "
+                         f"its resources held by other work); their images went to the {len(started)} that started")
+        return lines
 
     def restart(self) -> None:
         """Lost actors were already dropped; the live ones (their models loaded) are kept."""
@@ -301,6 +368,8 @@ class RayExecutor(Executor):
         self._actors.clear()
         self._load.clear()
         self._plan_refs.clear()
+        self._asked.clear()
+        self._started.clear()
         if self._owns_connection and ray.is_initialized():
             ray.shutdown()  # a Ray instance lorakit started stops with the run; a cluster's keeps running
             self._owns_connection = False

@@ -25,8 +25,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lorakit.plugin_sdk import (
-    DatasetStep, ImageError, ImageStep, Item, LorakitError, PathEscape, SkipImage, SourceStep, StepContext, Subset,
-    TMP_PREFIX, atomic_path, atomic_write_text, caption_text, check_relative, confined_path, image_size, is_partial_file, is_storage_error,
+    DatasetStep, ImageError, ImageStep, Item, LorakitError, PathEscape, SourceStep, StepContext, Subset,
+    TMP_PREFIX, atomic_path, atomic_write_text, caption_text, check_relative, confined_path, is_partial_file, is_storage_error,
     is_within,
     reason_of,
     verify_image,
@@ -43,6 +43,7 @@ CURATION_INPUT = "curation-input.json"  # the states before the curation stage (
 ID_META = "_lorakit_id"  # carries image ids through dataset steps
 # Restarts of a step's worker pool without one image finishing before the step is given up.
 _MAX_BLIND_RESTARTS = 4
+_WATCH_SECONDS = 5.0  # with no chunk finished for this long, the executor looks for workers that never started
 # A step that sets aside more than this share of its images for errors (not decisions) fails the run.
 _MOST = 0.5
 
@@ -549,15 +550,27 @@ class Runner:
         def run_round(round_chunks: list[list], in_flight: int) -> list[list]:
             """Run the chunks with at most ``in_flight`` submitted; return the chunks lost in crashes."""
             queue, lost, pending = list(round_chunks), [], {}
+            watched = [time.monotonic()]
+
+            def watch() -> None:  # every few seconds: is a chunk held by a worker that will never start?
+                if time.monotonic() - watched[0] >= _WATCH_SECONDS:
+                    watched[0] = time.monotonic()
+                    for line in self.executor.watch():
+                        ctx.log(line)
+
             while queue or pending:
                 if hopeless():
                     return lost + list(pending.values()) + queue
                 while queue and len(pending) < in_flight:
                     chunk = queue.pop(0)
                     pending[self.executor.submit(n_workers, plans, [(j.state, j.level) for j in chunk])] = chunk
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                finished, _ = wait(pending, timeout=_WATCH_SECONDS, return_when=FIRST_COMPLETED)
+                watch()
+                if not finished:
+                    continue
                 if any(isinstance(f.exception(), BrokenProcessPool) for f in finished):
-                    wait(pending)  # a broken pool fails every task it still held
+                    while wait(pending, timeout=_WATCH_SECONDS)[1]:  # a broken pool fails every task it still held
+                        watch()
                     finished = set(pending)
                 broken = False
                 for fut in finished:
@@ -566,6 +579,9 @@ class Runner:
                     if isinstance(exc, BrokenProcessPool):
                         lost.append(chunk)
                         broken = True
+                        continue
+                    if isinstance(exc, executors.WorkerNeverStarted):  # nothing ran: submitted again
+                        queue.insert(0, chunk)
                         continue
                     if is_storage_error(exc):
                         raise exc

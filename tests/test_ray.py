@@ -278,6 +278,42 @@ def test_an_interrupted_ray_run_resumes_from_the_store(cluster, tmp_path, monkey
     assert _manifest(resumed) == _manifest(fresh)
 
 
+@ray.remote(num_cpus=1)
+class _HoldACpu:
+    def where(self):
+        return ray.get_runtime_context().get_node_id()
+
+
+def test_a_worker_ray_cannot_start_gives_its_images_to_one_that_did(cluster, tmp_path, monkeypatch):
+    """The cluster counts two CPUs, but another job holds one: of the two workers the run asks for,
+    Ray can start one. The chunks sent to the other (which would wait for ever, as after a node is
+    lost while the cluster still counts its CPUs) go to the one that started."""
+    import threading
+
+    from lorakit.executors import RayExecutor
+
+    monkeypatch.setattr(RayExecutor, "start_grace", 2.0)
+    holder = _HoldACpu.remote()
+    ray.get(holder.where.remote())  # placed: one CPU of the cluster is taken
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(16):
+        Image.new("RGB", (8 + i, 8), (i * 9, 40, 0)).save(raw / f"img{i:02d}.png")
+    outcome = {}
+    run = threading.Thread(target=lambda: outcome.update(res=_run(tmp_path, raw, "out", "ray", steps=[{"logline": {}}])))
+    run.start()
+    run.join(timeout=180)
+    hung = run.is_alive()
+    ray.kill(holder)  # frees the CPU, so that a hung run finishes and the test can report it
+    run.join(timeout=120)
+    assert not hung, "the run waited on a worker Ray could not start"
+    res = outcome["res"]
+    assert len(res.manifest.images) == 16 and not res.set_aside and not res.crashed
+    lines = [m for s in res.stats for m in s.messages]
+    assert any("could not start 1 of 2 workers" in m for m in lines), lines
+    assert not any("restarted" in m for m in lines)  # not counted as a crash: nothing ran on it
+
+
 def test_the_images_of_a_lost_node_are_retried_on_the_others(cluster, tmp_path):
     """Last in the module: the worker node is killed for good."""
     raw = tmp_path / "raw"

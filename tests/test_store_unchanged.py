@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from lorakit.plugin_sdk import Item, Param, SourceStep

@@ -22,7 +22,6 @@ import hashlib
 import json
 import uuid
 from pathlib import Path
-from typing import Any
 
 import torch
 

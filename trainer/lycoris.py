@@ -28,9 +28,12 @@ import difflib
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorakit.plugin_sdk import LorakitError
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 # network_type -> LyCORIS algo. "lora" is lorakit's own kohya-format LoRA (trainer/network.py).
 LYCORIS_ALGOS = {"locon": "locon", "loha": "loha", "lokr": "lokr", "ia3": "ia3", "dylora": "dylora",
