@@ -95,6 +95,46 @@ def read_kohya(path: Path, reg: Path | None = None) -> tuple[dict[str, Subset], 
     return subsets, images
 
 
+def kohya_fingerprint(path: Path, reg: Path | None = None) -> str | None:
+    """A digest of everything ``read_kohya(path, reg)`` reads (folders by their entries' stat, the
+    dataset_config.toml by its bytes), with no image or caption opened; None where that cannot be
+    known (a config that does not parse: the run reads it and says what is wrong)."""
+    import hashlib
+
+    from .unchanged import folder_fingerprint
+
+    path = Path(path)
+    parts: list[str] = []
+    if path.is_file():
+        try:
+            raw = path.read_bytes()
+            config = tomllib.loads(raw.decode("utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            return None
+        parts.append(hashlib.blake2b(raw, digest_size=20).hexdigest())
+        general = config.get("general", {})
+        for dataset in config.get("datasets", []):
+            defaults = {**general, **{k: v for k, v in dataset.items() if k != "subsets"}}
+            for raw_subset in dataset.get("subsets", []):
+                opts = {**defaults, **raw_subset}
+                for key in ("image_dir", "conditioning_data_dir"):
+                    if isinstance(opts.get(key), str):
+                        folder = (path.parent / opts[key]).resolve()
+                        parts.append(f"{key}={folder}:{folder_fingerprint(folder, recursive=False)}")
+    else:
+        # the folder itself (img/, train/, reg/ and the concept folders in it), a separate reg
+        # folder, and the mask/ or masks/ folders read beside either
+        for folder in (path, reg):
+            if folder is None:
+                continue
+            folder = Path(folder).resolve()
+            parts.append(f"{folder}:{folder_fingerprint(folder)}")
+            for masks in ("mask", "masks"):
+                beside = folder.parent / masks
+                parts.append(f"{beside}:{folder_fingerprint(beside) if beside.is_dir() else '-'}")
+    return hashlib.blake2b("\n".join(parts).encode("utf-8", "surrogateescape"), digest_size=20).hexdigest()
+
+
 def _concept_dirs(root: Path) -> list[tuple[Path, int, str]]:
     if not root or not root.is_dir():
         return []

@@ -122,6 +122,11 @@ class KohyaSource(SourceStep):
         paths = [self.options.path if self.options.path.is_dir() else self.options.path.parent]
         return paths + ([self.options.reg] if self.options.reg else [])
 
+    def fingerprint(self) -> str | None:
+        from lorakit.kohya import kohya_fingerprint
+
+        return kohya_fingerprint(self.options.path, self.options.reg)
+
     def produce(self, ctx):
         subsets, images = read_kohya(self.options.path, self.options.reg)
         for name, sub in subsets.items():
@@ -151,6 +156,23 @@ class DatasetSource(SourceStep):
     def inputs(self) -> list[Path]:
         p = self.options.path
         return [p if p.is_dir() else p.parent]
+
+    def fingerprint(self) -> str | None:
+        """The dataset folder's entries (stat only: every file a manifest names is inside it, links
+        included, and hidden names such as .lorakit are left out); None (no short circuit) for a
+        manifest that does not load or names a file outside its folder."""
+        from lorakit.manifest import Manifest
+        from lorakit.unchanged import folder_fingerprint
+
+        try:
+            manifest = Manifest.load(self.options.path)
+            for r in manifest.images:
+                for named in (r.path, r.caption_path, r.mask):
+                    if named:
+                        manifest.abspath(named)  # raises for a path out of the folder
+        except Exception:  # noqa: BLE001 - the run loads it again and says what is wrong
+            return None
+        return folder_fingerprint(manifest.root)
 
     def produce(self, ctx):
         from lorakit.manifest import Manifest

@@ -191,3 +191,77 @@ def test_a_run_with_an_error_to_retry_is_not_remembered(tmp_path, images_dir, mo
     monkeypatch.setattr(InvertStep, "process", real)
     second = _rerun(tmp_path, images_dir)
     assert not second.run.unchanged_run and "red" in {Path(r.path).stem for r in second.images}
+
+
+def _kohya_folder(root: Path) -> Path:
+    """A kohya dataset as people have them: img/10_mychar with pictures and captions, reg/1_person."""
+    concept = root / "img" / "10_mychar"
+    concept.mkdir(parents=True)
+    Image.new("RGB", (40, 30), "red").save(concept / "a.png")
+    Image.new("RGB", (30, 40), "blue").save(concept / "b.png")
+    (concept / "a.txt").write_text("mychar, smile")
+    (root / "reg" / "1_person").mkdir(parents=True)
+    Image.new("RGB", (32, 32), "gray").save(root / "reg" / "1_person" / "r.png")
+    return root
+
+
+def _kohya_run(tmp_path, source: dict):
+    data = {"output": str(tmp_path / "out"), "sources": [{"kohya": source}], "steps": ["addtag"]}
+    return run_pipeline_dict(data, tmp_path, STEPS, workers=1)
+
+
+def test_a_kohya_folder_source_short_circuits_and_sees_a_caption_or_mask_edit(tmp_path):
+    root = _kohya_folder(tmp_path / "kds")
+    source = {"path": str(root / "img"), "reg": str(root / "reg")}  # masks are read beside img/, outside it
+    assert not _kohya_run(tmp_path, source).run.unchanged_run
+    assert _kohya_run(tmp_path, source).run.unchanged_run
+    (root / "img" / "10_mychar" / "a.txt").write_text("mychar, edited_by_hand")
+    edited = _kohya_run(tmp_path, source)
+    assert not edited.run.unchanged_run and "edited_by_hand" in edited.by_name("a").caption
+    assert _kohya_run(tmp_path, source).run.unchanged_run
+    (root / "mask" / "10_mychar").mkdir(parents=True)  # kohya's sibling mask folder, new
+    Image.new("L", (40, 30), 255).save(root / "mask" / "10_mychar" / "a.png")
+    masked = _kohya_run(tmp_path, source)
+    assert not masked.run.unchanged_run and masked.by_name("a").mask
+    (root / "reg" / "2_person").mkdir()  # a reg folder renamed: other repeats
+    (root / "reg" / "1_person" / "r.png").rename(root / "reg" / "2_person" / "r.png")
+    assert not _kohya_run(tmp_path, source).run.unchanged_run
+
+
+def test_a_kohya_toml_source_short_circuits_and_sees_a_config_edit(tmp_path):
+    root = _kohya_folder(tmp_path / "kds")
+    (tmp_path / "cfg").mkdir()
+    config = tmp_path / "cfg" / "dataset_config.toml"
+    config.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "../kds/img/10_mychar"\nnum_repeats = 10\n')
+    source = {"path": str(config)}
+    assert not _kohya_run(tmp_path, source).run.unchanged_run
+    assert _kohya_run(tmp_path, source).run.unchanged_run
+    config.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "../kds/img/10_mychar"\nnum_repeats = 3\n')
+    again = _kohya_run(tmp_path, source)
+    assert not again.run.unchanged_run and again.manifest.subsets["mychar"].repeats == 3
+    Image.new("RGB", (20, 20), "white").save(root / "img" / "10_mychar" / "c.png")
+    assert len(_kohya_run(tmp_path, source).images) == 3
+
+
+def test_a_dataset_source_short_circuits_and_sees_a_caption_edited_in_it(tmp_path, images_dir):
+    first = run_pipeline_dict({"output": str(tmp_path / "a"), "sources": [{"folder": {"path": str(images_dir)}}],
+                               "steps": ["addtag"]}, tmp_path, STEPS, workers=1)
+    data = {"output": str(tmp_path / "b"), "sources": [{"dataset": {"path": str(tmp_path / "a")}}], "steps": ["invert"]}
+    assert not run_pipeline_dict(data, tmp_path, STEPS, workers=1).run.unchanged_run
+    assert run_pipeline_dict(data, tmp_path, STEPS, workers=1).run.unchanged_run
+    caption = first.output_dir / first.by_name("red").caption_path
+    caption.write_text("1girl, edited_by_hand")
+    edited = run_pipeline_dict(data, tmp_path, STEPS, workers=1)
+    assert not edited.run.unchanged_run and "edited_by_hand" in edited.by_name("red").caption
+
+
+def test_a_dataset_source_whose_manifest_does_not_load_is_not_fingerprinted(tmp_path, images_dir):
+    from lorakit.plugins.sources import DatasetSource
+
+    first = run_pipeline_dict({"output": str(tmp_path / "a"), "sources": [{"folder": {"path": str(images_dir)}}],
+                               "steps": ["addtag"]}, tmp_path, STEPS, workers=1)
+    step = DatasetSource.configure({"path": str(first.output_dir)})
+    assert step.fingerprint()
+    manifest = first.output_dir / "manifest.json"
+    manifest.write_text(manifest.read_text().replace(first.images[0].path, "../outside.png", 1))
+    assert step.fingerprint() is None  # the run itself then stops naming the path
