@@ -121,7 +121,7 @@ class Runner:
         self.curation = curation_stage.Curation(curation_file, self.output)
         self._restored: set[str] = set()
         self._refs: dict[str, list[str]] = {"cache": [], "sources": []}  # what this run used (for `clean`)
-        self._marks = _OutputMarks(self.store.root)
+        self._marks = _OutputMarks(self.output / STORE_DIR)  # with the output it describes, as the ledger
         self._written: dict[str, list] | None = None  # the ledger of files written to the output (written.json)
         self._applied: str | None = None  # the digest of the curation file this run applied
         self._all_final = True  # no result of this run is an error to retry (unchanged.py remembers it)
@@ -294,11 +294,17 @@ class Runner:
             state["rejected_mask"] = self.store.add_file(Path(kept))
         return state
 
+    @property
+    def _ledger_path(self) -> Path:
+        """The ledger lives with the output folder it describes (``OUTPUT/.lorakit/written.json``),
+        also when ``cache_dir`` puts the store elsewhere, so pipelines sharing a store keep theirs apart."""
+        return self.output / STORE_DIR / "written.json"
+
     def _ledger(self) -> dict[str, list]:
         """The files earlier runs wrote into the output folder (relative path -> [blob, size, mtime])."""
         if self._written is None:
             try:
-                self._written = json.loads((self.store.root / "written.json").read_text())
+                self._written = json.loads(self._ledger_path.read_text())
             except (FileNotFoundError, json.JSONDecodeError):
                 self._written = {}
         return self._written
@@ -727,7 +733,7 @@ class Runner:
     # ----- output ----------------------------------------------------------------------------
     def _materialise(self, states: list[State]) -> Manifest:
         out = self.output
-        ledger_path = self.store.root / "written.json"
+        ledger_path = self._ledger_path
         ledger = self._ledger()
         new_ledger: dict[str, list] = {}
         # (rel, target, lstat of target or None, file to copy, text, blob): strings, one lstat per file

@@ -113,7 +113,7 @@ def _record_path(runner) -> Path:
 def _own_files(runner) -> list[Path]:
     from .runner import STORE_DIR
 
-    return [runner.store.root / "written.json", runner.store.root / "outputs.json",
+    return [runner._ledger_path, runner._marks.path,
             runner.output / STORE_DIR / "curation-input.json"]
 
 

@@ -265,3 +265,21 @@ def test_a_dataset_source_whose_manifest_does_not_load_is_not_fingerprinted(tmp_
     manifest = first.output_dir / "manifest.json"
     manifest.write_text(manifest.read_text().replace(first.images[0].path, "../outside.png", 1))
     assert step.fingerprint() is None  # the run itself then stops naming the path
+
+
+def test_pipelines_sharing_a_store_keep_their_own_ledgers_and_short_circuits(tmp_path, images_dir):
+    """cache_dir shared by two outputs: each output's ledger (what lorakit wrote there) is its own,
+    so running one never makes the other's next unchanged run run again."""
+    def data(out, steps):
+        return {"output": str(tmp_path / out), "cache_dir": str(tmp_path / "shared-store"),
+                "sources": [{"folder": {"path": str(images_dir)}}], "steps": steps}
+    a, b = data("a", ["invert"]), data("b", ["addtag"])
+    for d in (a, b):
+        assert not run_pipeline_dict(d, tmp_path, STEPS, workers=1).run.unchanged_run
+    assert run_pipeline_dict(a, tmp_path, STEPS, workers=1).run.unchanged_run
+    assert run_pipeline_dict(b, tmp_path, STEPS, workers=1).run.unchanged_run
+    import json
+    for out in ("a", "b"):
+        ledger = json.loads((tmp_path / out / ".lorakit" / "written.json").read_text())
+        assert all((tmp_path / out / rel).is_file() for rel in ledger) and "manifest.json" not in ledger
+    assert not (tmp_path / "shared-store" / "written.json").exists()
