@@ -88,8 +88,9 @@ def sd15_lora(sd15, dataset, tmp_path_factory):
 
 
 # ----- the file: diffusers loads it, kohya names, metadata -------------------------------------------
-def assert_loads_completely(pipe, path: Path) -> None:
-    """Every lora_down in the file became an adapter in the pipeline, and the output changed."""
+def assert_loads_completely(pipe, path: Path, scales: bool = True) -> None:
+    """Every lora_down in the file became an adapter in the pipeline with the file's scale
+    (alpha / rank, as kohya, A1111 and ComfyUI apply it), and the output changed."""
     tensors, _ = kohya_format.read(path)
     before = render(pipe)
     pipe.load_lora_weights(str(path))
@@ -100,6 +101,12 @@ def assert_loads_completely(pipe, path: Path) -> None:
     file_norms = sorted(round(float(tensors[k].float().norm()), 4) for k in downs)
     loaded_norms = sorted(round(float(next(iter(m.lora_A.values())).weight.detach().float().norm()), 4) for m in layers)
     assert file_norms == loaded_norms
+    if scales:  # by value: the names differ between the file and diffusers (SDXL's LDM names)
+        file_scales = sorted((tensors[k].shape[0], round(float(tensors[k[:-len(".lora_down.weight")] + ".alpha"])
+                                                           / tensors[k].shape[0], 6)) for k in downs)
+        loaded_scales = sorted((next(iter(m.r.values())), round(float(next(iter(m.scaling.values()))), 6))
+                               for m in layers)
+        assert loaded_scales == file_scales
     assert np.abs(after - before).max() > 1e-3
 
 

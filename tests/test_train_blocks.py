@@ -168,7 +168,23 @@ def test_block_dims_and_alphas_are_each_modules_rank_and_alpha_in_the_file(sd15,
 
     from lorakit.trainer.models import load_pipeline
 
-    assert_loads_completely(load_pipeline(sd15), out)  # diffusers reads each module's own rank
+    # diffusers reads each module's own rank; its alphas: see the test below
+    assert_loads_completely(load_pipeline(sd15), out, scales=False)
+
+
+@pytest.mark.xfail(reason="diffusers 0.42 drops the alphas of transformer-block attention layers in a kohya "
+                          "SD1.5/SDXL file (its converter names them in its old attention-processor form, which "
+                          "peft never matches); where alphas differ, those layers get the most common alpha. "
+                          "docs/trainer.md, Compatibility", strict=False)
+def test_diffusers_applies_each_blocks_alpha(sd15, tmp_path):
+    """A1111, ComfyUI and kohya apply each module's alpha / rank; this checks diffusers does too."""
+    from lorakit.trainer.models import load_pipeline
+
+    dataset = make_dataset(tmp_path / "data", subsets=(("outfit", 2, 1),))
+    args = ["block_dims=" + ",".join(map(str, SD1_DIMS)), "block_alphas=" + ",".join(map(str, SD1_ALPHAS))]
+    out = train(dataset, settings(sd15, tmp_path / "blocks.safetensors", max_train_steps=1, network_args=args),
+                console=quiet())
+    assert_loads_completely(load_pipeline(sd15), out)
 
 
 def test_sdxl_block_dims_use_its_23_blocks(sdxl):
