@@ -223,6 +223,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--model", choices=["convnext", "small"], default="convnext")
     ap.add_argument("--cpu-threads", type=int, default=0, help="the step's cpu_threads option (0 = its default)")
+    ap.add_argument("--split", action="store_true", help="also time decode and the model apart: the most any "
+                    "overlap of the two can gain on this machine")
     args = ap.parse_args()
     import onnxruntime
 
@@ -261,6 +263,54 @@ def main() -> None:
         peak_ours = max(r["peak_mib"] for r in runs["lorakit"])
         print(f"peak memory: lorakit {peak_ours:.0f} MiB, loop {peak_loop:.0f} MiB: {peak_ours / peak_loop:.2f}x")
         print(compare_tags(model, loop_scores, lorakit_tags))
+        if args.split:
+            print(split(model, images))
+
+
+SPLIT = r"""
+import json, sys, time
+import numpy as np
+import onnxruntime as ort
+model, images, cores = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+exec(sys.argv[4])  # the loop's own preprocess()
+pictures = [preprocess(p, 448) for p in images[:1]]  # warm the decoders
+t0 = time.perf_counter()
+pictures = [preprocess(p, 448) for p in images]
+decode = (time.perf_counter() - t0) / len(images)
+model_s = {}
+for threads in (1, cores):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model + "/model.onnx", sess_options=options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    session.run(None, {name: pictures[0]})
+    t0 = time.perf_counter()
+    for x in pictures:
+        session.run(None, {name: x})
+    model_s[threads] = (time.perf_counter() - t0) / len(pictures)
+print(json.dumps({"decode": decode, "model_1": model_s[1], "model_n": model_s[cores]}))
+"""
+
+
+def split(model: Path, images: list[Path]) -> str:
+    """Where a picture's time goes, one thing at a time in one process: the loop's decode and
+    preprocess, one model run on one thread and on every core. The loop takes decode + model_n a
+    picture; no schedule on C cores can take less than (decode + model_1) / C (all the work, on
+    every core, the model at its one-thread efficiency), so their ratio bounds any overlap's gain."""
+    import subprocess
+
+    cores = os.cpu_count() or 1
+    preprocess = LOOP.split("def preprocess")[1].split("t0 = time.perf_counter()")[0]
+    code = "from PIL import Image\ndef preprocess" + preprocess
+    done = subprocess.run([sys.executable, "-c", SPLIT, str(model), json.dumps([str(p) for p in images]), str(cores),
+                           code], capture_output=True, text=True, check=True)
+    f = json.loads(done.stdout.strip().splitlines()[-1])
+    loop = f["decode"] + f["model_n"]
+    best = (f["decode"] + f["model_1"]) / cores
+    return (f"split: decode+preprocess {f['decode'] * 1000:.1f} ms a picture (one thread); model "
+            f"{f['model_1'] * 1000:.1f} ms on 1 thread, {f['model_n'] * 1000:.1f} ms on {cores}; the loop "
+            f"{loop * 1000:.1f} ms a picture; the least any schedule can take on {cores} cores "
+            f"{best * 1000:.1f} ms: at most {loop / best:.2f}x the loop's speed")
 
 
 if __name__ == "__main__":
