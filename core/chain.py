@@ -59,7 +59,8 @@ class StepPlan:
     reads: tuple[str, ...]
     writes: frozenset[str] | None
     setup_key: str
-    seconds: float = 0.0
+    seconds: float = 0.0  # the step's own work in this chain (its process_batch and its deltas)
+    encode_seconds: float = 0.0  # writing pictures into the store after it (the chain's one encode)
 
     @property
     def name(self) -> str:
@@ -157,7 +158,9 @@ def _delta(plan: StepPlan, key: str, index: int, state: State, before: Item, aft
         changed.add("image")
     if image_changed or (last and not state.get("image")):
         if last or after.pending_image is None:
+            t0 = time.perf_counter()
             blob = store.image_blob(after)  # the one encode of this picture (or adoption of a step's file)
+            plan.encode_seconds += time.perf_counter() - t0
             d.update(image=blob, image_path=store.in_place_path(blob), pixels=None, size=list(store.size_of(blob)))
             after = after.replace(path=store.blob_path(blob), pending_image=None)
         else:
@@ -171,7 +174,9 @@ def _delta(plan: StepPlan, key: str, index: int, state: State, before: Item, aft
         if after.pending_mask is None and after.mask is None:
             d.update(mask=None, mask_path=None, mask_pixels=None)
         elif last or after.pending_mask is None:
+            t0 = time.perf_counter()
             blob = store.mask_blob(after)
+            plan.encode_seconds += time.perf_counter() - t0
             d.update(mask=blob, mask_path=store.in_place_path(blob), mask_pixels=None)
             after = after.replace(mask=store.blob_path(blob), pending_mask=None)
         else:
@@ -217,7 +222,7 @@ def run_jobs(plans: list[StepPlan], store: Store, jobs: list[tuple[State, int]])
         batch = live.pop(k, [])
         if not batch:
             continue
-        t0 = time.perf_counter()
+        t0, encoded = time.perf_counter(), plan.encode_seconds
         items = [b[0] for b in batch]
         try:
             outs = plan.step.process_batch(items, plan.ctx)
@@ -253,7 +258,7 @@ def run_jobs(plans: list[StepPlan], store: Store, jobs: list[tuple[State, int]])
                 node["children"] = children
                 for i, (d, after) in enumerate(made):
                     live.setdefault(k + 1, []).append((after, apply_delta(state, d, plan.name), children, i))
-        plan.seconds += time.perf_counter() - t0
+        plan.seconds += time.perf_counter() - t0 - (plan.encode_seconds - encoded)
     return roots  # type: ignore[return-value]
 
 
@@ -268,7 +273,8 @@ def init_worker(store_root: str) -> None:
     _WORKER["store"] = Store(Path(store_root))
 
 
-def worker_jobs(plans: list[StepPlan], jobs: list[tuple[State, int]]) -> tuple[list[dict], list[list[str]], list[float]]:
+def worker_jobs(plans: list[StepPlan], jobs: list[tuple[State, int]]
+                ) -> tuple[list[dict], list[list[str]], list[tuple[float, float]]]:
     """Run jobs in a pool worker. The pool outlives a chain, so each configured step is set up once
     per worker process and kept (its models stay loaded) for the rest of the run."""
     steps = _WORKER["steps"]
@@ -277,12 +283,12 @@ def worker_jobs(plans: list[StepPlan], jobs: list[tuple[State, int]]) -> tuple[l
             plan.step.setup(plan.ctx)
             steps[plan.setup_key] = plan.step
         plan.step = steps[plan.setup_key]
-        plan.seconds = 0.0
+        plan.seconds = plan.encode_seconds = 0.0
     nodes = run_jobs(plans, _WORKER["store"], jobs)
     messages = [list(p.ctx.messages) for p in plans]  # log lines travel back with the results
     for p in plans:
         p.ctx.messages.clear()
-    return nodes, messages, [p.seconds for p in plans]
+    return nodes, messages, [(p.seconds, p.encode_seconds) for p in plans]
 
 
 # ----- main side: planning from the cache, and putting results together ----------------------------

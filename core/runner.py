@@ -494,8 +494,9 @@ class Runner:
                         planned.take(job, tree)
                     for ctx, lines in zip(ctxs, messages or ()):
                         ctx.messages.extend(lines)
-                    for plan, sec in zip(plans, seconds or ()):
+                    for plan, (sec, encode) in zip(plans, seconds or ()):
                         plan.seconds += sec
+                        plan.encode_seconds += encode
                     progress.update(task, advance=len(chunk))
 
                 if remote:
@@ -503,12 +504,12 @@ class Runner:
                 else:
                     for chunk in chunks:
                         for p in run_plans:
-                            p.seconds = 0.0
+                            p.seconds = p.encode_seconds = 0.0
                         trees = chain.run_jobs(run_plans, self.store, [(j.state, j.level) for j in chunk])
                         messages = [list(p.ctx.messages) for p in run_plans]
                         for p in run_plans:
                             p.ctx.messages.clear()
-                        done(chunk, trees, messages, [p.seconds for p in run_plans])
+                        done(chunk, trees, messages, [(p.seconds, p.encode_seconds) for p in run_plans])
         if not self.crashed:
             planned.remember()
         if self.crashed or any(c.failed for c in planned.counts):
@@ -526,7 +527,8 @@ class Runner:
         for o in out:
             o["name"] = _unique(o["subset"], o["name"], used)
         wall = time.perf_counter() - t0
-        busy = sum(p.seconds for p in plans) or 1.0
+        encode = sum(p.encode_seconds for p in plans)
+        busy = (sum(p.seconds for p in plans) + encode) or 1.0
         for step, ctx, plan, c in zip(steps, ctxs, plans, planned.counts):
             stats = StepStats(step.name, "image", inputs=c.inputs, outputs=c.outputs, set_aside=c.set_aside,
                               cached=c.cached, computed=c.computed, replayed=c.replayed,
@@ -535,6 +537,10 @@ class Runner:
             if c.replayed:
                 stats.messages.append(f"re-ran on {c.replayed} image(s) to rebuild pictures for a later step "
                                       "of its chain (results unchanged)")
+            share = wall * encode / busy if jobs else 0.0  # the wall time is shared out as the workers' time was
+            if step is steps[-1] and share >= 0.1:
+                stats.messages.append(f"writing the pictures{' of ' + label if len(steps) > 1 else ''} into the store "
+                                      f"(one encode each): {share:.1f} s, in no step's seconds")
             self.stats.append(stats)
         for step, c in zip(steps, planned.counts):
             _check_losses(step.name, c.failed, c.inputs, self.output)

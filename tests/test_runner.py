@@ -296,3 +296,24 @@ def test_degenerate_pictures_are_named_for_what_they_are():
     assert degenerate_reason(Image.new("RGB", (8, 8), (10, 120, 30))) == "the result is one flat colour (rgb 10,120,30)"
     noise = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     assert degenerate_reason(Image.fromarray(noise)) is None
+
+
+def test_a_chains_one_encode_is_reported_apart_not_charged_to_its_last_step(tmp_path, images_dir, monkeypatch):
+    """invert and addtag run as one chain; the picture invert made is encoded once, after addtag.
+    That encode (slowed here to 0.2 s a picture) is its own line, not addtag's seconds."""
+    import time
+
+    from lorakit.store import Store
+
+    real = Store.image_blob
+
+    def slow_encode(self, item):
+        time.sleep(0.2)
+        return real(self, item)
+    monkeypatch.setattr(Store, "image_blob", slow_encode)
+    res = run_pipeline_dict({"output": str(tmp_path / "out"), "sources": [{"folder": {"path": str(images_dir)}}],
+                             "steps": ["invert", "addtag"]}, tmp_path, TEST_STEPS, workers=1)
+    addtag = next(s for s in res.stats if s.name == "addtag")
+    assert addtag.seconds < 0.2  # tagging three pictures; the 0.6 s of encodes are not its own
+    line = next(m for m in addtag.messages if m.startswith("writing the pictures of invert+addtag"))
+    assert float(line.split(": ")[1].split(" s")[0]) >= 0.5
