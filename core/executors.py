@@ -207,6 +207,7 @@ class RayExecutor(Executor):
         self._started: set = set()  # actors whose ready() answered
         self._dropped: set = set()  # actors given up by watch(); their chunks fail as WorkerNeverStarted
         self._ceiling: dict[tuple, int] = {}  # shape -> the most actors Ray could start of it
+        self._waiting: set[tuple] = set()  # shapes of which no actor started (said once)
 
     # ----- connection --------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -338,6 +339,11 @@ class RayExecutor(Executor):
         for shape, actors in self._actors.items():
             started = [a for a in actors if a in self._started]
             stuck = [a for a in actors if a not in self._started and now - self._asked.get(a, now) > self.start_grace]
+            if stuck and not started and shape not in self._waiting:
+                self._waiting.add(shape)  # said once per shape: the run waits, as it should, but not silently
+                lines.append(f"no Ray worker ({shape[0]:g} CPU, {shape[1]:g} GPU each) has started in "
+                             f"{self.start_grace:g} s: the cluster's free resources are held by other work "
+                             "(`ray status` shows them); waiting for them")
             if not started or not stuck:
                 continue
             for actor in stuck:

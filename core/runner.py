@@ -569,6 +569,7 @@ class Runner:
                     watched[0] = time.monotonic()
                     for line in self.executor.watch():
                         ctx.log(line)
+                        self.console.print(f"[yellow]{line}[/]", highlight=False)  # now, not only in the summary
 
             while queue or pending:
                 if hopeless():

@@ -314,6 +314,36 @@ def test_a_worker_ray_cannot_start_gives_its_images_to_one_that_did(cluster, tmp
     assert not any("restarted" in m for m in lines)  # not counted as a crash: nothing ran on it
 
 
+def test_a_run_whose_workers_cannot_start_waits_and_says_so(cluster, tmp_path, monkeypatch):
+    """Other work holds every CPU of the cluster: the run waits for it (it must not give up or set
+    images aside) and says, while it waits, why nothing happens."""
+    import threading
+    import time
+
+    from lorakit.executors import RayExecutor
+
+    monkeypatch.setattr(RayExecutor, "start_grace", 1.0)
+    holders = [_HoldACpu.remote() for _ in range(2)]
+    ray.get([h.where.remote() for h in holders])
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(16):
+        Image.new("RGB", (8 + i, 8), (i * 9, 40, 0)).save(raw / f"img{i:02d}.png")
+    outcome = {}
+    run = threading.Thread(target=lambda: outcome.update(res=_run(tmp_path, raw, "out", "ray", steps=[{"logline": {}}])))
+    run.start()
+    time.sleep(12)  # past the grace and a watch
+    waited = run.is_alive()
+    for h in holders:
+        ray.kill(h)
+    run.join(timeout=180)
+    assert waited and not run.is_alive()
+    res = outcome["res"]
+    assert len(res.manifest.images) == 16 and not res.set_aside and not res.crashed
+    lines = [m for s in res.stats for m in s.messages]
+    assert any("no Ray worker (1 CPU, 0 GPU each) has started in 1 s" in m for m in lines), lines
+
+
 def test_the_images_of_a_lost_node_are_retried_on_the_others(cluster, tmp_path):
     """Last in the module: the worker node is killed for good."""
     raw = tmp_path / "raw"
