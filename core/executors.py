@@ -9,8 +9,8 @@ to itself, so a run behaves the same on either executor. An executor only has to
   (``submit``); a worker that died (kill -9, the out-of-memory killer, a node that went away)
   fails its futures with ``WorkerLost`` (a ``BrokenProcessPool``), which the runner retries;
 * replace lost workers (``restart``) and stop (``shutdown``);
-* when no chunk has finished for a while, look for work that sits on a worker that never started
-  (``watch``): such a chunk fails with ``WorkerNeverStarted`` and the runner submits it again, not
+* every few seconds while chunks are pending, look for work that sits on a worker that never
+  started (``watch``): such a chunk fails with ``WorkerNeverStarted`` and the runner submits it again, not
   counted as a crash. Only the Ray executor can have such workers (an actor Ray cannot place).
 
 ``ray`` is imported only by ``RayExecutor``, only when chosen (``pip install 'lorakit[ray]'``).
@@ -61,8 +61,9 @@ class Executor:
         self.shutdown(cancel=True)
 
     def watch(self) -> list[str]:
-        """Called when no chunk has finished for ``WATCH_SECONDS``: fail (with ``WorkerNeverStarted``)
-        the chunks held by workers that will not start, and return lines for the run's log."""
+        """Called every few seconds (the runner's ``_WATCH_SECONDS``) while chunks are pending: fail
+        (with ``WorkerNeverStarted``) the chunks held by workers that will not start, and return
+        lines for the run's log (the runner also prints them as they come)."""
         return []
 
     def shutdown(self, cancel: bool = False) -> None:
@@ -376,6 +377,8 @@ class RayExecutor(Executor):
         self._plan_refs.clear()
         self._asked.clear()
         self._started.clear()
+        self._dropped.clear()
+        self._waiting.clear()
         if self._owns_connection and ray.is_initialized():
             ray.shutdown()  # a Ray instance lorakit started stops with the run; a cluster's keeps running
             self._owns_connection = False

@@ -43,7 +43,7 @@ CURATION_INPUT = "curation-input.json"  # the states before the curation stage (
 ID_META = "_lorakit_id"  # carries image ids through dataset steps
 # Restarts of a step's worker pool without one image finishing before the step is given up.
 _MAX_BLIND_RESTARTS = 4
-_WATCH_SECONDS = 5.0  # with no chunk finished for this long, the executor looks for workers that never started
+_WATCH_SECONDS = 5.0  # while chunks are pending, the executor looks this often for workers that never started
 # A step that sets aside more than this share of its images for errors (not decisions) fails the run.
 _MOST = 0.5
 
