@@ -284,17 +284,18 @@ class _HoldACpu:
         return ray.get_runtime_context().get_node_id()
 
 
-def test_a_worker_ray_cannot_start_gives_its_images_to_one_that_did(cluster, tmp_path, monkeypatch):
-    """The cluster counts two CPUs, but another job holds one: of the two workers the run asks for,
-    Ray can start one. The chunks sent to the other (which would wait for ever, as after a node is
-    lost while the cluster still counts its CPUs) go to the one that started."""
+def _run_while_held(tmp_path, monkeypatch, cpus: int, hold_for: float, grace: float):
+    """A ray run of 16 small pictures while other work (``cpus`` plain actors) holds that many of
+    the cluster's CPUs, freed after ``hold_for`` seconds or when the run ends, whichever is first
+    (so a run that hangs finishes and its test fails rather than hangs). Returns whether the run
+    was still going when the CPUs were freed, and its result."""
     import threading
 
     from lorakit.executors import RayExecutor
 
-    monkeypatch.setattr(RayExecutor, "start_grace", 2.0)
-    holder = _HoldACpu.remote()
-    ray.get(holder.where.remote())  # placed: one CPU of the cluster is taken
+    monkeypatch.setattr(RayExecutor, "start_grace", grace)
+    holders = [_HoldACpu.remote() for _ in range(cpus)]
+    ray.get([h.where.remote() for h in holders])  # placed: those CPUs are taken
     raw = tmp_path / "raw"
     raw.mkdir()
     for i in range(16):
@@ -302,13 +303,23 @@ def test_a_worker_ray_cannot_start_gives_its_images_to_one_that_did(cluster, tmp
     outcome = {}
     run = threading.Thread(target=lambda: outcome.update(res=_run(tmp_path, raw, "out", "ray", steps=[{"logline": {}}])))
     run.start()
+    run.join(timeout=hold_for)
+    going = run.is_alive()
+    for h in holders:
+        ray.kill(h)
     run.join(timeout=180)
-    hung = run.is_alive()
-    ray.kill(holder)  # frees the CPU, so that a hung run finishes and the test can report it
-    run.join(timeout=120)
-    assert not hung, "the run waited on a worker Ray could not start"
+    assert not run.is_alive()
     res = outcome["res"]
     assert len(res.manifest.images) == 16 and not res.set_aside and not res.crashed
+    return going, res
+
+
+def test_a_worker_ray_cannot_start_gives_its_images_to_one_that_did(cluster, tmp_path, monkeypatch):
+    """The cluster counts two CPUs, but another job holds one: of the two workers the run asks for,
+    Ray can start one. The chunks sent to the other (which would wait for ever, as after a node is
+    lost while the cluster still counts its CPUs) go to the one that started."""
+    hung, res = _run_while_held(tmp_path, monkeypatch, cpus=1, hold_for=180, grace=2.0)
+    assert not hung, "the run waited on a worker Ray could not start"
     lines = [m for s in res.stats for m in s.messages]
     assert any("could not start 1 of 2 workers" in m for m in lines), lines
     assert not any("restarted" in m for m in lines)  # not counted as a crash: nothing ran on it
@@ -317,29 +328,8 @@ def test_a_worker_ray_cannot_start_gives_its_images_to_one_that_did(cluster, tmp
 def test_a_run_whose_workers_cannot_start_waits_and_says_so(cluster, tmp_path, monkeypatch):
     """Other work holds every CPU of the cluster: the run waits for it (it must not give up or set
     images aside) and says, while it waits, why nothing happens."""
-    import threading
-    import time
-
-    from lorakit.executors import RayExecutor
-
-    monkeypatch.setattr(RayExecutor, "start_grace", 1.0)
-    holders = [_HoldACpu.remote() for _ in range(2)]
-    ray.get([h.where.remote() for h in holders])
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    for i in range(16):
-        Image.new("RGB", (8 + i, 8), (i * 9, 40, 0)).save(raw / f"img{i:02d}.png")
-    outcome = {}
-    run = threading.Thread(target=lambda: outcome.update(res=_run(tmp_path, raw, "out", "ray", steps=[{"logline": {}}])))
-    run.start()
-    time.sleep(12)  # past the grace and a watch
-    waited = run.is_alive()
-    for h in holders:
-        ray.kill(h)
-    run.join(timeout=180)
-    assert waited and not run.is_alive()
-    res = outcome["res"]
-    assert len(res.manifest.images) == 16 and not res.set_aside and not res.crashed
+    waited, res = _run_while_held(tmp_path, monkeypatch, cpus=2, hold_for=12, grace=1.0)  # past the grace and a watch
+    assert waited
     lines = [m for s in res.stats for m in s.messages]
     assert any("no Ray worker (1 CPU, 0 GPU each) has started in 1 s" in m for m in lines), lines
 
