@@ -255,16 +255,19 @@ def test_a_dataset_source_short_circuits_and_sees_a_caption_edited_in_it(tmp_pat
     assert not edited.run.unchanged_run and "edited_by_hand" in edited.by_name("red").caption
 
 
-def test_a_dataset_source_whose_manifest_does_not_load_is_not_fingerprinted(tmp_path, images_dir):
-    from lorakit.plugins.sources import DatasetSource
+def test_a_dataset_source_whose_manifest_is_edited_runs_again_and_checks_it(tmp_path, images_dir):
+    import pytest
+
+    from lorakit.plugin_sdk import LorakitError
 
     first = run_pipeline_dict({"output": str(tmp_path / "a"), "sources": [{"folder": {"path": str(images_dir)}}],
                                "steps": ["addtag"]}, tmp_path, STEPS, workers=1)
-    step = DatasetSource.configure({"path": str(first.output_dir)})
-    assert step.fingerprint()
+    data = {"output": str(tmp_path / "b"), "sources": [{"dataset": {"path": str(tmp_path / "a")}}], "steps": ["invert"]}
+    run_pipeline_dict(data, tmp_path, STEPS, workers=1)
     manifest = first.output_dir / "manifest.json"
     manifest.write_text(manifest.read_text().replace(first.images[0].path, "../outside.png", 1))
-    assert step.fingerprint() is None  # the run itself then stops naming the path
+    with pytest.raises(LorakitError, match="outside.png"):  # not skipped: the run reads it and refuses the path
+        run_pipeline_dict(data, tmp_path, STEPS, workers=1)
 
 
 def test_pipelines_sharing_a_store_keep_their_own_ledgers_and_short_circuits(tmp_path, images_dir):
