@@ -35,7 +35,10 @@ def _safe_name(text: str) -> str:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """The pictures of a concept folder; hidden names (``.x.png``) are left out, as kohya's glob
+    does (and as lorakit's fingerprint of the folder does)."""
+    return sorted(p for p in folder.iterdir()
+                  if not p.name.startswith(".") and p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def _read_folder(folder: Path, subset: Subset, caption_ext: str, mask_dir: Path | None) -> list[KohyaImage]:

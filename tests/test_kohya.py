@@ -39,6 +39,13 @@ def test_kohya_folders_import_with_repeats_reg_captions_and_masks(tmp_path, kohy
     assert res.by_name("r").is_reg
 
 
+def test_hidden_files_in_a_concept_folder_are_not_pictures_of_it(tmp_path, kohya_dir):
+    """kohya's own glob leaves out `.name` files (an editor's or a sync tool's leftovers)."""
+    Image.new("RGB", (64, 64), "green").save(kohya_dir / "img" / "10_mychar" / ".a-backup.png")
+    res = run_pipeline_dict({"output": str(tmp_path / "ds"), "sources": [{"kohya": {"path": str(kohya_dir)}}]}, tmp_path)
+    assert sorted(r.path.rsplit("/", 1)[-1] for r in res.images) == ["a.png", "b.jpg", "r.png"]
+
+
 def test_dataset_config_toml_import(tmp_path, kohya_dir):
     toml = tmp_path / "dataset_config.toml"
     toml.write_text(f'''[general]
