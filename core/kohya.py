@@ -115,15 +115,11 @@ def kohya_fingerprint(path: Path, reg: Path | None = None) -> str | None:
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             return None
         parts.append(hashlib.blake2b(raw, digest_size=20).hexdigest())
-        general = config.get("general", {})
-        for dataset in config.get("datasets", []):
-            defaults = {**general, **{k: v for k, v in dataset.items() if k != "subsets"}}
-            for raw_subset in dataset.get("subsets", []):
-                opts = {**defaults, **raw_subset}
-                for key in ("image_dir", "conditioning_data_dir"):
-                    if isinstance(opts.get(key), str):
-                        folder = (path.parent / opts[key]).resolve()
-                        parts.append(f"{key}={folder}:{folder_fingerprint(folder, recursive=False)}")
+        for _, opts in _toml_subsets(config):  # the folders _read_toml reads, one level each
+            for key in ("image_dir", "conditioning_data_dir"):
+                if isinstance(opts.get(key), str):
+                    folder = (path.parent / opts[key]).resolve()
+                    parts.append(f"{key}={folder}:{folder_fingerprint(folder, recursive=False)}")
     else:
         # the folder itself (img/, train/, reg/ and the concept folders in it), a separate reg
         # folder, and the mask/ or masks/ folders read beside either
@@ -149,41 +145,47 @@ def _concept_dirs(root: Path) -> list[tuple[Path, int, str]]:
     return found
 
 
+def _toml_subsets(config: dict):
+    """(where, options) of each subset of a dataset_config.toml, with kohya's inheritance: the
+    subset's own keys over its dataset's over ``[general]``."""
+    general = config.get("general", {})
+    for d_index, dataset in enumerate(config.get("datasets", [])):
+        defaults = {**general, **{k: v for k, v in dataset.items() if k != "subsets"}}
+        for s_index, raw in enumerate(dataset.get("subsets", [])):
+            yield f"datasets[{d_index}].subsets[{s_index}]", {**defaults, **raw}
+
+
 def _read_toml(path: Path) -> tuple[dict[str, Subset], list[KohyaImage]]:
     try:
         config = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise LorakitError(f"{path}: invalid TOML ({exc})") from None
-    general = config.get("general", {})
     subsets: dict[str, Subset] = {}
     images: list[KohyaImage] = []
-    for d_index, dataset in enumerate(config.get("datasets", [])):
-        defaults = {**general, **{k: v for k, v in dataset.items() if k != "subsets"}}
-        for s_index, raw in enumerate(dataset.get("subsets", [])):
-            opts = {**defaults, **raw}
-            if "image_dir" not in opts:
-                raise LorakitError(f"{path}: datasets[{d_index}].subsets[{s_index}] has no image_dir")
-            image_dir = (path.parent / opts["image_dir"]).resolve()
-            if not image_dir.is_dir():
-                raise LorakitError(f"{path}: image_dir {image_dir} does not exist")
-            m = FOLDER_RE.match(image_dir.name)
-            label = m.group(2) if m else image_dir.name
-            is_reg = bool(opts.get("is_reg", False))
-            name = ("reg_" if is_reg else "") + _safe_name(label)
-            while name in subsets:
-                name += "_"
-            sub = Subset(
-                name, folder=("reg/" if is_reg else "") + name.removeprefix("reg_"),
-                repeats=int(opts.get("num_repeats", 1)), class_tokens=opts.get("class_tokens"),
-                keep_tokens=int(opts.get("keep_tokens", 0)), keep_tokens_separator=opts.get("keep_tokens_separator") or None,
-                is_reg=is_reg, shuffle_caption=opts.get("shuffle_caption"),
-                caption_dropout_rate=opts.get("caption_dropout_rate"),
-                caption_tag_dropout_rate=opts.get("caption_tag_dropout_rate"), flip_aug=opts.get("flip_aug"),
-            )
-            subsets[name] = sub
-            mask_dir = opts.get("conditioning_data_dir")
-            mask_path = (path.parent / mask_dir).resolve() if mask_dir else None
-            images += _read_folder(image_dir, sub, opts.get("caption_extension", ".txt"), mask_path)
+    for where, opts in _toml_subsets(config):
+        if "image_dir" not in opts:
+            raise LorakitError(f"{path}: {where} has no image_dir")
+        image_dir = (path.parent / opts["image_dir"]).resolve()
+        if not image_dir.is_dir():
+            raise LorakitError(f"{path}: image_dir {image_dir} does not exist")
+        m = FOLDER_RE.match(image_dir.name)
+        label = m.group(2) if m else image_dir.name
+        is_reg = bool(opts.get("is_reg", False))
+        name = ("reg_" if is_reg else "") + _safe_name(label)
+        while name in subsets:
+            name += "_"
+        sub = Subset(
+            name, folder=("reg/" if is_reg else "") + name.removeprefix("reg_"),
+            repeats=int(opts.get("num_repeats", 1)), class_tokens=opts.get("class_tokens"),
+            keep_tokens=int(opts.get("keep_tokens", 0)), keep_tokens_separator=opts.get("keep_tokens_separator") or None,
+            is_reg=is_reg, shuffle_caption=opts.get("shuffle_caption"),
+            caption_dropout_rate=opts.get("caption_dropout_rate"),
+            caption_tag_dropout_rate=opts.get("caption_tag_dropout_rate"), flip_aug=opts.get("flip_aug"),
+        )
+        subsets[name] = sub
+        mask_dir = opts.get("conditioning_data_dir")
+        mask_path = (path.parent / mask_dir).resolve() if mask_dir else None
+        images += _read_folder(image_dir, sub, opts.get("caption_extension", ".txt"), mask_path)
     if not images:
         raise LorakitError(f"{path}: the dataset config lists no images")
     return subsets, images

@@ -562,11 +562,12 @@ class Runner:
         def run_round(round_chunks: list[list], in_flight: int) -> list[list]:
             """Run the chunks with at most ``in_flight`` submitted; return the chunks lost in crashes."""
             queue, lost, pending = list(round_chunks), [], {}
-            watched = [time.monotonic()]
+            watched = time.monotonic()
 
             def watch() -> None:  # every few seconds: is a chunk held by a worker that will never start?
-                if time.monotonic() - watched[0] >= _WATCH_SECONDS:
-                    watched[0] = time.monotonic()
+                nonlocal watched
+                if time.monotonic() - watched >= _WATCH_SECONDS:
+                    watched = time.monotonic()
                     for line in self.executor.watch():
                         ctx.log(line)
                         self.console.print(f"[yellow]{line}[/]", highlight=False)  # now, not only in the summary
