@@ -156,13 +156,16 @@ class Runner:
 
     def _run(self) -> RunResult:
         self.output.mkdir(parents=True, exist_ok=True)
-        _remove_partial_files(self.output)
         fingerprint = None if self.force else unchanged.run_fingerprint(self)
         if fingerprint is not None:
             record = unchanged.load(self, unchanged.with_curation(fingerprint, self.curation))
             if record is not None:
+                # No walk for partial files either (0.16 s at 100k images): every run that writes
+                # removes the record first, so none of its leftovers can be here; another tool's
+                # (a killed review save) waits for the next run that does not skip.
                 return self._unchanged_result(record)
         unchanged.forget(self)  # this run may change the output: the last run's record no longer holds
+        _remove_partial_files(self.output)
         # hand edits in the folder go into the curation file before anything rewrites the folder
         hand = (curation_stage.HandEdits() if self._output_untouched()
                 else curation_stage.take_hand_edits(self.output, self.curation, self._ledger()))
